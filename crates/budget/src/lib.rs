@@ -1,0 +1,17 @@
+//! belljar's pure core: the size/duration/name grammar, the memory estimate, the three
+//! validation layers and the ledger. No I/O and no clock: host readings and time come in as
+//! values, decisions go out as values.
+
+pub mod estimate;
+pub mod grammar;
+pub mod ledger;
+pub mod precheck;
+pub mod priority;
+pub mod validate;
+
+pub use estimate::{EstimateRule, required};
+pub use grammar::{GrammarError, HumanDuration, InstanceName, Size};
+pub use ledger::{AllocationReport, Denied, Ledger};
+pub use precheck::{Precheck, precheck};
+pub use priority::lowest_priority_first;
+pub use validate::{BudgetPolicy, HostMemory, PlannedInstance, ValidationReport, validate};

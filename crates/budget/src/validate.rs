@@ -1,0 +1,562 @@
+//! Layer 1: global validation of a whole mode before anything starts, and its report.
+//!
+//! PASS only if every instance fits the per-instance cap, the sum of reservations fits the
+//! usable memory, and the sum fits what is available right now. A negative margin can never
+//! pass: the predecessor printed "PASSED" with a margin of -3.45 GB.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use serde::Serialize;
+
+use crate::estimate::{EstimateRule, required};
+use crate::grammar::Size;
+use crate::priority::lowest_priority_first;
+
+/// A memory reading, taken by the caller (crates/host) and passed in as a value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct HostMemory {
+    pub total: u64,
+    pub available: u64,
+}
+
+impl HostMemory {
+    pub fn used(&self) -> u64 {
+        self.total.saturating_sub(self.available)
+    }
+
+    /// Percent of total memory in use (0 when total is 0).
+    pub fn usage_percent(&self) -> f64 {
+        if self.total == 0 {
+            0.0
+        } else {
+            self.used() as f64 * 100.0 / self.total as f64
+        }
+    }
+}
+
+/// The `[budget]` keys that layer 1 uses.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct BudgetPolicy {
+    pub safety_margin: f64,
+    pub per_instance_max: f64,
+    pub total: Option<Size>,
+    pub rule: EstimateRule,
+}
+
+impl BudgetPolicy {
+    /// `MemTotal x (1 - safety_margin)`, or exactly `budget.total` when set.
+    pub fn usable(&self, host_total: u64) -> u64 {
+        match self.total {
+            Some(t) => t.bytes(),
+            None => (host_total as f64 * (1.0 - self.safety_margin)).floor() as u64,
+        }
+    }
+
+    pub fn per_instance_cap(&self, usable: u64) -> u64 {
+        (usable as f64 * self.per_instance_max).floor() as u64
+    }
+}
+
+/// One instance of the mode, as layer 1 sees it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PlannedInstance {
+    pub name: String,
+    /// The model path as shown to the user.
+    pub model: String,
+    pub file_size: u64,
+    pub ram_limit: Option<Size>,
+    pub priority: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct HostSummary {
+    pub total: u64,
+    pub used: u64,
+    pub available: u64,
+    pub usage_percent: f64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ModelRow {
+    pub path: String,
+    pub file_size: u64,
+    pub estimate: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct InstanceRow {
+    pub name: String,
+    pub model: String,
+    pub priority: i64,
+    pub ram_limit: Option<u64>,
+    pub estimate: u64,
+    pub required: u64,
+}
+
+/// Where `usable` came from.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+#[serde(rename_all = "kebab-case", tag = "kind")]
+pub enum UsableSource {
+    /// `MemTotal x (1 - safety_margin)`.
+    MemTotal { safety_margin: f64 },
+    /// `[budget] total`, used as is.
+    BudgetTotal,
+}
+
+/// The layer-1 verdict with everything needed to act on it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ValidationReport {
+    pub mode: String,
+    pub passed: bool,
+    pub host: HostSummary,
+    pub usable: u64,
+    pub usable_source: UsableSource,
+    pub per_instance_max: f64,
+    pub per_instance_cap: u64,
+    pub models: Vec<ModelRow>,
+    pub instances: Vec<InstanceRow>,
+    pub total_required: u64,
+    /// `usable - total_required`; negative means the mode does not fit.
+    pub margin: i128,
+    /// `available - total_required`; negative means memory must be freed first.
+    pub available_margin: i128,
+    pub issues: Vec<String>,
+    pub recommendations: Vec<String>,
+}
+
+/// Runs layer 1 over a mode's instances.
+pub fn validate(
+    mode: &str,
+    policy: &BudgetPolicy,
+    host: HostMemory,
+    planned: &[PlannedInstance],
+) -> ValidationReport {
+    let usable = policy.usable(host.total);
+    let cap = policy.per_instance_cap(usable);
+    let mut models = BTreeMap::new();
+    let instances: Vec<InstanceRow> = planned
+        .iter()
+        .map(|p| {
+            let estimate = policy.rule.estimate(p.file_size);
+            models.entry(p.model.clone()).or_insert(ModelRow {
+                path: p.model.clone(),
+                file_size: p.file_size,
+                estimate,
+            });
+            InstanceRow {
+                name: p.name.clone(),
+                model: p.model.clone(),
+                priority: p.priority,
+                ram_limit: p.ram_limit.map(Size::bytes),
+                estimate,
+                required: required(p.ram_limit, estimate),
+            }
+        })
+        .collect();
+    let total_required: u64 = instances.iter().map(|i| i.required).sum();
+    let margin = i128::from(usable) - i128::from(total_required);
+    let available_margin = i128::from(host.available) - i128::from(total_required);
+
+    let mut issues = Vec::new();
+    let mut recommendations = Vec::new();
+    for i in instances.iter().filter(|i| i.required > cap) {
+        issues.push(format!(
+            "instance {} requires {}, over the per-instance cap of {} ({}% of usable) by {}",
+            i.name,
+            Size(i.required),
+            Size(cap),
+            policy.per_instance_max * 100.0,
+            Size(i.required - cap)
+        ));
+        recommendations.push(cap_recommendation(i, cap, policy));
+    }
+    if margin < 0 {
+        issues.push(format!(
+            "the mode requires {} in total, over the usable {} by {}",
+            Size(total_required),
+            Size(usable),
+            Size(margin.unsigned_abs() as u64)
+        ));
+    }
+    if available_margin < 0 {
+        issues.push(format!(
+            "the mode requires {} but only {} is available now: short by {}",
+            Size(total_required),
+            Size(host.available),
+            Size(available_margin.unsigned_abs() as u64)
+        ));
+    }
+    let deficit = margin.min(available_margin);
+    if deficit < 0 {
+        let deficit = deficit.unsigned_abs() as u64;
+        recommendations.extend(reduction_plan(&instances, deficit));
+        if available_margin < 0 {
+            recommendations.push(format!(
+                "or free at least {} of memory on this machine (other processes use {})",
+                Size(available_margin.unsigned_abs() as u64),
+                Size(host.used())
+            ));
+        }
+        if margin < 0 {
+            recommendations.push(match policy.total {
+                Some(_) => format!(
+                    "or raise [budget] total to at least {}",
+                    Size(total_required)
+                ),
+                None => format!(
+                    "or run on a machine with at least {} of memory (the mode's total / (1 - safety_margin {}))",
+                    Size((total_required as f64 / (1.0 - policy.safety_margin)).ceil() as u64),
+                    policy.safety_margin
+                ),
+            });
+        }
+    }
+
+    ValidationReport {
+        mode: mode.to_owned(),
+        passed: issues.is_empty(),
+        host: HostSummary {
+            total: host.total,
+            used: host.used(),
+            available: host.available,
+            usage_percent: host.usage_percent(),
+        },
+        usable,
+        usable_source: match policy.total {
+            Some(_) => UsableSource::BudgetTotal,
+            None => UsableSource::MemTotal {
+                safety_margin: policy.safety_margin,
+            },
+        },
+        per_instance_max: policy.per_instance_max,
+        per_instance_cap: cap,
+        models: models.into_values().collect(),
+        instances,
+        total_required,
+        margin,
+        available_margin,
+        issues,
+        recommendations,
+    }
+}
+
+fn cap_recommendation(i: &InstanceRow, cap: u64, policy: &BudgetPolicy) -> String {
+    if i.estimate <= cap {
+        format!(
+            "lower instances.{}.ram_limit from {} to at most {}",
+            i.name,
+            Size(i.required),
+            Size(cap)
+        )
+    } else {
+        let largest_model = (cap as f64 / policy.rule.factor).floor() as u64;
+        format!(
+            "instance {}'s model alone needs {} (file size x {}): use a model of at most {}, or raise [budget] per_instance_max (now {})",
+            i.name,
+            Size(i.estimate),
+            policy.rule.factor,
+            Size(largest_model),
+            policy.per_instance_max
+        )
+    }
+}
+
+/// Concrete cuts that cover `deficit`: first lower the ram_limits that sit above their estimate
+/// (lowest priority first), then drop whole instances (lowest priority first).
+fn reduction_plan(instances: &[InstanceRow], deficit: u64) -> Vec<String> {
+    let mut order: Vec<&InstanceRow> = instances.iter().collect();
+    order.sort_by(|a, b| lowest_priority_first((a.priority, &a.name), (b.priority, &b.name)));
+    let mut out = Vec::new();
+    let mut remaining = deficit;
+    for i in &order {
+        if remaining == 0 {
+            break;
+        }
+        let slack = i.required - i.estimate;
+        if slack == 0 {
+            continue;
+        }
+        let cut = slack.min(remaining);
+        remaining -= cut;
+        out.push(format!(
+            "lower instances.{}.ram_limit from {} to {} (frees {}; its model needs {})",
+            i.name,
+            Size(i.required),
+            Size(i.required - cut),
+            Size(cut),
+            Size(i.estimate)
+        ));
+    }
+    if remaining > 0 {
+        let mut drops = Vec::new();
+        let mut freed = 0;
+        for i in &order {
+            if freed >= remaining {
+                break;
+            }
+            freed += i.estimate;
+            drops.push(format!("{} (frees {})", i.name, Size(i.estimate)));
+        }
+        let lead = if out.is_empty() { "" } else { "and " };
+        out.push(format!(
+            "{lead}remove instances from the mode, lowest priority first: {}; or use a smaller model",
+            drops.join(", ")
+        ));
+    }
+    out
+}
+
+impl fmt::Display for ValidationReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let s = |b: u64| Size(b).to_string();
+        let signed = |m: i128| {
+            let v = Size(m.unsigned_abs() as u64);
+            if m < 0 { format!("-{v}") } else { v.to_string() }
+        };
+        writeln!(f, "belljar memory budget: mode {:?}", self.mode)?;
+        writeln!(f)?;
+        writeln!(f, "Host memory")?;
+        writeln!(f, "  total      {:>12}", s(self.host.total))?;
+        writeln!(
+            f,
+            "  used       {:>12}  ({:.1}%)",
+            s(self.host.used),
+            self.host.usage_percent
+        )?;
+        writeln!(f, "  available  {:>12}", s(self.host.available))?;
+        writeln!(f)?;
+        writeln!(f, "Models")?;
+        for m in &self.models {
+            writeln!(
+                f,
+                "  {}  file {}, estimate {}",
+                m.path,
+                s(m.file_size),
+                s(m.estimate)
+            )?;
+        }
+        writeln!(f)?;
+        writeln!(
+            f,
+            "  {:<20} {:>8} {:>12} {:>12} {:>12}",
+            "instance", "priority", "ram_limit", "estimate", "required"
+        )?;
+        for i in &self.instances {
+            writeln!(
+                f,
+                "  {:<20} {:>8} {:>12} {:>12} {:>12}",
+                i.name,
+                i.priority,
+                i.ram_limit.map_or_else(|| "-".to_owned(), s),
+                s(i.estimate),
+                s(i.required)
+            )?;
+        }
+        writeln!(f)?;
+        writeln!(f, "Budget")?;
+        let source = match self.usable_source {
+            UsableSource::MemTotal { safety_margin } => {
+                format!("total x (1 - safety_margin {safety_margin})")
+            }
+            UsableSource::BudgetTotal => "[budget] total".to_owned(),
+        };
+        writeln!(f, "  usable            {:>12}  ({source})", s(self.usable))?;
+        writeln!(
+            f,
+            "  per-instance cap  {:>12}  (per_instance_max {} x usable)",
+            s(self.per_instance_cap),
+            self.per_instance_max
+        )?;
+        writeln!(f, "  total required    {:>12}", s(self.total_required))?;
+        writeln!(
+            f,
+            "  margin            {:>12}  (usable - required)",
+            signed(self.margin)
+        )?;
+        writeln!(
+            f,
+            "  available margin  {:>12}  (available - required)",
+            signed(self.available_margin)
+        )?;
+        writeln!(f)?;
+        if self.passed {
+            writeln!(f, "PASSED: the mode fits")?;
+        } else {
+            writeln!(f, "FAILED: the mode does not fit")?;
+            writeln!(f, "Issues:")?;
+            for (n, issue) in self.issues.iter().enumerate() {
+                writeln!(f, "  {}. {issue}", n + 1)?;
+            }
+            writeln!(f, "Recommendations:")?;
+            for r in &self.recommendations {
+                writeln!(f, "  - {r}")?;
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    const GIB: u64 = 1 << 30;
+    const MIB: u64 = 1 << 20;
+
+    fn policy() -> BudgetPolicy {
+        BudgetPolicy {
+            safety_margin: 0.15,
+            per_instance_max: 0.5,
+            total: None,
+            rule: EstimateRule {
+                factor: 1.5,
+                min_required: Size(64 * MIB),
+            },
+        }
+    }
+
+    fn inst(name: &str, file: u64, limit: Option<u64>, priority: i64) -> PlannedInstance {
+        PlannedInstance {
+            name: name.into(),
+            model: "m.gguf".into(),
+            file_size: file,
+            ram_limit: limit.map(Size),
+            priority,
+        }
+    }
+
+    /// The predecessor's example: 31.24 GB machine, limits 8/10/12 GB. It printed PASSED with a
+    /// margin of -3.45 GB; it must fail.
+    #[test]
+    fn the_seed_example_fails() {
+        let host = HostMemory {
+            total: (31.24 * GIB as f64) as u64,
+            available: (22.74 * GIB as f64) as u64,
+        };
+        let model = (0.98 * GIB as f64) as u64;
+        let r = validate(
+            "matrix",
+            &policy(),
+            host,
+            &[
+                inst("subject", model, Some(8 * GIB), 0),
+                inst("observer", model, Some(10 * GIB), 1),
+                inst("god", model, Some(12 * GIB), 2),
+            ],
+        );
+        assert!(!r.passed);
+        assert!(r.margin < 0);
+        assert_eq!(r.total_required, 30 * GIB);
+        assert_eq!(r.models.len(), 1, "one model row per distinct file");
+        assert!(r.issues.iter().any(|i| i.contains("over the usable")));
+        assert!(r.issues.iter().any(|i| i.contains("available now")));
+        // The lowest-priority instance is cut first.
+        assert!(r.recommendations[0].starts_with("lower instances.subject.ram_limit"));
+        assert!(r.recommendations.iter().any(|i| i.contains("free at least")));
+        let text = r.to_string();
+        assert!(text.contains("FAILED"), "{text}");
+        assert!(text.contains("margin") && text.contains("-3."), "{text}");
+    }
+
+    #[test]
+    fn fits_when_everything_fits() {
+        let host = HostMemory {
+            total: 24 * GIB,
+            available: 23 * GIB,
+        };
+        let r = validate(
+            "matrix",
+            &policy(),
+            host,
+            &[inst("a", 20 * MIB, Some(256 * MIB), 0), inst("b", 20 * MIB, None, 0)],
+        );
+        assert!(r.passed, "{r}");
+        assert_eq!(r.instances[1].required, 64 * MIB, "floor applies");
+        assert!(r.issues.is_empty() && r.recommendations.is_empty());
+        assert!(r.to_string().contains("PASSED"));
+    }
+
+    #[test]
+    fn per_instance_cap_names_the_instance() {
+        let host = HostMemory {
+            total: 16 * GIB,
+            available: 16 * GIB,
+        };
+        // usable 13.6 GiB, cap 6.8 GiB.
+        let r = validate("m", &policy(), host, &[inst("big", MIB, Some(8 * GIB), 0)]);
+        assert!(!r.passed);
+        assert!(r.issues[0].contains("instance big requires 8.0 GiB"), "{:?}", r.issues);
+        assert!(r.recommendations[0].contains("lower instances.big.ram_limit from 8.0 GiB to at most 6.8 GiB"));
+        // A model that alone exceeds the cap gets a smaller-model recommendation.
+        let r = validate("m", &policy(), host, &[inst("huge", 5 * GIB, None, 0)]);
+        assert!(!r.passed);
+        assert!(r.recommendations[0].contains("use a model of at most"), "{:?}", r.recommendations);
+    }
+
+    #[test]
+    fn budget_total_is_used_without_margin() {
+        let mut p = policy();
+        p.total = Some(Size(GIB));
+        let host = HostMemory {
+            total: 64 * GIB,
+            available: 64 * GIB,
+        };
+        let r = validate("m", &p, host, &[inst("a", MIB, Some(400 * MIB), 0)]);
+        assert_eq!(r.usable, GIB);
+        assert_eq!(r.per_instance_cap, GIB / 2);
+        assert!(r.passed);
+        let r = validate(
+            "m",
+            &p,
+            host,
+            &[inst("a", MIB, Some(400 * MIB), 0), inst("b", MIB, Some(400 * MIB), 0), inst("c", MIB, Some(400 * MIB), 0)],
+        );
+        assert!(!r.passed);
+        assert!(r.recommendations.iter().any(|r| r.contains("raise [budget] total")));
+    }
+
+    #[test]
+    fn reductions_fall_back_to_removing_instances() {
+        let host = HostMemory {
+            total: GIB,
+            available: GIB,
+        };
+        // usable ~870 MiB, cap ~435 MiB; three estimate-bound instances of 300 MiB each.
+        let file = 200 * MIB;
+        let r = validate(
+            "m",
+            &policy(),
+            host,
+            &[inst("hi", file, None, 9), inst("lo", file, None, -1), inst("mid", file, None, 3)],
+        );
+        assert!(!r.passed);
+        let rec = r.recommendations.join("\n");
+        assert!(rec.contains("remove instances from the mode, lowest priority first: lo"), "{rec}");
+    }
+
+    proptest! {
+        /// The verdict is exactly the three conditions, and a negative margin never passes.
+        #[test]
+        fn verdict_matches_definition(
+            total in 1u64..(64 * GIB),
+            avail_frac in 0.0f64..1.0,
+            files in proptest::collection::vec((0u64..(4 * GIB), proptest::option::of(1u64..(8 * GIB))), 1..6),
+        ) {
+            let host = HostMemory { total, available: (total as f64 * avail_frac) as u64 };
+            let planned: Vec<_> = files.iter().enumerate()
+                .map(|(n, (f, l))| inst(&format!("i{n}"), *f, *l, 0)).collect();
+            let p = policy();
+            let r = validate("m", &p, host, &planned);
+            let usable = p.usable(total);
+            let cap = p.per_instance_cap(usable);
+            let expected = r.instances.iter().all(|i| i.required <= cap)
+                && r.total_required <= usable
+                && r.total_required <= host.available;
+            prop_assert_eq!(r.passed, expected);
+            if r.margin < 0 { prop_assert!(!r.passed); }
+            prop_assert_eq!(r.passed, r.recommendations.is_empty());
+        }
+    }
+}
