@@ -1,1 +1,361 @@
-//! placeholder
+//! budgets.toml: parsing, validation with file:line:col errors, and resolution of a mode into
+//! fully specified instances. Pure: the caller reads the file and passes its text in.
+
+mod schema;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use belljar_budget::{BudgetPolicy, EstimateRule, HumanDuration, InstanceName, Size};
+use serde::Serialize;
+
+pub use schema::{
+    BudgetSection, ControlSection, EstimateSource, InstanceSection, PressureSection, RawConfig,
+    RestartPolicy,
+};
+
+/// The default config path, relative to the working directory.
+pub const DEFAULT_CONFIG: &str = "budgets.toml";
+
+/// A config that cannot be used. Every variant names the file, the place when known, and the fix.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{path}:{line}:{col}: {message}")]
+    At {
+        path: String,
+        line: usize,
+        col: usize,
+        message: String,
+    },
+    #[error("{path}: {message}")]
+    File { path: String, message: String },
+}
+
+/// A parsed and checked config. Instances and modes are known valid; model files are not yet
+/// checked (that is I/O, done by the caller through crates/host).
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub path: PathBuf,
+    pub budget: BudgetSection,
+    pub defaults: InstanceSection,
+    pub instances: BTreeMap<InstanceName, InstanceSection>,
+    pub modes: BTreeMap<String, Vec<InstanceName>>,
+    pub pressure: Pressure,
+    pub control: ControlSection,
+}
+
+/// An instance with every key resolved: what the supervisor starts and the worker loads.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct InstanceSpec {
+    pub name: InstanceName,
+    /// Absolute or relative to the working directory (relative paths in the file were resolved
+    /// against the config file's directory).
+    pub model: PathBuf,
+    pub ram_limit: Option<Size>,
+    pub ctx: u32,
+    pub gpu_layers: u32,
+    pub priority: i64,
+    pub use_mmap: bool,
+    pub threads: u32,
+    pub swap_max: Size,
+    pub restart: RestartPolicy,
+    pub backoff_initial: HumanDuration,
+    pub backoff_factor: f64,
+    pub backoff_max: HumanDuration,
+    pub backoff_reset_after: HumanDuration,
+    pub start_limit_burst: u32,
+    pub start_limit_interval: HumanDuration,
+    pub heartbeat_interval: HumanDuration,
+    pub load_stall_timeout: HumanDuration,
+    pub stop_timeout: HumanDuration,
+    pub worker_user: Option<String>,
+}
+
+/// One pressure threshold: percent of memory used, or a floor of available memory.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Threshold {
+    PercentUsed(f64),
+    Available(Size),
+}
+
+/// `[pressure]` with its thresholds resolved to one kind.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Pressure {
+    pub enabled: bool,
+    pub interval: HumanDuration,
+    pub settle: HumanDuration,
+    pub warning: Threshold,
+    pub critical: Threshold,
+    pub emergency: Threshold,
+    pub restore: Threshold,
+    pub thrash_window: HumanDuration,
+    pub thrash_majflt_rate: f64,
+}
+
+impl Config {
+    /// Parses and checks the text of the config file at `path`.
+    pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        let ctx = ErrCtx { text, path };
+        let raw: RawConfig = toml::from_str(text).map_err(|e| ctx.toml(&e))?;
+        let dir = path.parent().unwrap_or(Path::new(""));
+        let resolve = |section: InstanceSection| InstanceSection {
+            model: section.model.map(|m| dir.join(m)),
+            ..section
+        };
+
+        let mut instances = BTreeMap::new();
+        for (key, section) in raw.instances {
+            let name = InstanceName::parse(key.get_ref())
+                .map_err(|e| ctx.at(key.span().start, format!("[instances.{}]: {e}", key.get_ref())))?;
+            if section.model.is_none() && raw.defaults.model.is_none() {
+                return Err(ctx.at(
+                    key.span().start,
+                    format!(
+                        "instance {name} has no model; add `model = \"path/to/model.gguf\"` to [instances.{name}] or [defaults]"
+                    ),
+                ));
+            }
+            instances.insert(name, resolve(section));
+        }
+
+        let mut modes = BTreeMap::new();
+        for (key, mode) in raw.modes {
+            let mode_name = key.get_ref().clone();
+            InstanceName::parse(&mode_name).map_err(|e| {
+                ctx.at(key.span().start, format!("[modes.{mode_name}]: mode names follow the instance-name rules: {e}"))
+            })?;
+            if mode.instances.is_empty() {
+                return Err(ctx.at(
+                    key.span().start,
+                    format!("mode {mode_name} has no instances; list at least one, e.g. instances = [\"subject\"]"),
+                ));
+            }
+            let mut seen = BTreeSet::new();
+            let mut members = Vec::new();
+            for entry in mode.instances {
+                let known = instances.keys().find(|n| n.as_str() == entry.get_ref().as_str());
+                let Some(name) = known else {
+                    return Err(ctx.at(
+                        entry.span().start,
+                        format!(
+                            "mode {mode_name} names unknown instance {:?}; define [instances.{}] or use one of: {}",
+                            entry.get_ref(),
+                            entry.get_ref(),
+                            list(instances.keys().map(InstanceName::as_str))
+                        ),
+                    ));
+                };
+                if !seen.insert(name.clone()) {
+                    return Err(ctx.at(
+                        entry.span().start,
+                        format!("mode {mode_name} lists instance {name} twice; list each instance once"),
+                    ));
+                }
+                members.push(name.clone());
+            }
+            modes.insert(mode_name, members);
+        }
+
+        let pressure = resolve_pressure(&raw.pressure).map_err(|m| ctx.file(format!("[pressure]: {m}")))?;
+        Ok(Config {
+            path: path.to_path_buf(),
+            budget: raw.budget,
+            defaults: resolve(raw.defaults),
+            instances,
+            modes,
+            pressure,
+            control: raw.control,
+        })
+    }
+
+    /// The layer-1 policy from `[budget]`.
+    pub fn budget_policy(&self) -> BudgetPolicy {
+        BudgetPolicy {
+            safety_margin: self.budget.safety_margin,
+            per_instance_max: self.budget.per_instance_max,
+            total: self.budget.total,
+            rule: EstimateRule {
+                factor: self.budget.estimate_factor,
+                min_required: self.budget.min_required,
+            },
+        }
+    }
+
+    /// The instances of mode `name`, fully resolved. `cpus` sets the default thread count:
+    /// max(1, cpus / instances in the mode).
+    pub fn mode(&self, name: &str, cpus: u32) -> Result<Vec<InstanceSpec>, ConfigError> {
+        let members = self.modes.get(name).ok_or_else(|| ConfigError::File {
+            path: self.path.display().to_string(),
+            message: format!(
+                "unknown mode {name:?}; the config defines: {}",
+                list(self.modes.keys().map(String::as_str))
+            ),
+        })?;
+        let threads = (cpus / members.len() as u32).max(1);
+        Ok(members
+            .iter()
+            .map(|n| self.spec(n, &self.instances[n], threads))
+            .collect())
+    }
+
+    /// Resolves one instance section (from the file, or added at run time) against `[defaults]`.
+    pub fn spec(&self, name: &InstanceName, section: &InstanceSection, default_threads: u32) -> InstanceSpec {
+        let d = &self.defaults;
+        macro_rules! pick {
+            ($key:ident, $builtin:expr) => {
+                section.$key.clone().or_else(|| d.$key.clone()).unwrap_or($builtin)
+            };
+        }
+        InstanceSpec {
+            name: name.clone(),
+            model: pick!(model, PathBuf::new()),
+            ram_limit: section.ram_limit.or(d.ram_limit),
+            ctx: pick!(ctx, 2048),
+            gpu_layers: pick!(gpu_layers, 0),
+            priority: pick!(priority, 0),
+            use_mmap: pick!(use_mmap, true),
+            threads: pick!(threads, default_threads),
+            swap_max: pick!(swap_max, Size(0)),
+            restart: pick!(restart, RestartPolicy::OnFailure),
+            backoff_initial: pick!(backoff_initial, schema::secs(1)),
+            backoff_factor: pick!(backoff_factor, 2.0),
+            backoff_max: pick!(backoff_max, schema::secs(60)),
+            backoff_reset_after: pick!(backoff_reset_after, schema::secs(600)),
+            start_limit_burst: pick!(start_limit_burst, 5),
+            start_limit_interval: pick!(start_limit_interval, schema::secs(300)),
+            heartbeat_interval: pick!(heartbeat_interval, schema::secs(1)),
+            load_stall_timeout: pick!(load_stall_timeout, schema::secs(60)),
+            stop_timeout: pick!(stop_timeout, schema::secs(10)),
+            worker_user: section.worker_user.clone().or_else(|| d.worker_user.clone()),
+        }
+    }
+}
+
+fn resolve_pressure(p: &PressureSection) -> Result<Pressure, String> {
+    let percents = [p.warning, p.critical, p.emergency, p.restore];
+    let floors = [
+        p.warning_available,
+        p.critical_available,
+        p.emergency_available,
+        p.restore_available,
+    ];
+    let [warning, critical, emergency, restore] = if floors.iter().any(Option::is_some) {
+        if percents.iter().any(Option::is_some) {
+            return Err("use either the percent keys (warning, critical, emergency, restore) or the *_available keys, not both".into());
+        }
+        let [Some(w), Some(c), Some(e), Some(r)] = floors else {
+            return Err("set all four of warning_available, critical_available, emergency_available and restore_available".into());
+        };
+        if !(r > w && w > c && c > e) {
+            return Err(format!(
+                "the floors must satisfy restore_available > warning_available > critical_available > emergency_available (got {r}, {w}, {c}, {e})"
+            ));
+        }
+        [w, c, e, r].map(Threshold::Available)
+    } else {
+        let [w, c, e, r] = [
+            p.warning.unwrap_or(80.0),
+            p.critical.unwrap_or(90.0),
+            p.emergency.unwrap_or(95.0),
+            p.restore.unwrap_or(60.0),
+        ];
+        if !(r < w && w < c && c < e) {
+            return Err(format!(
+                "the levels must satisfy restore < warning < critical < emergency (got {r}, {w}, {c}, {e} percent used)"
+            ));
+        }
+        [w, c, e, r].map(Threshold::PercentUsed)
+    };
+    Ok(Pressure {
+        enabled: p.enabled,
+        interval: p.interval,
+        settle: p.settle,
+        warning,
+        critical,
+        emergency,
+        restore,
+        thrash_window: p.thrash_window,
+        thrash_majflt_rate: p.thrash_majflt_rate,
+    })
+}
+
+fn list<'a>(items: impl Iterator<Item = &'a str>) -> String {
+    let v: Vec<&str> = items.collect();
+    if v.is_empty() { "(none)".to_owned() } else { v.join(", ") }
+}
+
+/// Turns byte offsets and toml errors into `path:line:col: message` errors.
+struct ErrCtx<'a> {
+    text: &'a str,
+    path: &'a Path,
+}
+
+impl ErrCtx<'_> {
+    fn line_col(&self, offset: usize) -> (usize, usize) {
+        let before = &self.text[..offset.min(self.text.len())];
+        let line = before.matches('\n').count() + 1;
+        let col = before.rfind('\n').map_or(before.len(), |nl| before.len() - nl - 1) + 1;
+        (line, col)
+    }
+
+    fn at(&self, offset: usize, message: String) -> ConfigError {
+        let (line, col) = self.line_col(offset);
+        ConfigError::At {
+            path: self.path.display().to_string(),
+            line,
+            col,
+            message,
+        }
+    }
+
+    fn file(&self, message: String) -> ConfigError {
+        ConfigError::File {
+            path: self.path.display().to_string(),
+            message,
+        }
+    }
+
+    fn toml(&self, e: &toml::de::Error) -> ConfigError {
+        let message = with_suggestion(e.message().trim_end());
+        match e.span() {
+            Some(span) => self.at(span.start, message),
+            None => self.file(message),
+        }
+    }
+}
+
+/// serde reports `unknown field `x`, expected one of `a`, `b``; point at the nearest valid
+/// key (or variant) instead of leaving the user to spot it in the list.
+fn with_suggestion(message: &str) -> String {
+    let Some((unknown, expected)) = ["unknown field `", "unknown variant `"]
+        .iter()
+        .find_map(|p| message.strip_prefix(p))
+        .and_then(|rest| rest.split_once('`'))
+    else {
+        return message.to_owned();
+    };
+    let options: Vec<&str> = expected.split('`').skip(1).step_by(2).collect();
+    let nearest = options
+        .iter()
+        .map(|o| (strsim::levenshtein(unknown, o), *o))
+        .min()
+        .filter(|(d, o)| *d <= 3.max(o.len() / 3));
+    match nearest {
+        Some((_, o)) => format!("{message}; did you mean `{o}`?"),
+        None => message.to_owned(),
+    }
+}
+
+impl fmt::Display for Threshold {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Threshold::PercentUsed(p) => write!(f, "{p}% used"),
+            Threshold::Available(s) => write!(f, "{s} available"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,251 @@
+//! The budgets.toml schema, exactly as written by the user. Every table rejects unknown keys,
+//! so the whole schema is defined here even for keys whose behaviour comes in later issues.
+//! Range checks live in `deserialize_with` helpers so that a bad value is reported with its
+//! line and column.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use belljar_budget::{HumanDuration, Size};
+use serde::{Deserialize, Deserializer, Serialize};
+use toml::Spanned;
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    #[serde(default)]
+    pub budget: BudgetSection,
+    #[serde(default)]
+    pub defaults: InstanceSection,
+    #[serde(default)]
+    pub instances: BTreeMap<Spanned<String>, InstanceSection>,
+    #[serde(default)]
+    pub modes: BTreeMap<Spanned<String>, ModeSection>,
+    #[serde(default)]
+    pub pressure: PressureSection,
+    #[serde(default)]
+    pub control: ControlSection,
+}
+
+/// How an instance's memory need is estimated (`[budget] estimate`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum EstimateSource {
+    /// `max(file size x estimate_factor, min_required)`.
+    #[default]
+    File,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BudgetSection {
+    #[serde(deserialize_with = "safety_margin")]
+    pub safety_margin: f64,
+    #[serde(deserialize_with = "nonzero_size")]
+    pub headroom: Size,
+    #[serde(deserialize_with = "per_instance_max")]
+    pub per_instance_max: f64,
+    #[serde(deserialize_with = "positive_f64")]
+    pub estimate_factor: f64,
+    #[serde(deserialize_with = "nonzero_size")]
+    pub min_required: Size,
+    #[serde(deserialize_with = "opt_nonzero_size")]
+    pub total: Option<Size>,
+    pub estimate: EstimateSource,
+}
+
+impl Default for BudgetSection {
+    fn default() -> Self {
+        BudgetSection {
+            safety_margin: 0.15,
+            headroom: Size(2 << 30),
+            per_instance_max: 0.5,
+            estimate_factor: 1.5,
+            min_required: Size(64 << 20),
+            total: None,
+            estimate: EstimateSource::File,
+        }
+    }
+}
+
+/// When a worker that exited is started again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RestartPolicy {
+    Always,
+    #[default]
+    OnFailure,
+    Never,
+}
+
+/// `[defaults]` and `[instances.NAME]`: every key optional; unset keys fall back to
+/// `[defaults]`, then to the built-in default.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InstanceSection {
+    pub model: Option<PathBuf>,
+    #[serde(default, deserialize_with = "opt_nonzero_size")]
+    pub ram_limit: Option<Size>,
+    #[serde(default, deserialize_with = "opt_positive_u32")]
+    pub ctx: Option<u32>,
+    pub gpu_layers: Option<u32>,
+    pub priority: Option<i64>,
+    pub use_mmap: Option<bool>,
+    #[serde(default, deserialize_with = "opt_positive_u32")]
+    pub threads: Option<u32>,
+    pub swap_max: Option<Size>,
+    pub restart: Option<RestartPolicy>,
+    pub backoff_initial: Option<HumanDuration>,
+    #[serde(default, deserialize_with = "opt_backoff_factor")]
+    pub backoff_factor: Option<f64>,
+    #[serde(default, deserialize_with = "opt_nonzero_duration")]
+    pub backoff_max: Option<HumanDuration>,
+    #[serde(default, deserialize_with = "opt_nonzero_duration")]
+    pub backoff_reset_after: Option<HumanDuration>,
+    #[serde(default, deserialize_with = "opt_positive_u32")]
+    pub start_limit_burst: Option<u32>,
+    #[serde(default, deserialize_with = "opt_nonzero_duration")]
+    pub start_limit_interval: Option<HumanDuration>,
+    #[serde(default, deserialize_with = "opt_nonzero_duration")]
+    pub heartbeat_interval: Option<HumanDuration>,
+    #[serde(default, deserialize_with = "opt_nonzero_duration")]
+    pub load_stall_timeout: Option<HumanDuration>,
+    pub stop_timeout: Option<HumanDuration>,
+    pub worker_user: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModeSection {
+    pub instances: Vec<Spanned<String>>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PressureSection {
+    pub enabled: bool,
+    #[serde(deserialize_with = "nonzero_duration")]
+    pub interval: HumanDuration,
+    pub settle: HumanDuration,
+    #[serde(deserialize_with = "opt_percent")]
+    pub warning: Option<f64>,
+    #[serde(deserialize_with = "opt_percent")]
+    pub critical: Option<f64>,
+    #[serde(deserialize_with = "opt_percent")]
+    pub emergency: Option<f64>,
+    #[serde(deserialize_with = "opt_percent")]
+    pub restore: Option<f64>,
+    #[serde(deserialize_with = "opt_nonzero_size")]
+    pub warning_available: Option<Size>,
+    #[serde(deserialize_with = "opt_nonzero_size")]
+    pub critical_available: Option<Size>,
+    #[serde(deserialize_with = "opt_nonzero_size")]
+    pub emergency_available: Option<Size>,
+    #[serde(deserialize_with = "opt_nonzero_size")]
+    pub restore_available: Option<Size>,
+    #[serde(deserialize_with = "nonzero_duration")]
+    pub thrash_window: HumanDuration,
+    #[serde(deserialize_with = "positive_f64")]
+    pub thrash_majflt_rate: f64,
+}
+
+impl Default for PressureSection {
+    fn default() -> Self {
+        PressureSection {
+            enabled: true,
+            interval: secs(2),
+            settle: secs(10),
+            warning: None,
+            critical: None,
+            emergency: None,
+            restore: None,
+            warning_available: None,
+            critical_available: None,
+            emergency_available: None,
+            restore_available: None,
+            thrash_window: secs(30),
+            thrash_majflt_rate: 500.0,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ControlSection {
+    pub group: Option<String>,
+}
+
+pub(crate) const fn secs(s: u64) -> HumanDuration {
+    HumanDuration(std::time::Duration::from_secs(s))
+}
+
+// --- range-checked fields: the error carries the key's line and column -------------------
+
+fn check<'de, D: Deserializer<'de>, T: Deserialize<'de>>(
+    d: D,
+    ok: impl Fn(&T) -> bool,
+    msg: impl Fn(&T) -> String,
+) -> Result<T, D::Error> {
+    let v = T::deserialize(d)?;
+    if ok(&v) {
+        Ok(v)
+    } else {
+        Err(serde::de::Error::custom(msg(&v)))
+    }
+}
+
+fn safety_margin<'de, D: Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
+    check(d, |v: &f64| (0.0..1.0).contains(v), |v| {
+        format!("safety_margin {v} is outside [0, 1): it is the fraction of memory kept back, e.g. 0.15 for 15%")
+    })
+}
+
+fn per_instance_max<'de, D: Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
+    check(d, |v: &f64| *v > 0.0 && *v <= 1.0, |v| {
+        format!("per_instance_max {v} is outside (0, 1]: it is the largest fraction of usable memory one instance may take, e.g. 0.5")
+    })
+}
+
+fn positive_f64<'de, D: Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
+    check(d, |v: &f64| v.is_finite() && *v > 0.0, |v| {
+        format!("{v} must be a number greater than zero")
+    })
+}
+
+fn nonzero_size<'de, D: Deserializer<'de>>(d: D) -> Result<Size, D::Error> {
+    check(d, |v: &Size| v.bytes() > 0, |_| {
+        "a size of zero is not allowed here; give a positive size such as \"64MiB\"".to_owned()
+    })
+}
+
+fn opt_nonzero_size<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Size>, D::Error> {
+    nonzero_size(d).map(Some)
+}
+
+fn nonzero_duration<'de, D: Deserializer<'de>>(d: D) -> Result<HumanDuration, D::Error> {
+    check(d, |v: &HumanDuration| !v.0.is_zero(), |_| {
+        "a duration of zero is not allowed here; give a positive duration such as \"1s\"".to_owned()
+    })
+}
+
+fn opt_nonzero_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<HumanDuration>, D::Error> {
+    nonzero_duration(d).map(Some)
+}
+
+fn opt_positive_u32<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u32>, D::Error> {
+    check(d, |v: &u32| *v > 0, |_| "0 is not allowed here; give a number of at least 1".to_owned()).map(Some)
+}
+
+fn opt_backoff_factor<'de, D: Deserializer<'de>>(d: D) -> Result<Option<f64>, D::Error> {
+    check(d, |v: &f64| v.is_finite() && *v >= 1.0, |v| {
+        format!("backoff_factor {v} must be at least 1 (1 keeps the delay constant, 2 doubles it)")
+    })
+    .map(Some)
+}
+
+fn opt_percent<'de, D: Deserializer<'de>>(d: D) -> Result<Option<f64>, D::Error> {
+    check(d, |v: &f64| *v > 0.0 && *v <= 100.0, |v| {
+        format!("{v} is not a percentage in (0, 100]")
+    })
+    .map(Some)
+}
