@@ -1,1 +1,12 @@
-//! placeholder
+//! GGUF files: a deterministic generator of llama-architecture models (so nothing is ever
+//! downloaded) and a bounded header reader. Pure: both work on `Write` / `Read` streams.
+
+pub mod format;
+pub mod reader;
+pub mod writer;
+
+pub use reader::{Header, ReadError, TensorInfo, Value, read_header};
+pub use writer::{ModelShape, ShapeError};
+
+#[cfg(test)]
+mod tests;

@@ -1,1 +1,13 @@
-//! placeholder
+//! The only crate that touches /proc, /sys (and later NVML): host memory readings, model-file
+//! probes and CPU counts. Every root path is injected; the defaults are consts beside the code.
+
+pub mod meminfo;
+pub mod model_file;
+
+pub use meminfo::{MemInfoError, ProcRoot, read_host_memory};
+pub use model_file::{ModelFile, ModelFileError, probe_model_file};
+
+/// The number of CPUs this process may run on (cgroup cpusets and affinity included), at least 1.
+pub fn cpu_count() -> u32 {
+    std::thread::available_parallelism().map_or(1, |n| u32::try_from(n.get()).unwrap_or(u32::MAX))
+}

@@ -1,0 +1,188 @@
+//! A bounded reader of GGUF headers: metadata and tensor infos, never tensor data. Hostile
+//! counts and lengths end in an error at EOF or at a limit, never in a huge allocation.
+
+use std::io::{self, Read};
+
+use crate::format::{MAGIC, ValueType};
+
+/// Longest string accepted (keys, token strings, names).
+pub const MAX_STRING: u64 = 1 << 20;
+/// Most elements accepted in one metadata array (a vocabulary is ~256k).
+pub const MAX_ARRAY: u64 = 1 << 24;
+/// Most tensors / metadata entries accepted.
+pub const MAX_ENTRIES: u64 = 1 << 20;
+/// Preallocation cap: larger counts grow as data actually arrives.
+const PREALLOC: u64 = 4096;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    #[error("not a GGUF file: it starts with {0:?}, not \"GGUF\"")]
+    Magic([u8; 4]),
+    #[error("unsupported GGUF version {0}; versions 2 and 3 are supported")]
+    Version(u32),
+    #[error("truncated GGUF header: the file ends inside {0}")]
+    Truncated(&'static str),
+    #[error("malformed GGUF header: {0}")]
+    Malformed(String),
+    #[error("cannot read GGUF header: {0}")]
+    Io(#[from] io::Error),
+}
+
+/// A metadata value.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Value {
+    Int(i128),
+    Float(f64),
+    Bool(bool),
+    Str(String),
+    Array(Vec<Value>),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TensorInfo {
+    pub name: String,
+    pub dims: Vec<u64>,
+    pub ggml_type: u32,
+    pub offset: u64,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Header {
+    pub version: u32,
+    pub metadata: Vec<(String, Value)>,
+    pub tensors: Vec<TensorInfo>,
+}
+
+impl Header {
+    pub fn get(&self, key: &str) -> Option<&Value> {
+        self.metadata.iter().find(|(k, _)| k == key).map(|(_, v)| v)
+    }
+
+    pub fn get_u64(&self, key: &str) -> Option<u64> {
+        match self.get(key)? {
+            Value::Int(i) => u64::try_from(*i).ok(),
+            _ => None,
+        }
+    }
+
+    pub fn get_str(&self, key: &str) -> Option<&str> {
+        match self.get(key)? {
+            Value::Str(s) => Some(s),
+            _ => None,
+        }
+    }
+}
+
+struct R<T> {
+    inner: T,
+}
+
+impl<T: Read> R<T> {
+    fn bytes<const N: usize>(&mut self, what: &'static str) -> Result<[u8; N], ReadError> {
+        let mut b = [0u8; N];
+        self.inner.read_exact(&mut b).map_err(|e| eof(e, what))?;
+        Ok(b)
+    }
+    fn u32(&mut self, what: &'static str) -> Result<u32, ReadError> {
+        Ok(u32::from_le_bytes(self.bytes(what)?))
+    }
+    fn u64(&mut self, what: &'static str) -> Result<u64, ReadError> {
+        Ok(u64::from_le_bytes(self.bytes(what)?))
+    }
+    fn count(&mut self, what: &'static str, max: u64) -> Result<u64, ReadError> {
+        let n = self.u64(what)?;
+        if n > max {
+            return Err(ReadError::Malformed(format!("{what} count {n} exceeds the limit {max}")));
+        }
+        Ok(n)
+    }
+    fn string(&mut self, what: &'static str) -> Result<String, ReadError> {
+        let len = self.count(what, MAX_STRING)?;
+        let mut buf = Vec::with_capacity(len.min(PREALLOC) as usize);
+        (&mut self.inner)
+            .take(len)
+            .read_to_end(&mut buf)
+            .map_err(|e| eof(e, what))?;
+        if buf.len() as u64 != len {
+            return Err(ReadError::Truncated(what));
+        }
+        String::from_utf8(buf).map_err(|_| ReadError::Malformed(format!("{what} is not UTF-8")))
+    }
+    fn value(&mut self, ty: u32, depth: u32) -> Result<Value, ReadError> {
+        let what = "a metadata value";
+        let ty = ValueType::from_u32(ty)
+            .ok_or_else(|| ReadError::Malformed(format!("unknown metadata value type {ty}")))?;
+        Ok(match ty {
+            ValueType::U8 => Value::Int(self.bytes::<1>(what)?[0].into()),
+            ValueType::I8 => Value::Int((self.bytes::<1>(what)?[0] as i8).into()),
+            ValueType::U16 => Value::Int(u16::from_le_bytes(self.bytes(what)?).into()),
+            ValueType::I16 => Value::Int(i16::from_le_bytes(self.bytes(what)?).into()),
+            ValueType::U32 => Value::Int(u32::from_le_bytes(self.bytes(what)?).into()),
+            ValueType::I32 => Value::Int(i32::from_le_bytes(self.bytes(what)?).into()),
+            ValueType::U64 => Value::Int(u64::from_le_bytes(self.bytes(what)?).into()),
+            ValueType::I64 => Value::Int(i64::from_le_bytes(self.bytes(what)?).into()),
+            ValueType::F32 => Value::Float(f32::from_le_bytes(self.bytes(what)?).into()),
+            ValueType::F64 => Value::Float(f64::from_le_bytes(self.bytes(what)?)),
+            ValueType::Bool => match self.bytes::<1>(what)?[0] {
+                0 => Value::Bool(false),
+                1 => Value::Bool(true),
+                b => return Err(ReadError::Malformed(format!("bool value {b}"))),
+            },
+            ValueType::String => Value::Str(self.string("a string value")?),
+            ValueType::Array => {
+                if depth > 0 {
+                    return Err(ReadError::Malformed("nested arrays are not supported".into()));
+                }
+                let elem = self.u32("an array type")?;
+                let n = self.count("array element", MAX_ARRAY)?;
+                let mut v = Vec::with_capacity(n.min(PREALLOC) as usize);
+                for _ in 0..n {
+                    v.push(self.value(elem, depth + 1)?);
+                }
+                Value::Array(v)
+            }
+        })
+    }
+}
+
+fn eof(e: io::Error, what: &'static str) -> ReadError {
+    if e.kind() == io::ErrorKind::UnexpectedEof {
+        ReadError::Truncated(what)
+    } else {
+        ReadError::Io(e)
+    }
+}
+
+/// Reads the header (metadata and tensor infos) from the start of a GGUF stream.
+pub fn read_header<T: Read>(input: T) -> Result<Header, ReadError> {
+    let mut r = R { inner: input };
+    let magic = r.bytes::<4>("the magic")?;
+    if &magic != MAGIC {
+        return Err(ReadError::Magic(magic));
+    }
+    let version = r.u32("the version")?;
+    if !(2..=3).contains(&version) {
+        return Err(ReadError::Version(version));
+    }
+    let n_tensors = r.count("tensor", MAX_ENTRIES)?;
+    let n_kv = r.count("metadata", MAX_ENTRIES)?;
+    let mut metadata = Vec::with_capacity(n_kv.min(PREALLOC) as usize);
+    for _ in 0..n_kv {
+        let key = r.string("a metadata key")?;
+        let ty = r.u32("a metadata type")?;
+        metadata.push((key, r.value(ty, 0)?));
+    }
+    let mut tensors = Vec::with_capacity(n_tensors.min(PREALLOC) as usize);
+    for _ in 0..n_tensors {
+        let name = r.string("a tensor name")?;
+        let n_dims = r.u32("tensor dimensions")?;
+        if !(1..=4).contains(&n_dims) {
+            return Err(ReadError::Malformed(format!("tensor {name} has {n_dims} dimensions (1 to 4 allowed)")));
+        }
+        let dims = (0..n_dims).map(|_| r.u64("tensor dimensions")).collect::<Result<Vec<_>, _>>()?;
+        let ggml_type = r.u32("a tensor type")?;
+        let offset = r.u64("a tensor offset")?;
+        tensors.push(TensorInfo { name, dims, ggml_type, offset });
+    }
+    Ok(Header { version, metadata, tensors })
+}
