@@ -1,1 +1,9 @@
-//! lib
+//! The belljar supervisor as a library: the CLI definition, one module per subcommand, and the
+//! error type that maps every failure to the documented exit codes. `main` only parses and wires.
+
+pub mod cli;
+pub mod commands;
+pub mod error;
+pub mod paths;
+
+pub use error::{CliError, Exit};

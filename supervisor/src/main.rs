@@ -1,1 +1,17 @@
-fn main() {}
+//! `supervisor`: parses the command line and hands it to the library.
+
+use std::process::ExitCode;
+
+use belljar_supervisor::cli::Cli;
+use clap::Parser;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match belljar_supervisor::commands::dispatch(cli) {
+        Ok(exit) => exit.into(),
+        Err(e) => {
+            eprintln!("error: {e}");
+            e.exit().into()
+        }
+    }
+}

@@ -187,10 +187,20 @@ pub fn validate(
             Size(available_margin.unsigned_abs() as u64)
         ));
     }
-    let deficit = margin.min(available_margin);
+    // The totals as they would be after the cap recommendations above are applied, so the
+    // cuts below are not asked for twice.
+    let capped: Vec<InstanceRow> = instances
+        .iter()
+        .map(|i| InstanceRow {
+            required: if i.estimate <= cap { i.required.min(cap) } else { i.required },
+            ..i.clone()
+        })
+        .collect();
+    let freed_by_caps = total_required - capped.iter().map(|i| i.required).sum::<u64>();
+    let deficit = margin.min(available_margin) + i128::from(freed_by_caps);
     if deficit < 0 {
         let deficit = deficit.unsigned_abs() as u64;
-        recommendations.extend(reduction_plan(&instances, deficit));
+        recommendations.extend(reduction_plan(&capped, deficit));
         if available_margin < 0 {
             recommendations.push(format!(
                 "or free at least {} of memory on this machine (other processes use {})",

@@ -1,0 +1,67 @@
+//! The command line: global flags shared by every subcommand, and one struct per subcommand.
+
+use std::path::PathBuf;
+
+use belljar_budget::Size;
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "supervisor",
+    version,
+    about = "belljar: run several local LLMs on one machine without losing one to the OOM killer",
+    long_about = "belljar budgets memory for llama.cpp worker processes, one GGUF model each, places \
+every worker in its own cgroup and restarts it with backoff when it dies.",
+    after_help = "Examples:\n  supervisor validate --mode matrix\n  supervisor validate --mode matrix --assume-total 16G --json\n\n\
+Exit codes: 0 ok, 1 refused (does not fit), 2 usage or config error, 3 daemon unreachable."
+)]
+pub struct Cli {
+    #[command(flatten)]
+    pub global: GlobalArgs,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Args)]
+pub struct GlobalArgs {
+    /// The config file.
+    #[arg(long, global = true, value_name = "PATH", default_value = belljar_config::DEFAULT_CONFIG)]
+    pub config: PathBuf,
+    /// Sockets and the lock [default: $RUNTIME_DIRECTORY for `run`, else /run/belljar].
+    #[arg(long, global = true, value_name = "DIR", env = "BELLJAR_RUNTIME_DIR")]
+    pub runtime_dir: Option<PathBuf>,
+    /// Persisted instances and sessions [default: $STATE_DIRECTORY for `run`, else /var/lib/belljar].
+    #[arg(long, global = true, value_name = "DIR", env = "BELLJAR_STATE_DIR")]
+    pub state_dir: Option<PathBuf>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    Validate(ValidateArgs),
+}
+
+/// Check that a mode's instances fit in memory (layer-1 validation) and print the report.
+#[derive(Debug, Args)]
+#[command(after_help = "Examples:\n  supervisor validate --mode matrix\n  \
+supervisor validate --mode matrix --assume-total 8G          # would it fit on an 8 GiB machine?\n  \
+supervisor validate --assume-total 64G --assume-available 40G --json\n\n\
+Exits 0 when every checked mode fits, 1 when one does not (the report says by how much and what to \
+change), 2 on a config error.")]
+pub struct ValidateArgs {
+    /// The mode to check [default: every mode in the config].
+    #[arg(long, value_name = "NAME")]
+    pub mode: Option<String>,
+    /// Pretend the machine has this much memory (MemTotal); safety_margin still applies.
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    pub assume_total: Option<Size>,
+    /// Pretend this much memory is available (MemAvailable) [default with --assume-total: all of it].
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    pub assume_available: Option<Size>,
+    /// Print the report as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn parse_size(s: &str) -> Result<Size, String> {
+    Size::parse_nonzero(s).map_err(|e| e.to_string())
+}

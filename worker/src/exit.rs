@@ -1,0 +1,14 @@
+//! The worker's exit codes. The supervisor relies on them to tell a retry from a lost cause:
+//! "temporary" means try again later; "permanent" means retrying cannot help. Values follow
+//! sysexits.h so they read the same in `systemctl status` and shell scripts.
+
+/// Clean shutdown, or a one-shot command that succeeded.
+pub const OK: u8 = 0;
+/// Permanent: bad arguments (a bad flag, a zero ctx, an impossible model shape).
+pub const USAGE: u8 = 64;
+/// Permanent: the model file is missing, truncated or not GGUF.
+pub const BAD_MODEL: u8 = 65;
+/// Permanent: the file is GGUF but llama.cpp cannot load it (unsupported architecture...).
+pub const UNSUPPORTED_MODEL: u8 = 69;
+/// I/O error writing an output file (make-model).
+pub const IO_ERROR: u8 = 74;
