@@ -60,10 +60,16 @@ pub fn run(args: &MakeModelArgs) -> Result<(), (u8, String)> {
         f16: args.f16,
         seed: args.seed,
     };
-    shape.check().map_err(|e| (exit::USAGE, format!("invalid model shape: {e}")))?;
+    shape
+        .check()
+        .map_err(|e| (exit::USAGE, format!("invalid model shape: {e}")))?;
     let started = Instant::now();
-    write_atomically(&args.out, &shape)
-        .map_err(|e| (exit::IO_ERROR, format!("cannot write {}: {e}", args.out.display())))?;
+    write_atomically(&args.out, &shape).map_err(|e| {
+        (
+            exit::IO_ERROR,
+            format!("cannot write {}: {e}", args.out.display()),
+        )
+    })?;
     let size = std::fs::metadata(&args.out).map(|m| m.len()).unwrap_or(0);
     println!(
         "wrote {} ({}, {} parameters, {} layers x width {}, vocab {}) in {} ms",
@@ -82,7 +88,10 @@ fn write_atomically(out: &Path, shape: &ModelShape) -> std::io::Result<()> {
     if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir)?;
     }
-    let name = out.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let name = out
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     let tmp = out.with_file_name(format!(".{name}.tmp{}", std::process::id()));
     let result = (|| {
         let file = File::create(&tmp)?;

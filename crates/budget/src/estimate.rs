@@ -39,9 +39,13 @@ mod tests {
     #[test]
     fn file_times_factor_with_a_floor() {
         assert_eq!(RULE.estimate(1 << 30), 3 << 29);
-        assert_eq!(RULE.estimate(600_000), 64 << 20, "tiny models get the floor");
+        assert_eq!(
+            RULE.estimate(600_000),
+            64 << 20,
+            "tiny models get the floor"
+        );
         assert_eq!(RULE.estimate(0), 64 << 20);
-        assert_eq!(RULE.estimate(3), (64 << 20).max(5));
+        assert_eq!(RULE.estimate(3), 64 << 20);
     }
 
     #[test]

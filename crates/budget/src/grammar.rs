@@ -147,7 +147,9 @@ impl<'de> Deserialize<'de> for Size {
         impl serde::de::Visitor<'_> for V {
             type Value = Size;
             fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("a size: an integer number of bytes or a string like \"512MiB\" or \"1.5G\"")
+                f.write_str(
+                    "a size: an integer number of bytes or a string like \"512MiB\" or \"1.5G\"",
+                )
             }
             fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<Size, E> {
                 Ok(Size(v))
@@ -308,11 +310,31 @@ mod tests {
 
     #[test]
     fn malformed_sizes_are_rejected() {
-        for bad in ["", "G", "-1G", "1.2.3G", "1.G", ".5G", "1.5", "8X", "99999999999999999999"] {
+        for bad in [
+            "",
+            "G",
+            "-1G",
+            "1.2.3G",
+            "1.G",
+            ".5G",
+            "1.5",
+            "8X",
+            "99999999999999999999",
+        ] {
             assert!(Size::parse(bad).is_err(), "{bad:?} should be rejected");
         }
-        assert!(Size::parse("-1G").unwrap_err().to_string().contains("negative"));
-        assert!(Size::parse_nonzero("0").unwrap_err().to_string().contains("greater than zero"));
+        assert!(
+            Size::parse("-1G")
+                .unwrap_err()
+                .to_string()
+                .contains("negative")
+        );
+        assert!(
+            Size::parse_nonzero("0")
+                .unwrap_err()
+                .to_string()
+                .contains("greater than zero")
+        );
         assert!(Size::parse_nonzero("0G").is_err());
     }
 
@@ -325,8 +347,14 @@ mod tests {
 
     #[test]
     fn durations_use_humantime() {
-        assert_eq!(HumanDuration::parse("500ms").unwrap().0, Duration::from_millis(500));
-        assert_eq!(HumanDuration::parse("5min").unwrap().0, Duration::from_secs(300));
+        assert_eq!(
+            HumanDuration::parse("500ms").unwrap().0,
+            Duration::from_millis(500)
+        );
+        assert_eq!(
+            HumanDuration::parse("5min").unwrap().0,
+            Duration::from_secs(300)
+        );
         assert_eq!(HumanDuration::parse("10s").unwrap().to_string(), "10s");
         let e = HumanDuration::parse("10 parsecs").unwrap_err().to_string();
         assert!(e.contains("expected e.g."), "{e}");
@@ -338,7 +366,17 @@ mod tests {
         for ok in ["subject", "a", "0", "llama-7b_q4", &long_ok] {
             assert!(InstanceName::parse(ok).is_ok(), "{ok}");
         }
-        for bad in ["", "../../etc", "Subject", "-a", "_a", "a b", "a/b", "a.b", &too_long] {
+        for bad in [
+            "",
+            "../../etc",
+            "Subject",
+            "-a",
+            "_a",
+            "a b",
+            "a/b",
+            "a.b",
+            &too_long,
+        ] {
             assert!(InstanceName::parse(bad).is_err(), "{bad:?}");
         }
     }

@@ -150,16 +150,29 @@ mod tests {
         l.allocate("a", 60).unwrap();
         assert_eq!(
             l.allocate("a", 1),
-            Err(Denied::AlreadyAllocated { name: "a".into(), held: 60 })
+            Err(Denied::AlreadyAllocated {
+                name: "a".into(),
+                held: 60
+            })
         );
         let e = l.allocate("b", 41).unwrap_err();
         assert!(matches!(e, Denied::OverBudget { free: 40, .. }), "{e:?}");
-        assert!(e.to_string().contains("only 40 B of the budget's 100 B is free"), "{e}");
+        assert!(
+            e.to_string()
+                .contains("only 40 B of the budget's 100 B is free"),
+            "{e}"
+        );
         l.allocate("b", 40).unwrap();
         assert_eq!(l.free(), 0);
         assert_eq!(l.release("a"), Some(60));
         assert_eq!(l.release("a"), None);
-        assert_eq!(l.report().allocations, vec![AllocationRow { name: "b".into(), bytes: 40 }]);
+        assert_eq!(
+            l.report().allocations,
+            vec![AllocationRow {
+                name: "b".into(),
+                bytes: 40
+            }]
+        );
     }
 
     #[derive(Debug, Clone)]

@@ -67,7 +67,10 @@ mod tests {
 
     #[test]
     fn headroom_is_required_on_top() {
-        let r = HostMemory { total: 16 * GIB, available: 4 * GIB };
+        let r = HostMemory {
+            total: 16 * GIB,
+            available: 4 * GIB,
+        };
         let p = precheck(2 * GIB, 2 * GIB, r);
         assert!(p.ok, "exactly enough passes");
         assert_eq!(p.shortfall, 0);
@@ -80,15 +83,27 @@ mod tests {
 
     #[test]
     fn warning_only_above_threshold() {
-        let r = HostMemory { total: 100, available: 25 };
-        assert!(precheck(0, 0, r).warning.is_none(), "exactly 75% does not warn");
-        let r = HostMemory { total: 100, available: 24 };
+        let r = HostMemory {
+            total: 100,
+            available: 25,
+        };
+        assert!(
+            precheck(0, 0, r).warning.is_none(),
+            "exactly 75% does not warn"
+        );
+        let r = HostMemory {
+            total: 100,
+            available: 24,
+        };
         assert!(precheck(0, 0, r).warning.is_some());
     }
 
     #[test]
     fn no_overflow() {
-        let r = HostMemory { total: u64::MAX, available: u64::MAX };
+        let r = HostMemory {
+            total: u64::MAX,
+            available: u64::MAX,
+        };
         assert!(precheck(u64::MAX, u64::MAX, r).ok);
     }
 }

@@ -192,7 +192,11 @@ pub fn validate(
     let capped: Vec<InstanceRow> = instances
         .iter()
         .map(|i| InstanceRow {
-            required: if i.estimate <= cap { i.required.min(cap) } else { i.required },
+            required: if i.estimate <= cap {
+                i.required.min(cap)
+            } else {
+                i.required
+            },
             ..i.clone()
         })
         .collect();
@@ -322,7 +326,11 @@ impl fmt::Display for ValidationReport {
         let s = |b: u64| Size(b).to_string();
         let signed = |m: i128| {
             let v = Size(m.unsigned_abs() as u64);
-            if m < 0 { format!("-{v}") } else { v.to_string() }
+            if m < 0 {
+                format!("-{v}")
+            } else {
+                v.to_string()
+            }
         };
         writeln!(f, "belljar memory budget: mode {:?}", self.mode)?;
         writeln!(f)?;
@@ -464,7 +472,11 @@ mod tests {
         assert!(r.issues.iter().any(|i| i.contains("available now")));
         // The lowest-priority instance is cut first.
         assert!(r.recommendations[0].starts_with("lower instances.subject.ram_limit"));
-        assert!(r.recommendations.iter().any(|i| i.contains("free at least")));
+        assert!(
+            r.recommendations
+                .iter()
+                .any(|i| i.contains("free at least"))
+        );
         let text = r.to_string();
         assert!(text.contains("FAILED"), "{text}");
         assert!(text.contains("margin") && text.contains("-3."), "{text}");
@@ -480,7 +492,10 @@ mod tests {
             "matrix",
             &policy(),
             host,
-            &[inst("a", 20 * MIB, Some(256 * MIB), 0), inst("b", 20 * MIB, None, 0)],
+            &[
+                inst("a", 20 * MIB, Some(256 * MIB), 0),
+                inst("b", 20 * MIB, None, 0),
+            ],
         );
         assert!(r.passed, "{r}");
         assert_eq!(r.instances[1].required, 64 * MIB, "floor applies");
@@ -497,12 +512,23 @@ mod tests {
         // usable 13.6 GiB, cap 6.8 GiB.
         let r = validate("m", &policy(), host, &[inst("big", MIB, Some(8 * GIB), 0)]);
         assert!(!r.passed);
-        assert!(r.issues[0].contains("instance big requires 8.0 GiB"), "{:?}", r.issues);
-        assert!(r.recommendations[0].contains("lower instances.big.ram_limit from 8.0 GiB to at most 6.8 GiB"));
+        assert!(
+            r.issues[0].contains("instance big requires 8.0 GiB"),
+            "{:?}",
+            r.issues
+        );
+        assert!(
+            r.recommendations[0]
+                .contains("lower instances.big.ram_limit from 8.0 GiB to at most 6.8 GiB")
+        );
         // A model that alone exceeds the cap gets a smaller-model recommendation.
         let r = validate("m", &policy(), host, &[inst("huge", 5 * GIB, None, 0)]);
         assert!(!r.passed);
-        assert!(r.recommendations[0].contains("use a model of at most"), "{:?}", r.recommendations);
+        assert!(
+            r.recommendations[0].contains("use a model of at most"),
+            "{:?}",
+            r.recommendations
+        );
     }
 
     #[test]
@@ -521,10 +547,18 @@ mod tests {
             "m",
             &p,
             host,
-            &[inst("a", MIB, Some(400 * MIB), 0), inst("b", MIB, Some(400 * MIB), 0), inst("c", MIB, Some(400 * MIB), 0)],
+            &[
+                inst("a", MIB, Some(400 * MIB), 0),
+                inst("b", MIB, Some(400 * MIB), 0),
+                inst("c", MIB, Some(400 * MIB), 0),
+            ],
         );
         assert!(!r.passed);
-        assert!(r.recommendations.iter().any(|r| r.contains("raise [budget] total")));
+        assert!(
+            r.recommendations
+                .iter()
+                .any(|r| r.contains("raise [budget] total"))
+        );
     }
 
     #[test]
@@ -539,11 +573,18 @@ mod tests {
             "m",
             &policy(),
             host,
-            &[inst("hi", file, None, 9), inst("lo", file, None, -1), inst("mid", file, None, 3)],
+            &[
+                inst("hi", file, None, 9),
+                inst("lo", file, None, -1),
+                inst("mid", file, None, 3),
+            ],
         );
         assert!(!r.passed);
         let rec = r.recommendations.join("\n");
-        assert!(rec.contains("remove instances from the mode, lowest priority first: lo"), "{rec}");
+        assert!(
+            rec.contains("remove instances from the mode, lowest priority first: lo"),
+            "{rec}"
+        );
     }
 
     proptest! {

@@ -107,8 +107,12 @@ impl Config {
 
         let mut instances = BTreeMap::new();
         for (key, section) in raw.instances {
-            let name = InstanceName::parse(key.get_ref())
-                .map_err(|e| ctx.at(key.span().start, format!("[instances.{}]: {e}", key.get_ref())))?;
+            let name = InstanceName::parse(key.get_ref()).map_err(|e| {
+                ctx.at(
+                    key.span().start,
+                    format!("[instances.{}]: {e}", key.get_ref()),
+                )
+            })?;
             if section.model.is_none() && raw.defaults.model.is_none() {
                 return Err(ctx.at(
                     key.span().start,
@@ -124,7 +128,10 @@ impl Config {
         for (key, mode) in raw.modes {
             let mode_name = key.get_ref().clone();
             InstanceName::parse(&mode_name).map_err(|e| {
-                ctx.at(key.span().start, format!("[modes.{mode_name}]: mode names follow the instance-name rules: {e}"))
+                ctx.at(
+                    key.span().start,
+                    format!("[modes.{mode_name}]: mode names follow the instance-name rules: {e}"),
+                )
             })?;
             if mode.instances.is_empty() {
                 return Err(ctx.at(
@@ -135,7 +142,9 @@ impl Config {
             let mut seen = BTreeSet::new();
             let mut members = Vec::new();
             for entry in mode.instances {
-                let known = instances.keys().find(|n| n.as_str() == entry.get_ref().as_str());
+                let known = instances
+                    .keys()
+                    .find(|n| n.as_str() == entry.get_ref().as_str());
                 let Some(name) = known else {
                     return Err(ctx.at(
                         entry.span().start,
@@ -150,7 +159,9 @@ impl Config {
                 if !seen.insert(name.clone()) {
                     return Err(ctx.at(
                         entry.span().start,
-                        format!("mode {mode_name} lists instance {name} twice; list each instance once"),
+                        format!(
+                            "mode {mode_name} lists instance {name} twice; list each instance once"
+                        ),
                     ));
                 }
                 members.push(name.clone());
@@ -158,7 +169,8 @@ impl Config {
             modes.insert(mode_name, members);
         }
 
-        let pressure = resolve_pressure(&raw.pressure).map_err(|m| ctx.file(format!("[pressure]: {m}")))?;
+        let pressure =
+            resolve_pressure(&raw.pressure).map_err(|m| ctx.file(format!("[pressure]: {m}")))?;
         Ok(Config {
             path: path.to_path_buf(),
             budget: raw.budget,
@@ -201,11 +213,20 @@ impl Config {
     }
 
     /// Resolves one instance section (from the file, or added at run time) against `[defaults]`.
-    pub fn spec(&self, name: &InstanceName, section: &InstanceSection, default_threads: u32) -> InstanceSpec {
+    pub fn spec(
+        &self,
+        name: &InstanceName,
+        section: &InstanceSection,
+        default_threads: u32,
+    ) -> InstanceSpec {
         let d = &self.defaults;
         macro_rules! pick {
             ($key:ident, $builtin:expr) => {
-                section.$key.clone().or_else(|| d.$key.clone()).unwrap_or($builtin)
+                section
+                    .$key
+                    .clone()
+                    .or_else(|| d.$key.clone())
+                    .unwrap_or($builtin)
             };
         }
         InstanceSpec {
@@ -228,7 +249,10 @@ impl Config {
             heartbeat_interval: pick!(heartbeat_interval, schema::secs(1)),
             load_stall_timeout: pick!(load_stall_timeout, schema::secs(60)),
             stop_timeout: pick!(stop_timeout, schema::secs(10)),
-            worker_user: section.worker_user.clone().or_else(|| d.worker_user.clone()),
+            worker_user: section
+                .worker_user
+                .clone()
+                .or_else(|| d.worker_user.clone()),
         }
     }
 }
@@ -283,7 +307,11 @@ fn resolve_pressure(p: &PressureSection) -> Result<Pressure, String> {
 
 fn list<'a>(items: impl Iterator<Item = &'a str>) -> String {
     let v: Vec<&str> = items.collect();
-    if v.is_empty() { "(none)".to_owned() } else { v.join(", ") }
+    if v.is_empty() {
+        "(none)".to_owned()
+    } else {
+        v.join(", ")
+    }
 }
 
 /// Turns byte offsets and toml errors into `path:line:col: message` errors.
@@ -296,7 +324,10 @@ impl ErrCtx<'_> {
     fn line_col(&self, offset: usize) -> (usize, usize) {
         let before = &self.text[..offset.min(self.text.len())];
         let line = before.matches('\n').count() + 1;
-        let col = before.rfind('\n').map_or(before.len(), |nl| before.len() - nl - 1) + 1;
+        let col = before
+            .rfind('\n')
+            .map_or(before.len(), |nl| before.len() - nl - 1)
+            + 1;
         (line, col)
     }
 

@@ -195,27 +195,43 @@ fn check<'de, D: Deserializer<'de>, T: Deserialize<'de>>(
 }
 
 fn safety_margin<'de, D: Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
-    check(d, |v: &f64| (0.0..1.0).contains(v), |v| {
-        format!("safety_margin {v} is outside [0, 1): it is the fraction of memory kept back, e.g. 0.15 for 15%")
-    })
+    check(
+        d,
+        |v: &f64| (0.0..1.0).contains(v),
+        |v| {
+            format!(
+                "safety_margin {v} is outside [0, 1): it is the fraction of memory kept back, e.g. 0.15 for 15%"
+            )
+        },
+    )
 }
 
 fn per_instance_max<'de, D: Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
-    check(d, |v: &f64| *v > 0.0 && *v <= 1.0, |v| {
-        format!("per_instance_max {v} is outside (0, 1]: it is the largest fraction of usable memory one instance may take, e.g. 0.5")
-    })
+    check(
+        d,
+        |v: &f64| *v > 0.0 && *v <= 1.0,
+        |v| {
+            format!(
+                "per_instance_max {v} is outside (0, 1]: it is the largest fraction of usable memory one instance may take, e.g. 0.5"
+            )
+        },
+    )
 }
 
 fn positive_f64<'de, D: Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
-    check(d, |v: &f64| v.is_finite() && *v > 0.0, |v| {
-        format!("{v} must be a number greater than zero")
-    })
+    check(
+        d,
+        |v: &f64| v.is_finite() && *v > 0.0,
+        |v| format!("{v} must be a number greater than zero"),
+    )
 }
 
 fn nonzero_size<'de, D: Deserializer<'de>>(d: D) -> Result<Size, D::Error> {
-    check(d, |v: &Size| v.bytes() > 0, |_| {
-        "a size of zero is not allowed here; give a positive size such as \"64MiB\"".to_owned()
-    })
+    check(
+        d,
+        |v: &Size| v.bytes() > 0,
+        |_| "a size of zero is not allowed here; give a positive size such as \"64MiB\"".to_owned(),
+    )
 }
 
 fn opt_nonzero_size<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Size>, D::Error> {
@@ -223,29 +239,49 @@ fn opt_nonzero_size<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Size>, D::
 }
 
 fn nonzero_duration<'de, D: Deserializer<'de>>(d: D) -> Result<HumanDuration, D::Error> {
-    check(d, |v: &HumanDuration| !v.0.is_zero(), |_| {
-        "a duration of zero is not allowed here; give a positive duration such as \"1s\"".to_owned()
-    })
+    check(
+        d,
+        |v: &HumanDuration| !v.0.is_zero(),
+        |_| {
+            "a duration of zero is not allowed here; give a positive duration such as \"1s\""
+                .to_owned()
+        },
+    )
 }
 
-fn opt_nonzero_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<HumanDuration>, D::Error> {
+fn opt_nonzero_duration<'de, D: Deserializer<'de>>(
+    d: D,
+) -> Result<Option<HumanDuration>, D::Error> {
     nonzero_duration(d).map(Some)
 }
 
 fn opt_positive_u32<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u32>, D::Error> {
-    check(d, |v: &u32| *v > 0, |_| "0 is not allowed here; give a number of at least 1".to_owned()).map(Some)
+    check(
+        d,
+        |v: &u32| *v > 0,
+        |_| "0 is not allowed here; give a number of at least 1".to_owned(),
+    )
+    .map(Some)
 }
 
 fn opt_backoff_factor<'de, D: Deserializer<'de>>(d: D) -> Result<Option<f64>, D::Error> {
-    check(d, |v: &f64| v.is_finite() && *v >= 1.0, |v| {
-        format!("backoff_factor {v} must be at least 1 (1 keeps the delay constant, 2 doubles it)")
-    })
+    check(
+        d,
+        |v: &f64| v.is_finite() && *v >= 1.0,
+        |v| {
+            format!(
+                "backoff_factor {v} must be at least 1 (1 keeps the delay constant, 2 doubles it)"
+            )
+        },
+    )
     .map(Some)
 }
 
 fn opt_percent<'de, D: Deserializer<'de>>(d: D) -> Result<Option<f64>, D::Error> {
-    check(d, |v: &f64| *v > 0.0 && *v <= 100.0, |v| {
-        format!("{v} is not a percentage in (0, 100]")
-    })
+    check(
+        d,
+        |v: &f64| *v > 0.0 && *v <= 100.0,
+        |v| format!("{v} is not a percentage in (0, 100]"),
+    )
     .map(Some)
 }

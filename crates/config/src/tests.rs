@@ -37,7 +37,11 @@ fn resolves_defaults_and_paths() {
     assert_eq!(m.len(), 2);
     let subject = &m[0];
     assert_eq!(subject.name.as_str(), "subject");
-    assert_eq!(subject.model, PathBuf::from("/etc/belljar/models/demo.gguf"), "relative to the config's dir");
+    assert_eq!(
+        subject.model,
+        PathBuf::from("/etc/belljar/models/demo.gguf"),
+        "relative to the config's dir"
+    );
     assert_eq!(subject.ctx, 1024, "from [defaults]");
     assert_eq!(subject.threads, 4, "8 cpus / 2 instances");
     assert_eq!(subject.backoff_max.0, Duration::from_secs(60));
@@ -46,7 +50,11 @@ fn resolves_defaults_and_paths() {
     assert_eq!(god.ram_limit, Some(Size(512 << 20)));
     assert_eq!(god.threads, 3);
     assert_eq!(god.restart, RestartPolicy::Always);
-    assert_eq!(c.mode("matrix", 1).unwrap()[0].threads, 1, "never below one thread");
+    assert_eq!(
+        c.mode("matrix", 1).unwrap()[0].threads,
+        1,
+        "never below one thread"
+    );
 }
 
 #[test]
@@ -57,19 +65,29 @@ fn pressure_defaults_and_floors() {
     let floors = "[pressure]\nwarning_available = \"4G\"\ncritical_available = \"2G\"\nemergency_available = \"1G\"\nrestore_available = \"8G\"\n";
     let c = parse(floors).unwrap();
     assert_eq!(c.pressure.critical, Threshold::Available(Size(2 << 30)));
-    let e = parse("[pressure]\nwarning = 80\nwarning_available = \"1G\"\n").unwrap_err().to_string();
+    let e = parse("[pressure]\nwarning = 80\nwarning_available = \"1G\"\n")
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("either the percent keys"), "{e}");
     let e = parse("[pressure]\nwarning = 96\n").unwrap_err().to_string();
-    assert!(e.contains("restore < warning < critical < emergency"), "{e}");
+    assert!(
+        e.contains("restore < warning < critical < emergency"),
+        "{e}"
+    );
 }
 
 #[test]
 fn unknown_key_suggests_the_nearest() {
     let e = parse("[budget]\nsafty_margin = 0.1\n").unwrap_err();
     let s = e.to_string();
-    assert!(s.starts_with("/etc/belljar/budgets.toml:2:1: unknown field `safty_margin`"), "{s}");
+    assert!(
+        s.starts_with("/etc/belljar/budgets.toml:2:1: unknown field `safty_margin`"),
+        "{s}"
+    );
     assert!(s.contains("did you mean `safety_margin`?"), "{s}");
-    let s = parse("[instances.a]\nmodel = \"m\"\nrestart = \"sometimes\"\n").unwrap_err().to_string();
+    let s = parse("[instances.a]\nmodel = \"m\"\nrestart = \"sometimes\"\n")
+        .unwrap_err()
+        .to_string();
     assert!(s.contains("unknown variant `sometimes`"), "{s}");
     let s = parse("[nonsense]\n").unwrap_err().to_string();
     assert!(!s.contains("did you mean"), "nothing close: {s}");
@@ -78,12 +96,21 @@ fn unknown_key_suggests_the_nearest() {
 #[test]
 fn errors_carry_line_and_column() {
     let e = parse("[budget]\nheadroom = \"8GB\"\n").unwrap_err();
-    let ConfigError::At { line, col, message, .. } = &e else { panic!("{e:?}") };
+    let ConfigError::At {
+        line, col, message, ..
+    } = &e
+    else {
+        panic!("{e:?}")
+    };
     assert_eq!((*line, *col), (2, 12));
     assert!(message.contains("did you mean 8GiB?"), "{message}");
-    let s = parse("[budget]\nsafety_margin = 1.0\n").unwrap_err().to_string();
+    let s = parse("[budget]\nsafety_margin = 1.0\n")
+        .unwrap_err()
+        .to_string();
     assert!(s.contains(":2:") && s.contains("outside [0, 1)"), "{s}");
-    let s = parse("[budget]\nper_instance_max = 0\n").unwrap_err().to_string();
+    let s = parse("[budget]\nper_instance_max = 0\n")
+        .unwrap_err()
+        .to_string();
     assert!(s.contains("outside (0, 1]"), "{s}");
 }
 
@@ -99,20 +126,34 @@ fn swap_max_alone_may_be_zero() {
 #[test]
 fn mode_errors() {
     let base = "[instances.a]\nmodel = \"m.gguf\"\n";
-    let s = parse(&format!("{base}[modes.x]\ninstances = []\n")).unwrap_err().to_string();
+    let s = parse(&format!("{base}[modes.x]\ninstances = []\n"))
+        .unwrap_err()
+        .to_string();
     assert!(s.contains("mode x has no instances"), "{s}");
-    let s = parse(&format!("{base}[modes.x]\ninstances = [\"a\", \"b\"]\n")).unwrap_err().to_string();
-    assert!(s.contains("unknown instance \"b\"") && s.contains(":4:"), "{s}");
-    let s = parse(&format!("{base}[modes.x]\ninstances = [\"a\", \"a\"]\n")).unwrap_err().to_string();
+    let s = parse(&format!("{base}[modes.x]\ninstances = [\"a\", \"b\"]\n"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        s.contains("unknown instance \"b\"") && s.contains(":4:"),
+        "{s}"
+    );
+    let s = parse(&format!("{base}[modes.x]\ninstances = [\"a\", \"a\"]\n"))
+        .unwrap_err()
+        .to_string();
     assert!(s.contains("twice"), "{s}");
     let c = parse(&format!("{base}[modes.x]\ninstances = [\"a\"]\n")).unwrap();
     let s = c.mode("y", 2).unwrap_err().to_string();
-    assert!(s.contains("unknown mode \"y\"; the config defines: x"), "{s}");
+    assert!(
+        s.contains("unknown mode \"y\"; the config defines: x"),
+        "{s}"
+    );
 }
 
 #[test]
 fn instance_names_are_checked() {
-    let s = parse("[instances.\"../../etc\"]\nmodel = \"m\"\n").unwrap_err().to_string();
+    let s = parse("[instances.\"../../etc\"]\nmodel = \"m\"\n")
+        .unwrap_err()
+        .to_string();
     assert!(s.contains("invalid instance name \"../../etc\""), "{s}");
     assert!(s.contains(":1:"), "{s}");
     let s = parse("[instances.a]\n").unwrap_err().to_string();

@@ -29,8 +29,10 @@ pub enum ValueType {
 impl ValueType {
     pub fn from_u32(v: u32) -> Option<ValueType> {
         use ValueType::*;
-        [U8, I8, U16, I16, U32, I32, F32, Bool, String, Array, U64, I64, F64]
-            .get(v as usize)
-            .copied()
+        [
+            U8, I8, U16, I16, U32, I32, F32, Bool, String, Array, U64, I64, F64,
+        ]
+        .get(v as usize)
+        .copied()
     }
 }

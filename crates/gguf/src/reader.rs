@@ -92,7 +92,9 @@ impl<T: Read> R<T> {
     fn count(&mut self, what: &'static str, max: u64) -> Result<u64, ReadError> {
         let n = self.u64(what)?;
         if n > max {
-            return Err(ReadError::Malformed(format!("{what} count {n} exceeds the limit {max}")));
+            return Err(ReadError::Malformed(format!(
+                "{what} count {n} exceeds the limit {max}"
+            )));
         }
         Ok(n)
     }
@@ -131,7 +133,9 @@ impl<T: Read> R<T> {
             ValueType::String => Value::Str(self.string("a string value")?),
             ValueType::Array => {
                 if depth > 0 {
-                    return Err(ReadError::Malformed("nested arrays are not supported".into()));
+                    return Err(ReadError::Malformed(
+                        "nested arrays are not supported".into(),
+                    ));
                 }
                 let elem = self.u32("an array type")?;
                 let n = self.count("array element", MAX_ARRAY)?;
@@ -177,12 +181,25 @@ pub fn read_header<T: Read>(input: T) -> Result<Header, ReadError> {
         let name = r.string("a tensor name")?;
         let n_dims = r.u32("tensor dimensions")?;
         if !(1..=4).contains(&n_dims) {
-            return Err(ReadError::Malformed(format!("tensor {name} has {n_dims} dimensions (1 to 4 allowed)")));
+            return Err(ReadError::Malformed(format!(
+                "tensor {name} has {n_dims} dimensions (1 to 4 allowed)"
+            )));
         }
-        let dims = (0..n_dims).map(|_| r.u64("tensor dimensions")).collect::<Result<Vec<_>, _>>()?;
+        let dims = (0..n_dims)
+            .map(|_| r.u64("tensor dimensions"))
+            .collect::<Result<Vec<_>, _>>()?;
         let ggml_type = r.u32("a tensor type")?;
         let offset = r.u64("a tensor offset")?;
-        tensors.push(TensorInfo { name, dims, ggml_type, offset });
+        tensors.push(TensorInfo {
+            name,
+            dims,
+            ggml_type,
+            offset,
+        });
     }
-    Ok(Header { version, metadata, tensors })
+    Ok(Header {
+        version,
+        metadata,
+        tensors,
+    })
 }

@@ -8,7 +8,17 @@ fn bytes(shape: &ModelShape) -> Vec<u8> {
 }
 
 fn small() -> ModelShape {
-    ModelShape { layers: 1, width: 32, ff: 64, heads: 2, kv_heads: 1, vocab: 300, context_length: 128, f16: false, seed: 7 }
+    ModelShape {
+        layers: 1,
+        width: 32,
+        ff: 64,
+        heads: 2,
+        kv_heads: 1,
+        vocab: 300,
+        context_length: 128,
+        f16: false,
+        seed: 7,
+    }
 }
 
 #[test]
@@ -22,7 +32,17 @@ fn deterministic_per_seed() {
 
 #[test]
 fn header_describes_the_shape() {
-    let shape = ModelShape { layers: 3, width: 64, ff: 96, heads: 4, kv_heads: 2, vocab: 400, context_length: 512, f16: false, seed: 1 };
+    let shape = ModelShape {
+        layers: 3,
+        width: 64,
+        ff: 96,
+        heads: 4,
+        kv_heads: 2,
+        vocab: 400,
+        context_length: 512,
+        f16: false,
+        seed: 1,
+    };
     let data = bytes(&shape);
     let h = read_header(&data[..]).unwrap();
     assert_eq!(h.version, 3);
@@ -35,10 +55,16 @@ fn header_describes_the_shape() {
     assert_eq!(h.get_u64("llama.context_length"), Some(512));
     assert_eq!(h.get_u64("llama.rope.dimension_count"), Some(16));
     assert_eq!(h.get_u64("llama.vocab_size"), Some(400));
-    let Some(Value::Array(tokens)) = h.get("tokenizer.ggml.tokens") else { panic!("no tokens") };
+    let Some(Value::Array(tokens)) = h.get("tokenizer.ggml.tokens") else {
+        panic!("no tokens")
+    };
     assert_eq!(tokens.len(), 400);
     assert_eq!(h.tensors.len(), 3 * 9 + 3);
-    let k = h.tensors.iter().find(|t| t.name == "blk.0.attn_k.weight").unwrap();
+    let k = h
+        .tensors
+        .iter()
+        .find(|t| t.name == "blk.0.attn_k.weight")
+        .unwrap();
     assert_eq!(k.dims, vec![64, 32], "GQA: kv width = kv_heads x head_dim");
     // Offsets are aligned and the file holds all the data.
     assert!(h.tensors.iter().all(|t| t.offset % format::ALIGNMENT == 0));
@@ -49,26 +75,48 @@ fn header_describes_the_shape() {
 #[test]
 fn f16_halves_the_matrices() {
     let f32 = bytes(&small()).len();
-    let f16 = bytes(&ModelShape { f16: true, ..small() }).len();
+    let f16 = bytes(&ModelShape {
+        f16: true,
+        ..small()
+    })
+    .len();
     assert!(f16 < f32 * 6 / 10, "{f16} vs {f32}");
-    let h = read_header(&bytes(&ModelShape { f16: true, ..small() })[..]).unwrap();
+    let h = read_header(
+        &bytes(&ModelShape {
+            f16: true,
+            ..small()
+        })[..],
+    )
+    .unwrap();
     let types: Vec<u32> = h.tensors.iter().map(|t| t.ggml_type).collect();
     assert!(types.contains(&format::GGML_F16) && types.contains(&format::GGML_F32));
 }
 
 #[test]
 fn bad_headers_are_errors() {
-    assert!(matches!(read_header(&b"PK\x03\x04"[..]), Err(ReadError::Magic(_))));
-    assert!(matches!(read_header(&b"GGUF\x09\0\0\0"[..]), Err(ReadError::Version(9))));
+    assert!(matches!(
+        read_header(&b"PK\x03\x04"[..]),
+        Err(ReadError::Magic(_))
+    ));
+    assert!(matches!(
+        read_header(&b"GGUF\x09\0\0\0"[..]),
+        Err(ReadError::Version(9))
+    ));
     let data = bytes(&small());
     for cut in [3, 10, 30, 100, 2000] {
-        assert!(matches!(read_header(&data[..cut]), Err(ReadError::Truncated(_))), "cut at {cut}");
+        assert!(
+            matches!(read_header(&data[..cut]), Err(ReadError::Truncated(_))),
+            "cut at {cut}"
+        );
     }
     // A hostile tensor count is refused before anything is allocated for it.
     let mut hostile = b"GGUF\x03\0\0\0".to_vec();
     hostile.extend(u64::MAX.to_le_bytes());
     hostile.extend(0u64.to_le_bytes());
-    assert!(matches!(read_header(&hostile[..]), Err(ReadError::Malformed(_))));
+    assert!(matches!(
+        read_header(&hostile[..]),
+        Err(ReadError::Malformed(_))
+    ));
 }
 
 proptest! {

@@ -47,9 +47,13 @@ pub const MIN_VOCAB: u32 = 3 + 256;
 pub enum ShapeError {
     #[error("{0} must be at least 1")]
     Zero(&'static str),
-    #[error("width {width} is not divisible by heads {heads}; pick a width that is a multiple of --heads")]
+    #[error(
+        "width {width} is not divisible by heads {heads}; pick a width that is a multiple of --heads"
+    )]
     WidthHeads { width: u32, heads: u32 },
-    #[error("heads {heads} is not divisible by kv-heads {kv_heads}; --kv-heads must divide --heads (GQA groups)")]
+    #[error(
+        "heads {heads} is not divisible by kv-heads {kv_heads}; --kv-heads must divide --heads (GQA groups)"
+    )]
     Gqa { heads: u32, kv_heads: u32 },
     #[error("head dimension {0} (width / heads) must be even for rotary embeddings")]
     OddHeadDim(u32),
@@ -85,10 +89,16 @@ impl ModelShape {
             }
         }
         if self.width % self.heads != 0 {
-            return Err(ShapeError::WidthHeads { width: self.width, heads: self.heads });
+            return Err(ShapeError::WidthHeads {
+                width: self.width,
+                heads: self.heads,
+            });
         }
         if self.heads % self.kv_heads != 0 {
-            return Err(ShapeError::Gqa { heads: self.heads, kv_heads: self.kv_heads });
+            return Err(ShapeError::Gqa {
+                heads: self.heads,
+                kv_heads: self.kv_heads,
+            });
         }
         if self.head_dim() % 2 != 0 {
             return Err(ShapeError::OddHeadDim(self.head_dim()));
@@ -104,9 +114,17 @@ impl ModelShape {
     }
 
     fn tensors(&self) -> Vec<Tensor> {
-        let (w, ff, v) = (u64::from(self.width), u64::from(self.ff), u64::from(self.vocab));
+        let (w, ff, v) = (
+            u64::from(self.width),
+            u64::from(self.ff),
+            u64::from(self.vocab),
+        );
         let kv = u64::from(self.kv_heads * self.head_dim());
-        let t = |name: String, dims: Vec<u64>| Tensor { ones: dims.len() == 1, name, dims };
+        let t = |name: String, dims: Vec<u64>| Tensor {
+            ones: dims.len() == 1,
+            name,
+            dims,
+        };
         let mut out = vec![t("token_embd.weight".into(), vec![w, v])];
         for i in 0..self.layers {
             let b = |s: &str| format!("blk.{i}.{s}.weight");
@@ -129,11 +147,20 @@ impl ModelShape {
 
     /// Norm weights are kept in f32 (as llama.cpp's converters do); matrices use f16 with `f16`.
     fn tensor_type(&self, t: &Tensor) -> u32 {
-        if self.f16 && !t.ones { GGML_F16 } else { GGML_F32 }
+        if self.f16 && !t.ones {
+            GGML_F16
+        } else {
+            GGML_F32
+        }
     }
 
     fn tensor_bytes(&self, t: &Tensor) -> u64 {
-        t.elements() * if self.tensor_type(t) == GGML_F16 { 2 } else { 4 }
+        t.elements()
+            * if self.tensor_type(t) == GGML_F16 {
+                2
+            } else {
+                4
+            }
     }
 
     /// Total parameter count.
@@ -154,7 +181,11 @@ impl ModelShape {
         while tokens.len() < self.vocab as usize {
             let word = bijective_base26(k);
             // Alternate bare pieces and word-initial pieces (SentencePiece's U+2581 marker).
-            tokens.push(if k % 2 == 0 { format!("\u{2581}{word}") } else { word });
+            tokens.push(if k % 2 == 0 {
+                format!("\u{2581}{word}")
+            } else {
+                word
+            });
             k += 1;
         }
         tokens
@@ -162,14 +193,21 @@ impl ModelShape {
 
     /// Writes the model. The output is a pure function of the shape (seed included).
     pub fn write<W: Write>(&self, out: W) -> io::Result<()> {
-        self.check().map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
-        let mut w = Counting { inner: out, written: 0 };
+        self.check()
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
+        let mut w = Counting {
+            inner: out,
+            written: 0,
+        };
         let tensors = self.tensors();
         let tokens = self.tokens();
         let n = tokens.len();
         let kvs: Vec<(&str, Value)> = vec![
             ("general.architecture", Value::Str("llama".into())),
-            ("general.name", Value::Str(format!("belljar-generated-seed{}", self.seed))),
+            (
+                "general.name",
+                Value::Str(format!("belljar-generated-seed{}", self.seed)),
+            ),
             ("general.alignment", Value::U32(ALIGNMENT as u32)),
             ("general.file_type", Value::U32(u32::from(self.f16))),
             ("llama.context_length", Value::U32(self.context_length)),
@@ -184,16 +222,22 @@ impl ModelShape {
             ("llama.vocab_size", Value::U32(self.vocab)),
             ("tokenizer.ggml.model", Value::Str("llama".into())),
             ("tokenizer.ggml.tokens", Value::Strs(tokens)),
-            ("tokenizer.ggml.scores", Value::F32s((0..n).map(|i| -(i as f32)).collect())),
+            (
+                "tokenizer.ggml.scores",
+                Value::F32s((0..n).map(|i| -(i as f32)).collect()),
+            ),
             (
                 "tokenizer.ggml.token_type",
-                Value::I32s((0..n).map(|i| match i {
-                    0 => 2,       // unknown
-                    1 | 2 => 3,   // control
-                    3..=258 => 6, // byte
-                    _ => 1,       // normal
-                })
-                .collect()),
+                Value::I32s(
+                    (0..n)
+                        .map(|i| match i {
+                            0 => 2,       // unknown
+                            1 | 2 => 3,   // control
+                            3..=258 => 6, // byte
+                            _ => 1,       // normal
+                        })
+                        .collect(),
+                ),
             ),
             ("tokenizer.ggml.unknown_token_id", Value::U32(0)),
             ("tokenizer.ggml.bos_token_id", Value::U32(1)),
@@ -360,7 +404,10 @@ mod tests {
         assert_eq!(bijective_base26(1), "a");
         assert_eq!(bijective_base26(26), "z");
         assert_eq!(bijective_base26(27), "aa");
-        let shape = ModelShape { vocab: 5000, ..ModelShape::default() };
+        let shape = ModelShape {
+            vocab: 5000,
+            ..ModelShape::default()
+        };
         let tokens = shape.tokens();
         assert_eq!(tokens.len(), 5000);
         let unique: std::collections::BTreeSet<_> = tokens.iter().collect();
@@ -371,10 +418,42 @@ mod tests {
     #[test]
     fn shape_errors() {
         let bad = |s: ModelShape| s.check().unwrap_err().to_string();
-        assert!(bad(ModelShape { width: 250, ..Default::default() }).contains("not divisible by heads"));
-        assert!(bad(ModelShape { kv_heads: 3, ..Default::default() }).contains("kv-heads must divide"));
-        assert!(bad(ModelShape { vocab: 100, ..Default::default() }).contains("at least 259"));
-        assert!(bad(ModelShape { layers: 0, ..Default::default() }).contains("layers must be at least 1"));
-        assert!(bad(ModelShape { width: 12, heads: 4, kv_heads: 4, ..Default::default() }).contains("even"));
+        assert!(
+            bad(ModelShape {
+                width: 250,
+                ..Default::default()
+            })
+            .contains("not divisible by heads")
+        );
+        assert!(
+            bad(ModelShape {
+                kv_heads: 3,
+                ..Default::default()
+            })
+            .contains("kv-heads must divide")
+        );
+        assert!(
+            bad(ModelShape {
+                vocab: 100,
+                ..Default::default()
+            })
+            .contains("at least 259")
+        );
+        assert!(
+            bad(ModelShape {
+                layers: 0,
+                ..Default::default()
+            })
+            .contains("layers must be at least 1")
+        );
+        assert!(
+            bad(ModelShape {
+                width: 12,
+                heads: 4,
+                kv_heads: 4,
+                ..Default::default()
+            })
+            .contains("even")
+        );
     }
 }

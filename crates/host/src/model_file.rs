@@ -36,7 +36,10 @@ pub fn probe_model_file(path: &Path) -> Result<ModelFile, ModelFileError> {
     let owned = || path.to_path_buf();
     let meta = std::fs::metadata(path).map_err(|e| match e.kind() {
         std::io::ErrorKind::NotFound => ModelFileError::Missing { path: owned() },
-        _ => ModelFileError::Unreadable { path: owned(), source: e },
+        _ => ModelFileError::Unreadable {
+            path: owned(),
+            source: e,
+        },
     })?;
     if meta.is_dir() {
         return Err(ModelFileError::Directory { path: owned() });
@@ -47,7 +50,10 @@ pub fn probe_model_file(path: &Path) -> Result<ModelFile, ModelFileError> {
     let mut magic = Vec::with_capacity(4);
     File::open(path)
         .and_then(|f| f.take(4).read_to_end(&mut magic))
-        .map_err(|source| ModelFileError::Unreadable { path: owned(), source })?;
+        .map_err(|source| ModelFileError::Unreadable {
+            path: owned(),
+            source,
+        })?;
     if magic != GGUF_MAGIC {
         return Err(ModelFileError::NotGguf {
             path: owned(),
@@ -72,11 +78,20 @@ mod tests {
         assert_eq!(probe_model_file(&good).unwrap().size, 12);
         let bad = dir.path().join("bad.gguf");
         std::fs::write(&bad, b"PK\x03\x04").unwrap();
-        assert!(matches!(probe_model_file(&bad), Err(ModelFileError::NotGguf { .. })));
+        assert!(matches!(
+            probe_model_file(&bad),
+            Err(ModelFileError::NotGguf { .. })
+        ));
         let short = dir.path().join("short.gguf");
         std::fs::write(&short, b"GG").unwrap();
-        assert!(matches!(probe_model_file(&short), Err(ModelFileError::NotGguf { .. })));
-        assert!(matches!(probe_model_file(dir.path()), Err(ModelFileError::Directory { .. })));
+        assert!(matches!(
+            probe_model_file(&short),
+            Err(ModelFileError::NotGguf { .. })
+        ));
+        assert!(matches!(
+            probe_model_file(dir.path()),
+            Err(ModelFileError::Directory { .. })
+        ));
         assert!(matches!(
             probe_model_file(&dir.path().join("none")),
             Err(ModelFileError::Missing { .. })

@@ -36,8 +36,14 @@ pub fn run(global: &GlobalArgs, args: &ValidateArgs) -> Result<Exit, CliError> {
         .collect::<Result<Vec<_>, _>>()?;
     let passed = reports.iter().all(|r| r.passed);
     if args.json {
-        let out = JsonOutput { passed, modes: &reports };
-        println!("{}", serde_json::to_string_pretty(&out).map_err(|e| CliError::Refused(e.to_string()))?);
+        let out = JsonOutput {
+            passed,
+            modes: &reports,
+        };
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&out).map_err(|e| CliError::Refused(e.to_string()))?
+        );
     } else {
         let text: Vec<String> = reports.iter().map(ToString::to_string).collect();
         print!("{}", text.join("\n"));
@@ -63,9 +69,18 @@ fn host_memory(args: &ValidateArgs) -> Result<HostMemory, CliError> {
             .map_err(|e| CliError::Refused(format!("cannot read host memory: {e}")))
     };
     let host = match (args.assume_total, args.assume_available) {
-        (Some(t), Some(a)) => HostMemory { total: t.bytes(), available: a.bytes() },
-        (Some(t), None) => HostMemory { total: t.bytes(), available: t.bytes() },
-        (None, Some(a)) => HostMemory { available: a.bytes(), ..real()? },
+        (Some(t), Some(a)) => HostMemory {
+            total: t.bytes(),
+            available: a.bytes(),
+        },
+        (Some(t), None) => HostMemory {
+            total: t.bytes(),
+            available: t.bytes(),
+        },
+        (None, Some(a)) => HostMemory {
+            available: a.bytes(),
+            ..real()?
+        },
         (None, None) => real()?,
     };
     if host.available > host.total {
@@ -87,7 +102,11 @@ fn report(config: &Config, mode: &str, host: HostMemory) -> Result<ValidationRep
             Some(&s) => s,
             None => {
                 let probe = probe_model_file(&spec.model).map_err(|e| {
-                    CliError::Usage(format!("{}: instance {}: {e}", config.path.display(), spec.name))
+                    CliError::Usage(format!(
+                        "{}: instance {}: {e}",
+                        config.path.display(),
+                        spec.name
+                    ))
                 })?;
                 sizes.insert(spec.model.clone(), probe.size);
                 probe.size

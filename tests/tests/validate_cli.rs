@@ -1,0 +1,415 @@
+//! `supervisor validate` as a user runs it: verdicts, the report, the what-if flags, and one
+//! test per kind of bad input (exit 2, a message naming the problem and the fix, no panic).
+
+#![allow(clippy::unwrap_used)] // tests unwrap: a panic is the failure report
+
+use belljar_testkit::{Run, TestDir, run, tiny_shape};
+
+/// A valid config around a generated model; `extra` is appended verbatim.
+fn setup(extra: &str) -> TestDir {
+    let t = TestDir::new();
+    t.model("models/m.gguf", &tiny_shape());
+    t.write(
+        "budgets.toml",
+        &format!(
+            r#"
+[defaults]
+model = "models/m.gguf"
+
+[instances.subject]
+ram_limit = "256MiB"
+
+[instances.observer]
+ram_limit = "256MiB"
+priority = 1
+
+[instances.god]
+ram_limit = "512MiB"
+priority = 2
+
+[modes.matrix]
+instances = ["subject", "observer", "god"]
+{extra}"#
+        ),
+    );
+    t
+}
+
+fn validate(t: &TestDir, args: &[&str]) -> Run {
+    let config = t.join("budgets.toml");
+    let mut all = vec!["validate", "--config", config.to_str().unwrap()];
+    all.extend_from_slice(args);
+    run("supervisor", &all)
+}
+
+fn json(r: &Run) -> serde_json::Value {
+    serde_json::from_str(&r.stdout).unwrap_or_else(|e| panic!("not JSON ({e}):\n{}", r.stdout))
+}
+
+#[test]
+fn fits_on_a_machine_of_16g() {
+    let t = setup("");
+    validate(&t, &["--mode", "matrix", "--assume-total", "16G"])
+        .expect_code(0)
+        .expect_says(&[
+            "PASSED",
+            "subject",
+            "observer",
+            "god",
+            "models/m.gguf",
+            "1.0 GiB",
+        ]);
+}
+
+#[test]
+fn too_big_fails_with_by_how_much_and_what_to_change() {
+    let t = setup("");
+    // 1 GiB machine: usable 870.4 MiB, cap 435.2 MiB, need 1 GiB.
+    validate(&t, &["--mode", "matrix", "--assume-total", "1G"])
+        .expect_code(1)
+        .expect_says(&[
+            "FAILED",
+            "over the usable 870.4 MiB by 153.6 MiB",
+            "instance god requires 512.0 MiB, over the per-instance cap of 435.2 MiB",
+            "lower instances.god.ram_limit from 512.0 MiB to at most 435.2 MiB",
+            "lower instances.subject.ram_limit",
+            "-153.6 MiB",
+        ]);
+}
+
+#[test]
+fn short_of_available_memory_fails_and_says_how_much_to_free() {
+    let t = setup("");
+    validate(
+        &t,
+        &[
+            "--mode",
+            "matrix",
+            "--assume-total",
+            "64G",
+            "--assume-available",
+            "768M",
+        ],
+    )
+    .expect_code(1)
+    .expect_says(&[
+        "only 768.0 MiB is available now: short by 256.0 MiB",
+        "free at least 256.0 MiB",
+    ]);
+}
+
+#[test]
+fn budget_total_replaces_the_machine() {
+    let t = setup("[budget]\ntotal = \"900MiB\"\n");
+    validate(&t, &["--assume-total", "64G"])
+        .expect_code(1)
+        .expect_says(&["[budget] total", "raise [budget] total to at least 1.0 GiB"]);
+}
+
+/// The what-if planner is deterministic: the same verdict for the same machine size, whatever
+/// machine runs it, and the verdict follows usable = total x 0.85, cap = usable / 2.
+#[test]
+fn what_if_verdicts_follow_the_machine_size() {
+    let t = setup("");
+    // god needs 512 MiB <= cap = total x 0.85 / 2  <=>  total >= 1204.7 MiB.
+    for (total, fits) in [
+        ("1G", false),
+        ("1200M", false),
+        ("1210M", true),
+        ("2G", true),
+        ("64G", true),
+        ("1T", true),
+    ] {
+        let text = validate(&t, &["--mode", "matrix", "--assume-total", total]);
+        let again = validate(&t, &["--mode", "matrix", "--assume-total", total, "--json"]);
+        let code = if fits { 0 } else { 1 };
+        text.expect_code(code);
+        again.expect_code(code);
+        let v = json(&again);
+        assert_eq!(v["passed"], fits, "{total}");
+        assert_eq!(
+            v["modes"][0]["host"]["total"], v["modes"][0]["host"]["available"],
+            "{total}: empty machine"
+        );
+    }
+}
+
+#[test]
+fn json_report_has_the_numbers() {
+    let t = setup("");
+    let r = validate(&t, &["--mode", "matrix", "--assume-total", "8G", "--json"]);
+    r.expect_code(0);
+    let v = json(&r);
+    let m = &v["modes"][0];
+    assert_eq!(m["mode"], "matrix");
+    assert_eq!(m["total_required"], 1u64 << 30);
+    assert_eq!(m["usable"], ((8u64 << 30) as f64 * 0.85).floor() as u64);
+    assert_eq!(m["instances"].as_array().unwrap().len(), 3);
+    assert_eq!(m["instances"][2]["name"], "god");
+    assert_eq!(m["instances"][2]["required"], 512u64 << 20);
+    assert_eq!(m["models"].as_array().unwrap().len(), 1);
+    assert!(m["margin"].as_i64().unwrap() > 0);
+}
+
+#[test]
+fn all_modes_are_checked_without_mode() {
+    let t = setup("[modes.single]\ninstances = [\"subject\"]\n");
+    let r = validate(&t, &["--assume-total", "1G", "--json"]);
+    r.expect_code(1);
+    let v = json(&r);
+    let modes: Vec<&str> = v["modes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["mode"].as_str().unwrap())
+        .collect();
+    assert_eq!(modes, ["matrix", "single"]);
+    assert_eq!(v["modes"][1]["passed"], true, "single fits on 1 GiB");
+}
+
+// --- bad input: one test each ---------------------------------------------------------------
+
+/// Asserts that `config` (a complete file, written beside a valid model) is refused with exit 2
+/// and a message containing every needle.
+fn refused(config: &str, needles: &[&str]) {
+    let t = TestDir::new();
+    t.model("models/m.gguf", &tiny_shape());
+    t.write("budgets.toml", config);
+    validate(&t, &["--assume-total", "16G"])
+        .expect_code(2)
+        .expect_says(needles);
+}
+
+const INSTANCE: &str = "[instances.a]\nmodel = \"models/m.gguf\"\n[modes.m]\ninstances = [\"a\"]\n";
+
+#[test]
+fn bad_malformed_toml() {
+    refused(
+        "[budget]\nheadroom = \n",
+        &["budgets.toml:2:12", "string values must be quoted"],
+    );
+}
+
+#[test]
+fn bad_unknown_key_suggests_the_nearest() {
+    refused(
+        &format!("[budget]\nsafety_marign = 0.1\n{INSTANCE}"),
+        &[
+            "budgets.toml:2:1",
+            "unknown field `safety_marign`",
+            "did you mean `safety_margin`?",
+        ],
+    );
+}
+
+#[test]
+fn bad_wrong_type() {
+    refused(&format!("{INSTANCE}[instances.a.x]\n"), &["budgets.toml:"]);
+    refused(
+        "[instances.a]\nmodel = \"models/m.gguf\"\nctx = \"big\"\n",
+        &[
+            "budgets.toml:3:7",
+            "invalid type: string \"big\", expected u32",
+        ],
+    );
+}
+
+#[test]
+fn bad_zero_size() {
+    refused(
+        &format!("[budget]\nheadroom = 0\n{INSTANCE}"),
+        &["budgets.toml:2:12", "a size of zero is not allowed here"],
+    );
+}
+
+#[test]
+fn bad_negative_size() {
+    refused(
+        &format!("[budget]\nmin_required = -5\n{INSTANCE}"),
+        &["budgets.toml:2:16", "sizes cannot be negative"],
+    );
+}
+
+#[test]
+fn bad_unparsable_size() {
+    refused(
+        &format!("[budget]\nheadroom = \"lots\"\n{INSTANCE}"),
+        &["budgets.toml:2:12", "invalid size \"lots\""],
+    );
+}
+
+#[test]
+fn bad_decimal_unit_8gb() {
+    refused(
+        &format!("[budget]\nheadroom = \"8GB\"\n{INSTANCE}"),
+        &[
+            "budgets.toml:2:12",
+            "sizes are base 1024: did you mean 8GiB?",
+        ],
+    );
+}
+
+#[test]
+fn bad_duration() {
+    refused(
+        &format!("[defaults]\nbackoff_max = \"soon\"\n{INSTANCE}"),
+        &["budgets.toml:2:15", "invalid duration \"soon\"", "\"5min\""],
+    );
+}
+
+#[test]
+fn bad_duplicate_instance() {
+    refused(
+        &format!("{INSTANCE}[instances.a]\nmodel = \"models/m.gguf\"\n"),
+        &["budgets.toml:5:", "duplicate"],
+    );
+}
+
+#[test]
+fn bad_instance_name_path_traversal() {
+    refused(
+        "[instances.\"../../etc\"]\nmodel = \"models/m.gguf\"\n",
+        &[
+            "budgets.toml:1:12",
+            "invalid instance name \"../../etc\"",
+            "a-z, 0-9",
+        ],
+    );
+}
+
+#[test]
+fn bad_mode_names_unknown_instance() {
+    refused(
+        &format!("{INSTANCE}[modes.x]\ninstances = [\"a\", \"ghost\"]\n"),
+        &[
+            "budgets.toml:6:19",
+            "unknown instance \"ghost\"",
+            "define [instances.ghost] or use one of: a",
+        ],
+    );
+}
+
+#[test]
+fn bad_empty_mode() {
+    refused(
+        &format!("{INSTANCE}[modes.x]\ninstances = []\n"),
+        &["budgets.toml:5:8", "mode x has no instances"],
+    );
+}
+
+#[test]
+fn bad_unknown_mode_flag() {
+    let t = setup("");
+    validate(&t, &["--mode", "nope"])
+        .expect_code(2)
+        .expect_says(&["unknown mode \"nope\"", "the config defines: matrix"]);
+}
+
+#[test]
+fn bad_model_missing() {
+    refused(
+        "[instances.a]\nmodel = \"models/none.gguf\"\n[modes.m]\ninstances = [\"a\"]\n",
+        &[
+            "instance a",
+            "models/none.gguf does not exist",
+            "worker make-model",
+        ],
+    );
+}
+
+#[test]
+fn bad_model_is_a_directory() {
+    refused(
+        "[instances.a]\nmodel = \"models\"\n[modes.m]\ninstances = [\"a\"]\n",
+        &["is a directory"],
+    );
+}
+
+#[test]
+fn bad_model_not_gguf() {
+    let t = setup("");
+    t.write("models/m.gguf", "this is not a model");
+    validate(&t, &["--assume-total", "16G"])
+        .expect_code(2)
+        .expect_says(&["not a GGUF file", "\"this\""]);
+}
+
+/// Root reads any file, so the unreadable case runs the supervisor as `nobody` when we are root.
+#[test]
+fn bad_model_unreadable() {
+    use std::os::unix::fs::PermissionsExt;
+    let t = setup("");
+    let perm = |p: &std::path::Path, mode| {
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).unwrap()
+    };
+    perm(t.path(), 0o755);
+    perm(&t.join("models"), 0o755);
+    perm(&t.join("budgets.toml"), 0o644);
+    perm(&t.join("models/m.gguf"), 0o000);
+    let supervisor = belljar_testkit::bin("supervisor");
+    let config = t.join("budgets.toml");
+    let is_root = std::fs::metadata("/proc/self")
+        .map(|m| std::os::unix::fs::MetadataExt::uid(&m) == 0)
+        .unwrap_or(false);
+    let mut cmd = if is_root {
+        let mut c = std::process::Command::new("setpriv");
+        c.args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+            .arg(&supervisor);
+        c
+    } else {
+        std::process::Command::new(&supervisor)
+    };
+    cmd.args(["validate", "--assume-total", "16G", "--config"])
+        .arg(&config);
+    belljar_testkit::run_cmd(&mut cmd)
+        .expect_code(2)
+        .expect_says(&["cannot be read", "Permission denied", "fix its permissions"]);
+}
+
+#[test]
+fn bad_safety_margin() {
+    refused(
+        &format!("[budget]\nsafety_margin = 1.0\n{INSTANCE}"),
+        &["budgets.toml:2:17", "outside [0, 1)"],
+    );
+    refused(
+        &format!("[budget]\nsafety_margin = -0.1\n{INSTANCE}"),
+        &["outside [0, 1)"],
+    );
+}
+
+#[test]
+fn bad_per_instance_max() {
+    refused(
+        &format!("[budget]\nper_instance_max = 0\n{INSTANCE}"),
+        &["budgets.toml:2:20", "outside (0, 1]"],
+    );
+    refused(
+        &format!("[budget]\nper_instance_max = 1.5\n{INSTANCE}"),
+        &["outside (0, 1]"],
+    );
+}
+
+#[test]
+fn bad_config_path() {
+    run(
+        "supervisor",
+        &["validate", "--config", "/nonexistent/budgets.toml"],
+    )
+    .expect_code(2)
+    .expect_says(&[
+        "cannot read config /nonexistent/budgets.toml",
+        "--config PATH",
+    ]);
+}
+
+#[test]
+fn bad_cli_size() {
+    let t = setup("");
+    validate(&t, &["--assume-total", "8GB"])
+        .expect_code(2)
+        .expect_says(&["did you mean 8GiB?"]);
+    validate(&t, &["--assume-total", "1G", "--assume-available", "2G"])
+        .expect_code(2)
+        .expect_says(&["larger than the total memory"]);
+}
