@@ -10,5 +10,9 @@ pub const USAGE: u8 = 64;
 pub const BAD_MODEL: u8 = 65;
 /// Permanent: the file is GGUF but llama.cpp cannot load it (unsupported architecture...).
 pub const UNSUPPORTED_MODEL: u8 = 69;
+/// Temporary: the pre-load memory check refused (retry when memory is free).
+pub const TEMPORARY: u8 = 75;
+/// Permanent: the supervisor speaks another protocol version (or no protocol at all).
+pub const PROTOCOL: u8 = 76;
 /// I/O error writing an output file (make-model).
 pub const IO_ERROR: u8 = 74;

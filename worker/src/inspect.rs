@@ -27,17 +27,11 @@ pub struct InspectArgs {
     pub json: bool,
 }
 
-pub fn run(args: &InspectArgs) -> Result<(), (u8, String)> {
+pub fn run(args: &InspectArgs, backend: &LlamaBackend) -> Result<(), (u8, String)> {
     let file = probe_model_file(&args.model).map_err(|e| (exit::BAD_MODEL, e.to_string()))?;
-    let backend = LlamaBackend::init().map_err(|e| {
-        (
-            exit::UNSUPPORTED_MODEL,
-            format!("cannot start llama.cpp: {e}"),
-        )
-    })?;
     let params = LlamaModelParams::default().with_use_mmap(!args.no_mmap);
     let started = Instant::now();
-    let model = LlamaModel::load_from_file(&backend, &file.path, &params).map_err(|e| {
+    let model = LlamaModel::load_from_file(backend, &file.path, &params).map_err(|e| {
         (
             exit::UNSUPPORTED_MODEL,
             format!(

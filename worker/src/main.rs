@@ -1,9 +1,13 @@
 //! `worker`: hosts one GGUF model with llama.cpp for the belljar supervisor, and the tools
 //! around it (`make-model`, `inspect`).
 
+mod engine;
 mod exit;
 mod inspect;
+mod link;
 mod make_model;
+mod serve;
+mod session;
 
 use std::process::ExitCode;
 
@@ -14,7 +18,7 @@ use clap::{Parser, Subcommand};
     name = "worker",
     version,
     about = "belljar's model host: one GGUF model per process, started by the supervisor",
-    after_help = "Examples:\n  worker make-model models/demo.gguf\n  worker inspect models/demo.gguf"
+    after_help = "Examples:\n  worker make-model models/demo.gguf\n  worker inspect models/demo.gguf\n  worker serve --help"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -23,6 +27,7 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    Serve(serve::ServeArgs),
     MakeModel(make_model::MakeModelArgs),
     Inspect(inspect::InspectArgs),
 }
@@ -41,8 +46,9 @@ fn main() -> ExitCode {
     };
     init_logging();
     let result = match &cli.command {
+        Command::Serve(args) => backend().and_then(|b| serve::run(args, &b)),
         Command::MakeModel(args) => make_model::run(args),
-        Command::Inspect(args) => inspect::run(args),
+        Command::Inspect(args) => backend().and_then(|b| inspect::run(args, &b)),
     };
     match result {
         Ok(()) => ExitCode::from(exit::OK),
@@ -51,6 +57,16 @@ fn main() -> ExitCode {
             ExitCode::from(code)
         }
     }
+}
+
+/// The process's one llama.cpp backend.
+fn backend() -> Result<llama_cpp_2::llama_backend::LlamaBackend, serve::Failure> {
+    llama_cpp_2::llama_backend::LlamaBackend::init().map_err(|e| {
+        (
+            exit::UNSUPPORTED_MODEL,
+            format!("cannot initialise llama.cpp: {e}"),
+        )
+    })
 }
 
 /// Everything (llama.cpp's own logs included) goes through `tracing` to stderr, filtered by

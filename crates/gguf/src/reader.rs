@@ -51,9 +51,42 @@ pub struct Header {
     pub version: u32,
     pub metadata: Vec<(String, Value)>,
     pub tensors: Vec<TensorInfo>,
+    /// Bytes from the start of the file to the end of the tensor infos.
+    pub header_len: u64,
+}
+
+impl TensorInfo {
+    pub fn elements(&self) -> u64 {
+        self.dims.iter().fold(1u64, |a, d| a.saturating_mul(*d))
+    }
+
+    /// Bytes of this tensor's data, when its type's layout is known.
+    pub fn bytes(&self) -> Option<u64> {
+        let (block, size) = crate::format::type_block(self.ggml_type)?;
+        Some((self.elements() / block).saturating_mul(size))
+    }
 }
 
 impl Header {
+    /// Where tensor data starts: the header, padded to `general.alignment`.
+    pub fn data_offset(&self) -> u64 {
+        let align = self
+            .get_u64("general.alignment")
+            .filter(|a| *a > 0)
+            .unwrap_or(crate::format::ALIGNMENT);
+        self.header_len.div_ceil(align).saturating_mul(align)
+    }
+
+    /// The file size the tensor infos claim, when every tensor type's layout is known. A file
+    /// shorter than this is truncated.
+    pub fn expected_file_size(&self) -> Option<u64> {
+        let mut end = 0u64;
+        for t in &self.tensors {
+            end = end.max(t.offset.saturating_add(t.bytes()?));
+        }
+        Some(self.data_offset().saturating_add(end))
+    }
+
     pub fn get(&self, key: &str) -> Option<&Value> {
         self.metadata.iter().find(|(k, _)| k == key).map(|(_, v)| v)
     }
@@ -75,12 +108,14 @@ impl Header {
 
 struct R<T> {
     inner: T,
+    pos: u64,
 }
 
 impl<T: Read> R<T> {
     fn bytes<const N: usize>(&mut self, what: &'static str) -> Result<[u8; N], ReadError> {
         let mut b = [0u8; N];
         self.inner.read_exact(&mut b).map_err(|e| eof(e, what))?;
+        self.pos += N as u64;
         Ok(b)
     }
     fn u32(&mut self, what: &'static str) -> Result<u32, ReadError> {
@@ -108,6 +143,7 @@ impl<T: Read> R<T> {
         if buf.len() as u64 != len {
             return Err(ReadError::Truncated(what));
         }
+        self.pos += len;
         String::from_utf8(buf).map_err(|_| ReadError::Malformed(format!("{what} is not UTF-8")))
     }
     fn value(&mut self, ty: u32, depth: u32) -> Result<Value, ReadError> {
@@ -159,7 +195,10 @@ fn eof(e: io::Error, what: &'static str) -> ReadError {
 
 /// Reads the header (metadata and tensor infos) from the start of a GGUF stream.
 pub fn read_header<T: Read>(input: T) -> Result<Header, ReadError> {
-    let mut r = R { inner: input };
+    let mut r = R {
+        inner: input,
+        pos: 0,
+    };
     let magic = r.bytes::<4>("the magic")?;
     if &magic != MAGIC {
         return Err(ReadError::Magic(magic));
@@ -201,5 +240,6 @@ pub fn read_header<T: Read>(input: T) -> Result<Header, ReadError> {
         version,
         metadata,
         tensors,
+        header_len: r.pos,
     })
 }

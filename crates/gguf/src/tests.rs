@@ -70,6 +70,11 @@ fn header_describes_the_shape() {
     assert!(h.tensors.iter().all(|t| t.offset % format::ALIGNMENT == 0));
     assert!(data.len() as u64 >= shape.weight_bytes());
     assert!(data.len() as u64 <= shape.weight_bytes() + 64 * 1024);
+    assert_eq!(
+        h.expected_file_size(),
+        Some(data.len() as u64),
+        "the infos account for every byte"
+    );
 }
 
 #[test]

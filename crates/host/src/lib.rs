@@ -3,9 +3,11 @@
 
 pub mod meminfo;
 pub mod model_file;
+pub mod process;
 
 pub use meminfo::{MemInfoError, ProcRoot, read_host_memory};
 pub use model_file::{ModelFile, ModelFileError, probe_model_file};
+pub use process::{ProcessReadError, read_rss};
 
 /// The number of CPUs this process may run on (cgroup cpusets and affinity included), at least 1.
 pub fn cpu_count() -> u32 {

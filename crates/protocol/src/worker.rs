@@ -1,0 +1,184 @@
+//! Messages on the worker link: one socketpair per worker, so a worker can only ever speak for
+//! itself. Every message is an enum variant carrying a struct, tagged by `"type"` in JSON.
+//!
+//! Handshake: the worker sends [`Hello`]; the supervisor answers [`Welcome`] with its protocol
+//! version (a mismatch makes the worker send [`Failed`] and exit with its protocol code). Then
+//! the worker sends [`Loading`] while it loads, and [`Ready`] or [`Refused`] / [`Failed`].
+
+use serde::{Deserialize, Serialize};
+
+/// Worker -> supervisor.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type")]
+pub enum WorkerMsg {
+    Hello(Hello),
+    Refused(Refused),
+    Failed(Failed),
+    Loading(Loading),
+    Ready(Ready),
+    Heartbeat(Heartbeat),
+    Token(Token),
+    Done(Done),
+    Error(ErrorReply),
+}
+
+/// Supervisor -> worker.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type")]
+pub enum SupervisorMsg {
+    Welcome(Welcome),
+    Prompt(Prompt),
+    Shutdown(Shutdown),
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Hello {
+    pub protocol_version: u32,
+    pub instance: String,
+    pub pid: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Welcome {
+    pub protocol_version: u32,
+}
+
+/// The pre-load check refused: nothing was loaded; retry when memory is free.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Refused {
+    pub reason: String,
+    pub available: u64,
+    pub required: u64,
+    pub headroom: u64,
+}
+
+/// The worker cannot go on (bad model, bad arguments, protocol mismatch). `permanent` means
+/// retrying cannot help; `exit_code` is the code the worker is about to exit with.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Failed {
+    pub reason: String,
+    pub permanent: bool,
+    pub exit_code: u8,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Loading {
+    /// 0.0 ..= 1.0 over model load and session restore together.
+    pub fraction: f32,
+}
+
+/// Where the session came from at start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RestoredFrom {
+    /// The saved context state was valid: no re-prefill.
+    State,
+    /// The state file was missing, corrupt or for another model/ctx: re-prefilled from the log.
+    Log,
+    /// No previous conversation.
+    New,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SessionInfo {
+    /// Turns (prompt + reply) in the conversation so far.
+    pub turns: u64,
+    /// Tokens in the context now.
+    pub tokens: u64,
+    pub restored_from: RestoredFrom,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Ready {
+    pub load_ms: u64,
+    pub rss: u64,
+    /// Bytes of model weights as llama.cpp reports them.
+    pub model_bytes: u64,
+    pub ctx: u32,
+    pub session: SessionInfo,
+    /// Size of the context's state (KV cache in use and outputs) as llama.cpp reports it.
+    pub state_bytes: u64,
+}
+
+/// What the worker is doing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum WorkerState {
+    Loading,
+    Ready,
+    Busy,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Heartbeat {
+    pub rss: u64,
+    pub state: WorkerState,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Prompt {
+    pub id: u64,
+    pub text: String,
+    pub max_tokens: u32,
+    #[serde(default)]
+    pub ignore_eos: bool,
+}
+
+/// One generated token. `text` is decoded incrementally as UTF-8: empty while a multi-byte
+/// character is incomplete; invalid bytes come out as U+FFFD.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Token {
+    pub id: u64,
+    pub text: String,
+}
+
+/// The request is complete and the session holding it is durable on disk.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Done {
+    pub id: u64,
+    pub tokens: u32,
+    pub ms: u64,
+}
+
+/// A request or frame the worker could not serve; it keeps serving.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorReply {
+    /// The request it answers, when known.
+    pub id: Option<u64>,
+    pub message: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Shutdown {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tagged_json() {
+        let m = WorkerMsg::Hello(Hello {
+            protocol_version: 1,
+            instance: "a".into(),
+            pid: 7,
+        });
+        let s = serde_json::to_string(&m).unwrap();
+        assert_eq!(
+            s,
+            r#"{"type":"Hello","protocol_version":1,"instance":"a","pid":7}"#
+        );
+        assert_eq!(serde_json::from_str::<WorkerMsg>(&s).unwrap(), m);
+        let p: SupervisorMsg =
+            serde_json::from_str(r#"{"type":"Prompt","id":1,"text":"hi","max_tokens":4}"#).unwrap();
+        assert!(matches!(
+            p,
+            SupervisorMsg::Prompt(Prompt {
+                ignore_eos: false,
+                ..
+            })
+        ));
+        assert!(serde_json::from_str::<SupervisorMsg>(r#"{"type":"Nope"}"#).is_err());
+        let s = serde_json::to_string(&RestoredFrom::State).unwrap();
+        assert_eq!(s, r#""state""#);
+    }
+}

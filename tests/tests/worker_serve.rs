@@ -1,0 +1,473 @@
+//! The real worker on a real Unix socket, with the test playing the supervisor: handshake,
+//! loading, heartbeats, streaming, and the persistent session across SIGKILL.
+
+#![allow(clippy::unwrap_used)] // tests unwrap: a panic is the failure report
+
+use std::os::unix::process::ExitStatusExt;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use belljar_protocol::worker::{
+    Prompt, Ready, RestoredFrom, Shutdown, SupervisorMsg, Welcome, WorkerMsg,
+};
+use belljar_testkit::link::WorkerLink;
+use belljar_testkit::{ModelShape, TestDir, tiny_shape};
+
+/// Loads until Ready; asserts Loading fractions never go backwards and end at 1.0.
+fn until_ready(w: &WorkerLink) -> Ready {
+    let mut last = 0.0f32;
+    let mut loadings = 0;
+    loop {
+        match w.recv_skip_heartbeats() {
+            Some(WorkerMsg::Loading(l)) => {
+                assert!(
+                    l.fraction >= last,
+                    "progress went backwards: {} after {last}",
+                    l.fraction
+                );
+                last = l.fraction;
+                loadings += 1;
+            }
+            Some(WorkerMsg::Ready(r)) => {
+                assert!(loadings >= 1, "no Loading before Ready");
+                assert_eq!(last, 1.0, "loading ends at 1.0");
+                return r;
+            }
+            other => panic!(
+                "expected Loading/Ready, got {other:?}; stderr:\n{}",
+                w.stderr()
+            ),
+        }
+    }
+}
+
+fn prompt(w: &mut WorkerLink, id: u64, text: &str, max_tokens: u32) -> (usize, u32) {
+    w.send(&SupervisorMsg::Prompt(Prompt {
+        id,
+        text: text.into(),
+        max_tokens,
+        ignore_eos: true,
+    }));
+    let mut tokens = 0;
+    loop {
+        match w.recv_skip_heartbeats() {
+            Some(WorkerMsg::Token(t)) => {
+                assert_eq!(t.id, id);
+                tokens += 1;
+            }
+            Some(WorkerMsg::Done(d)) => {
+                assert_eq!(d.id, id);
+                return (tokens, d.tokens);
+            }
+            other => panic!(
+                "expected Token/Done, got {other:?}; stderr:\n{}",
+                w.stderr()
+            ),
+        }
+    }
+}
+
+/// Tokens in the context according to the session log (the documented JSON-lines format).
+fn log_tokens(state: &Path) -> (u64, u64) {
+    let log = std::fs::read_to_string(state.join("session.log")).unwrap_or_default();
+    let turns: Vec<serde_json::Value> = log
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let tokens = turns
+        .iter()
+        .map(|t| t["tokens"].as_array().unwrap().len() as u64)
+        .sum();
+    (turns.len() as u64, tokens)
+}
+
+fn start(t: &TestDir, model: &Path, extra: &[&str]) -> WorkerLink {
+    WorkerLink::start(t.path(), "subject", model, &t.join("state"), extra)
+}
+
+#[test]
+fn hello_loading_ready_heartbeats_stream_and_survive_sigkill() {
+    let t = TestDir::new();
+    let model = t.model("m.gguf", &tiny_shape());
+    let mut w = start(
+        &t,
+        &model,
+        &["--heartbeat-interval", "100ms", "--ctx", "512"],
+    );
+    let pid = w.handshake();
+    assert_eq!(pid, w.child.id(), "Hello carries the worker's own pid");
+    let ready = until_ready(&w);
+    assert_eq!(ready.session.restored_from, RestoredFrom::New);
+    assert_eq!(ready.session.turns, 0);
+    assert_eq!(ready.ctx, 512);
+    assert!(ready.rss > 0 && ready.model_bytes > 0);
+    // Heartbeats keep coming while idle.
+    for _ in 0..2 {
+        assert!(matches!(w.recv(), Some(WorkerMsg::Heartbeat(_))));
+    }
+
+    let (streamed, done) = prompt(&mut w, 1, "hello there", 16);
+    assert_eq!((streamed, done), (16, 16), "one Token per generated token");
+    let (turns, tokens) = log_tokens(&t.join("state"));
+    assert_eq!(turns, 1);
+
+    w.child.kill().unwrap();
+    assert_eq!(w.wait().signal(), Some(9));
+    drop(w);
+
+    let mut w = start(
+        &t,
+        &model,
+        &["--heartbeat-interval", "100ms", "--ctx", "512"],
+    );
+    w.handshake();
+    let ready = until_ready(&w);
+    assert_eq!(
+        ready.session.restored_from,
+        RestoredFrom::State,
+        "no re-prefill: stderr:\n{}",
+        w.stderr()
+    );
+    assert_eq!((ready.session.turns, ready.session.tokens), (turns, tokens));
+    // The conversation goes on in the same context.
+    assert_eq!(prompt(&mut w, 2, "and then?", 4), (4, 4));
+    assert_eq!(log_tokens(&t.join("state")).0, 2);
+    w.send(&SupervisorMsg::Shutdown(Shutdown {}));
+    assert_eq!(w.wait().code(), Some(0), "clean shutdown");
+}
+
+/// Runs one prompt, kills the worker, applies `damage` to the state dir, restarts with
+/// `model_after`; returns the second Ready and the log's (turns, tokens).
+fn restart_after(damage: impl FnOnce(&Path), model_after: Option<&Path>) -> (Ready, (u64, u64)) {
+    let t = TestDir::new();
+    let model = t.model("m.gguf", &tiny_shape());
+    let mut w = start(&t, &model, &[]);
+    w.handshake();
+    until_ready(&w);
+    prompt(&mut w, 1, "first turn", 8);
+    prompt(&mut w, 2, "second turn", 8);
+    w.child.kill().unwrap();
+    w.wait();
+    drop(w);
+    damage(&t.join("state"));
+    let mut w = start(&t, model_after.unwrap_or(&model), &[]);
+    w.handshake();
+    let ready = until_ready(&w);
+    (ready, log_tokens(&t.join("state")))
+}
+
+#[test]
+fn corrupt_state_file_is_rebuilt_from_the_log() {
+    let (ready, (turns, tokens)) = restart_after(
+        |state| {
+            let path = state.join("session.state");
+            let mut bytes = std::fs::read(&path).unwrap();
+            let n = bytes.len();
+            bytes[n - 10] ^= 0x5a;
+            std::fs::write(&path, bytes).unwrap();
+        },
+        None,
+    );
+    assert_eq!(ready.session.restored_from, RestoredFrom::Log);
+    assert_eq!((ready.session.turns, ready.session.tokens), (turns, tokens));
+    assert_eq!(turns, 2);
+}
+
+#[test]
+fn missing_state_file_is_rebuilt_from_the_log() {
+    let (ready, (turns, _)) = restart_after(
+        |state| std::fs::remove_file(state.join("session.state")).unwrap(),
+        None,
+    );
+    assert_eq!(ready.session.restored_from, RestoredFrom::Log);
+    assert_eq!(ready.session.turns, turns);
+}
+
+#[test]
+fn state_file_of_another_model_is_not_used() {
+    let t = TestDir::new();
+    let other = t.model(
+        "other.gguf",
+        &ModelShape {
+            seed: 99,
+            ..tiny_shape()
+        },
+    );
+    let (ready, (turns, tokens)) = restart_after(|_| {}, Some(&other));
+    assert_eq!(
+        ready.session.restored_from,
+        RestoredFrom::Log,
+        "another model's KV state must not be loaded"
+    );
+    assert_eq!((ready.session.turns, ready.session.tokens), (turns, tokens));
+}
+
+#[test]
+fn heartbeats_keep_coming_during_a_long_decode() {
+    let t = TestDir::new();
+    // Big enough that prefilling a long prompt takes well over a second on 2 cores.
+    let shape = ModelShape {
+        layers: 4,
+        width: 512,
+        ff: 1536,
+        heads: 8,
+        kv_heads: 8,
+        vocab: 1024,
+        context_length: 4096,
+        f16: false,
+        seed: 3,
+    };
+    let model = t.model("m.gguf", &shape);
+    let mut w = start(
+        &t,
+        &model,
+        &[
+            "--heartbeat-interval",
+            "100ms",
+            "--ctx",
+            "4096",
+            "--threads",
+            "1",
+        ],
+    );
+    w.handshake();
+    until_ready(&w);
+    let text = "the quick brown fox jumps over the lazy dog ".repeat(60);
+    let sent = Instant::now();
+    w.send(&SupervisorMsg::Prompt(Prompt {
+        id: 7,
+        text,
+        max_tokens: 1,
+        ignore_eos: true,
+    }));
+    let mut beats = Vec::new();
+    let first_token = loop {
+        match w.recv() {
+            Some(WorkerMsg::Heartbeat(h)) => beats.push((Instant::now(), h.state)),
+            Some(WorkerMsg::Token(_)) => break Instant::now(),
+            other => panic!("unexpected {other:?}"),
+        }
+    };
+    let decode = first_token - sent;
+    assert!(
+        decode > Duration::from_secs(1),
+        "the decode took only {decode:?}: make the prompt longer"
+    );
+    // ~10 per second at 100 ms; allow a loaded machine half of that.
+    let expected = decode.as_millis() as usize / 100;
+    assert!(
+        beats.len() * 2 >= expected,
+        "{} heartbeats during a {decode:?} decode",
+        beats.len()
+    );
+    assert!(
+        beats
+            .iter()
+            .any(|(_, s)| *s == belljar_protocol::worker::WorkerState::Busy)
+    );
+    let gaps = beats
+        .windows(2)
+        .map(|w| w[1].0 - w[0].0)
+        .max()
+        .unwrap_or_default();
+    assert!(
+        gaps < Duration::from_millis(600),
+        "a {gaps:?} gap between heartbeats"
+    );
+}
+
+#[test]
+fn bad_frames_get_an_error_and_the_worker_keeps_serving() {
+    let t = TestDir::new();
+    let model = t.model("m.gguf", &tiny_shape());
+    let mut w = start(&t, &model, &[]);
+    w.handshake();
+    until_ready(&w);
+    // Malformed JSON in a well-formed frame.
+    w.send_raw(&[0, 0, 0, 5, b'{', b'n', b'o', b'p', b'e']);
+    assert!(
+        matches!(w.recv_skip_heartbeats(), Some(WorkerMsg::Error(e)) if e.message.contains("malformed"))
+    );
+    // An oversized frame (2 MiB > 1 MiB limit).
+    let mut big = (2u32 << 20).to_be_bytes().to_vec();
+    big.extend(vec![b' '; 2 << 20]);
+    w.send_raw(&big);
+    assert!(
+        matches!(w.recv_skip_heartbeats(), Some(WorkerMsg::Error(e)) if e.message.contains("exceeds the maximum"))
+    );
+    // A prompt longer than the context.
+    w.send(&SupervisorMsg::Prompt(Prompt {
+        id: 3,
+        text: "x".into(),
+        max_tokens: 100_000,
+        ignore_eos: true,
+    }));
+    assert!(
+        matches!(w.recv_skip_heartbeats(), Some(WorkerMsg::Error(e)) if e.id == Some(3) && e.message.contains("exceeds ctx"))
+    );
+    assert_eq!(prompt(&mut w, 4, "still there?", 3), (3, 3));
+}
+
+#[test]
+fn context_full_compacts_instead_of_failing() {
+    let t = TestDir::new();
+    let model = t.model("m.gguf", &tiny_shape());
+    let mut w = start(&t, &model, &["--ctx", "64"]);
+    w.handshake();
+    let ctx = u64::from(until_ready(&w).ctx); // llama.cpp may round the context up
+    let mut id = 0;
+    while log_tokens(&t.join("state")).1 < 2 * ctx {
+        assert_eq!(
+            prompt(&mut w, id, "tell me more", 16),
+            (16, 16),
+            "turn {id}"
+        );
+        id += 1;
+    }
+    let (turns, _) = log_tokens(&t.join("state"));
+    assert_eq!(turns, id, "every turn is in the log");
+    w.child.kill().unwrap();
+    w.wait();
+    drop(w);
+    let mut w = start(&t, &model, &["--ctx", "64"]);
+    w.handshake();
+    let ready = until_ready(&w);
+    assert_eq!(ready.session.restored_from, RestoredFrom::State);
+    assert_eq!(ready.session.turns, turns);
+    assert!(
+        ready.session.tokens <= ctx,
+        "the context holds only what fits"
+    );
+    assert!(ready.session.tokens >= 19, "the newest turn is kept");
+}
+
+#[test]
+fn supervisor_gone_means_the_worker_exits() {
+    let t = TestDir::new();
+    let model = t.model("m.gguf", &tiny_shape());
+    let mut w = start(&t, &model, &[]);
+    w.handshake();
+    until_ready(&w);
+    w.stream.shutdown(std::net::Shutdown::Both).unwrap();
+    assert_eq!(w.wait().code(), Some(0));
+}
+
+// --- refusals and bad input: the message over the socket and the exit code class ---------------
+
+/// Starts a worker that is expected to fail after the handshake; returns (Failed/Refused, code).
+fn failing(model: &Path, extra: &[&str], welcome_version: Option<u32>) -> (WorkerMsg, i32) {
+    let t = TestDir::new();
+    let mut w = start(&t, model, extra);
+    match welcome_version {
+        Some(v) => {
+            assert!(matches!(w.recv(), Some(WorkerMsg::Hello(_))));
+            w.send(&SupervisorMsg::Welcome(Welcome {
+                protocol_version: v,
+            }));
+        }
+        None => {
+            w.handshake();
+        }
+    }
+    let msg = loop {
+        match w.recv() {
+            Some(m @ (WorkerMsg::Failed(_) | WorkerMsg::Refused(_))) => break m,
+            Some(WorkerMsg::Heartbeat(_) | WorkerMsg::Loading(_)) => {}
+            other => panic!(
+                "expected Failed/Refused, got {other:?}; stderr:\n{}",
+                w.stderr()
+            ),
+        }
+    };
+    let code = w.wait().code().expect("exited, not killed");
+    assert!(!w.stderr().contains("panicked"), "{}", w.stderr());
+    (msg, code)
+}
+
+#[track_caller]
+fn expect_failed(m: &WorkerMsg, code: i32, expected_code: i32, needle: &str) {
+    let WorkerMsg::Failed(f) = m else {
+        panic!("expected Failed, got {m:?}")
+    };
+    assert_eq!(code, expected_code, "{f:?}");
+    assert_eq!(i32::from(f.exit_code), expected_code);
+    assert!(f.permanent, "retrying cannot help: {f:?}");
+    assert!(
+        f.reason.contains(needle),
+        "{:?} should mention {needle:?}",
+        f.reason
+    );
+}
+
+#[test]
+fn bad_model_missing() {
+    let t = TestDir::new();
+    let (m, code) = failing(&t.join("none.gguf"), &[], None);
+    expect_failed(&m, code, 65, "does not exist");
+}
+
+#[test]
+fn bad_model_not_gguf() {
+    let t = TestDir::new();
+    let junk = t.write("junk.gguf", "definitely not a model");
+    let (m, code) = failing(&junk, &[], None);
+    expect_failed(&m, code, 65, "not a GGUF file");
+}
+
+#[test]
+fn bad_model_truncated() {
+    let t = TestDir::new();
+    let model = t.model("m.gguf", &tiny_shape());
+    let bytes = std::fs::read(&model).unwrap();
+    std::fs::write(&model, &bytes[..bytes.len() * 2 / 3]).unwrap();
+    let (m, code) = failing(&model, &[], None);
+    expect_failed(&m, code, 65, "truncated");
+}
+
+#[test]
+fn bad_model_unsupported_architecture() {
+    let t = TestDir::new();
+    let model = t.model("m.gguf", &tiny_shape());
+    let mut bytes = std::fs::read(&model).unwrap();
+    // general.architecture = "llama" -> "llamz": same length, unknown to llama.cpp.
+    let at = bytes.windows(5).position(|w| w == b"llama").unwrap();
+    let at = at
+        + bytes[at + 5..]
+            .windows(5)
+            .position(|w| w == b"llama")
+            .unwrap()
+        + 5;
+    bytes[at + 4] = b'z';
+    std::fs::write(&model, bytes).unwrap();
+    let (m, code) = failing(&model, &[], None);
+    expect_failed(&m, code, 69, "cannot load");
+}
+
+#[test]
+fn bad_ctx_zero() {
+    let t = TestDir::new();
+    let model = t.model("m.gguf", &tiny_shape());
+    let (m, code) = failing(&model, &["--ctx", "0"], None);
+    expect_failed(&m, code, 64, "ctx 0");
+}
+
+#[test]
+fn protocol_mismatch_is_permanent() {
+    let t = TestDir::new();
+    let model = t.model("m.gguf", &tiny_shape());
+    let (m, code) = failing(&model, &[], Some(999));
+    expect_failed(&m, code, 76, "protocol mismatch");
+}
+
+#[test]
+fn precheck_refusal_is_temporary_and_loads_nothing() {
+    let t = TestDir::new();
+    let model = t.model("m.gguf", &tiny_shape());
+    let (m, code) = failing(&model, &["--required", "1T"], None);
+    let WorkerMsg::Refused(r) = m else {
+        panic!("expected Refused, got {m:?}")
+    };
+    assert_eq!(code, 75);
+    assert_eq!(r.required, 1 << 40);
+    assert!(r.reason.contains("short by"), "{}", r.reason);
+}

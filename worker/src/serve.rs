@@ -1,0 +1,433 @@
+//! `worker serve`: the model host. Handshake, layer-3 pre-load check, model load with progress,
+//! session restore, then one request at a time until Shutdown or until the supervisor goes away.
+//! Heartbeats come from their own thread so they never stall behind a long decode.
+
+use std::collections::VecDeque;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, TryRecvError};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use belljar_budget::{HumanDuration, InstanceName, Size, precheck};
+use belljar_host::{ProcRoot, probe_model_file, read_host_memory, read_rss};
+use belljar_protocol::PROTOCOL_VERSION;
+use belljar_protocol::worker::{
+    Done, ErrorReply, Failed, Heartbeat, Hello, Loading, Prompt, Ready, Refused, SupervisorMsg,
+    Token, WorkerMsg, WorkerState,
+};
+use clap::Args;
+use llama_cpp_2::llama_backend::LlamaBackend;
+use llama_cpp_2::model::LlamaModel;
+use llama_cpp_2::model::params::LlamaModelParams;
+
+use crate::engine::{Control, Engine, Outcome};
+use crate::exit;
+use crate::link::{Inbound, Link, spawn_reader};
+use crate::session::{Identity, SessionFiles};
+
+/// How long the worker waits for the supervisor's `Welcome`.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Loading progress is sent at most this often.
+const PROGRESS_INTERVAL: Duration = Duration::from_millis(50);
+/// Share of the progress bar for the model load; the session restore gets the rest.
+const LOAD_SHARE: f32 = 0.8;
+/// Prompts waiting behind the one in progress; more are refused with an error reply.
+const MAX_QUEUED: usize = 16;
+
+/// Host one GGUF model for the supervisor (started by it; runnable by hand for debugging).
+#[derive(Debug, Args)]
+#[command(after_help = "Example (by hand, against a test listener):\n  \
+worker serve --connect /tmp/link.sock --instance subject --model models/demo.gguf --state-dir /tmp/subject\n\n\
+Exit codes: 0 clean shutdown; 75 pre-load check refused (temporary: retry later); 64 bad arguments, \
+65 bad model file, 69 model llama.cpp cannot load, 76 protocol mismatch (permanent).")]
+pub struct ServeArgs {
+    /// The inherited socketpair end from the supervisor.
+    #[arg(
+        long,
+        value_name = "N",
+        conflicts_with = "connect",
+        required_unless_present = "connect"
+    )]
+    pub fd: Option<i32>,
+    /// Connect to a listening Unix socket instead (by hand, tests).
+    #[arg(long, value_name = "PATH")]
+    pub connect: Option<PathBuf>,
+    /// The instance this worker speaks for.
+    #[arg(long)]
+    pub instance: String,
+    /// The GGUF model file.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// The instance's state directory (session log and saved context).
+    #[arg(long, value_name = "DIR")]
+    pub state_dir: PathBuf,
+    /// Context length in tokens.
+    #[arg(long, default_value_t = 2048)]
+    pub ctx: u32,
+    /// Layers offloaded to a GPU.
+    #[arg(long, default_value_t = 0)]
+    pub gpu_layers: u32,
+    /// llama.cpp threads [default: all CPUs].
+    #[arg(long)]
+    pub threads: Option<u32>,
+    /// Read the model into memory instead of mapping it.
+    #[arg(long)]
+    pub no_mmap: bool,
+    /// Heartbeat period.
+    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    pub heartbeat_interval: HumanDuration,
+    /// The instance's reservation, for the pre-load check.
+    #[arg(long, default_value = "0", value_parser = parse_size)]
+    pub required: Size,
+    /// Memory that must stay free on top of the reservation, for the pre-load check.
+    #[arg(long, default_value = "0", value_parser = parse_size)]
+    pub headroom: Size,
+    /// Where procfs is mounted (tests).
+    #[arg(long, default_value = ProcRoot::DEFAULT, hide = true)]
+    pub proc_root: PathBuf,
+}
+
+fn parse_duration(s: &str) -> Result<HumanDuration, String> {
+    HumanDuration::parse(s).map_err(|e| e.to_string())
+}
+
+fn parse_size(s: &str) -> Result<Size, String> {
+    Size::parse(s).map_err(|e| e.to_string())
+}
+
+/// A failure: the code the process exits with and the message it printed.
+pub type Failure = (u8, String);
+
+/// The worker's state, shared with the heartbeat thread.
+struct SharedState(AtomicU8);
+
+impl SharedState {
+    fn set(&self, s: WorkerState) {
+        self.0.store(s as u8, Ordering::Relaxed);
+    }
+    fn get(&self) -> WorkerState {
+        match self.0.load(Ordering::Relaxed) {
+            0 => WorkerState::Loading,
+            1 => WorkerState::Ready,
+            _ => WorkerState::Busy,
+        }
+    }
+}
+
+pub fn run(args: &ServeArgs, backend: &LlamaBackend) -> Result<(), Failure> {
+    let (link, reader) =
+        Link::open(args.fd, args.connect.as_deref()).map_err(|e| (exit::USAGE, e))?;
+    let (tx, rx) = mpsc::channel();
+    spawn_reader(reader, tx)
+        .map_err(|e| (exit::USAGE, format!("cannot start the link reader: {e}")))?;
+    let fail = |code: u8, reason: String| -> Failure {
+        let permanent = code != exit::TEMPORARY;
+        let _ = link.send(&WorkerMsg::Failed(Failed {
+            reason: reason.clone(),
+            permanent,
+            exit_code: code,
+        }));
+        (code, reason)
+    };
+    let _ = link.send(&WorkerMsg::Hello(Hello {
+        protocol_version: PROTOCOL_VERSION,
+        instance: args.instance.clone(),
+        pid: std::process::id(),
+    }));
+    match rx.recv_timeout(HANDSHAKE_TIMEOUT) {
+        Ok(Inbound::Msg(SupervisorMsg::Welcome(w))) if w.protocol_version == PROTOCOL_VERSION => {}
+        Ok(Inbound::Msg(SupervisorMsg::Welcome(w))) => {
+            return Err(fail(
+                exit::PROTOCOL,
+                format!(
+                    "protocol mismatch: the supervisor speaks version {}, this worker {PROTOCOL_VERSION}; install matching supervisor and worker binaries",
+                    w.protocol_version
+                ),
+            ));
+        }
+        Ok(Inbound::Closed) | Err(RecvTimeoutError::Disconnected) => {
+            return Err((
+                exit::OK,
+                "the supervisor went away before the handshake".into(),
+            ));
+        }
+        Ok(other) => {
+            return Err(fail(
+                exit::PROTOCOL,
+                format!("expected Welcome from the supervisor, got {other:?}"),
+            ));
+        }
+        Err(RecvTimeoutError::Timeout) => {
+            return Err(fail(
+                exit::PROTOCOL,
+                format!("no Welcome from the supervisor within {HANDSHAKE_TIMEOUT:?}"),
+            ));
+        }
+    }
+
+    // Arguments that parse but cannot work are reported over the link, not just by clap.
+    InstanceName::parse(&args.instance).map_err(|e| fail(exit::USAGE, e.to_string()))?;
+    if args.ctx == 0 {
+        return Err(fail(
+            exit::USAGE,
+            "ctx 0 is not a context length; give --ctx 1 or more (e.g. 2048)".into(),
+        ));
+    }
+
+    let state = Arc::new(SharedState(AtomicU8::new(WorkerState::Loading as u8)));
+    let proc_root = ProcRoot(args.proc_root.clone());
+    spawn_heartbeat(
+        link.clone(),
+        state.clone(),
+        args.heartbeat_interval.0,
+        proc_root.clone(),
+    )
+    .map_err(|e| {
+        fail(
+            exit::USAGE,
+            format!("cannot start the heartbeat thread: {e}"),
+        )
+    })?;
+
+    // Layer 3: nothing is loaded unless the memory is there now.
+    let reading = read_host_memory(&proc_root).map_err(|e| fail(exit::TEMPORARY, e.to_string()))?;
+    let check = precheck(args.required.bytes(), args.headroom.bytes(), reading);
+    if !check.ok {
+        let reason = check.summary();
+        let _ = link.send(&WorkerMsg::Refused(Refused {
+            reason: reason.clone(),
+            available: check.available,
+            required: check.required,
+            headroom: check.headroom,
+        }));
+        return Err((exit::TEMPORARY, reason));
+    }
+    if let Some(w) = &check.warning {
+        tracing::warn!("{w}");
+    }
+
+    let file = probe_model_file(&args.model).map_err(|e| fail(exit::BAD_MODEL, e.to_string()))?;
+    check_header(&file.path, file.size).map_err(|e| fail(exit::BAD_MODEL, e))?;
+    let identity = Identity::of_model(&file.path, args.ctx).map_err(|e| {
+        fail(
+            exit::BAD_MODEL,
+            format!("cannot read {}: {e}", file.path.display()),
+        )
+    })?;
+    let files = SessionFiles::new(&args.state_dir).map_err(|e| {
+        fail(
+            exit::USAGE,
+            format!("cannot create state dir {}: {e}", args.state_dir.display()),
+        )
+    })?;
+
+    let started = Instant::now();
+    let progress = Progress::new(link.clone());
+    let load_progress = progress.clone();
+    let params = LlamaModelParams::default()
+        .with_n_gpu_layers(args.gpu_layers)
+        .with_use_mmap(!args.no_mmap)
+        .with_progress_callback(move |f| {
+            load_progress.report(f * LOAD_SHARE);
+            true
+        });
+    let model = LlamaModel::load_from_file(backend, &file.path, &params).map_err(|e| {
+        fail(
+            exit::UNSUPPORTED_MODEL,
+            format!(
+                "llama.cpp cannot load {}: {e}; its architecture may be unsupported (the worker's log has llama.cpp's reason)",
+                file.path.display()
+            ),
+        )
+    })?;
+    let threads = args.threads.unwrap_or_else(belljar_host::cpu_count).max(1);
+    let mut engine = Engine::new(backend, &model, args.ctx, threads, files, identity)
+        .map_err(|e| fail(exit::UNSUPPORTED_MODEL, e))?;
+    let restored_from = engine
+        .restore(|done, total| {
+            progress.report(LOAD_SHARE + (1.0 - LOAD_SHARE) * done as f32 / total.max(1) as f32)
+        })
+        .map_err(|e| fail(exit::UNSUPPORTED_MODEL, e))?;
+    progress.report(1.0);
+
+    let _ = link.send(&WorkerMsg::Ready(Ready {
+        load_ms: started.elapsed().as_millis() as u64,
+        rss: read_rss(&proc_root, None).unwrap_or(0),
+        model_bytes: model.size(),
+        ctx: engine.n_ctx(),
+        session: engine.session_info(restored_from),
+        state_bytes: engine.state_bytes(),
+    }));
+    state.set(WorkerState::Ready);
+    serve(&link, &rx, &mut engine, &state).map_err(|e| fail(exit::UNSUPPORTED_MODEL, e))
+}
+
+/// The request loop. Returns on Shutdown or when the supervisor goes away; the session is
+/// durable after every request, so there is nothing left to save then.
+fn serve(
+    link: &Link,
+    rx: &Receiver<Inbound>,
+    engine: &mut Engine<'_>,
+    state: &SharedState,
+) -> Result<(), String> {
+    let mut queue: VecDeque<Prompt> = VecDeque::new();
+    loop {
+        let next = match queue.pop_front() {
+            Some(p) => Inbound::Msg(SupervisorMsg::Prompt(p)),
+            None => rx.recv().unwrap_or(Inbound::Closed),
+        };
+        match next {
+            Inbound::Msg(SupervisorMsg::Prompt(p)) => {
+                state.set(WorkerState::Busy);
+                let stop = answer(link, rx, engine, &p, &mut queue)?;
+                state.set(WorkerState::Ready);
+                if stop {
+                    return Ok(());
+                }
+            }
+            Inbound::Msg(SupervisorMsg::Shutdown(_)) | Inbound::Closed => return Ok(()),
+            Inbound::Msg(other) => error_reply(
+                link,
+                None,
+                format!("unexpected message {other:?} after the handshake"),
+            ),
+            Inbound::Bad(e) => error_reply(link, None, e),
+        }
+    }
+}
+
+/// Serves one prompt; returns true when the worker must stop (Shutdown or link closed).
+fn answer(
+    link: &Link,
+    rx: &Receiver<Inbound>,
+    engine: &mut Engine<'_>,
+    p: &Prompt,
+    queue: &mut VecDeque<Prompt>,
+) -> Result<bool, String> {
+    let mut stop = false;
+    let id = p.id;
+    let outcome = engine.answer(
+        &p.text,
+        p.max_tokens,
+        p.ignore_eos,
+        |text| {
+            let _ = link.send(&WorkerMsg::Token(Token { id, text }));
+        },
+        || {
+            // Between tokens: queue new prompts, act on Shutdown, answer bad frames.
+            loop {
+                match rx.try_recv() {
+                    Ok(Inbound::Msg(SupervisorMsg::Prompt(q))) if queue.len() < MAX_QUEUED => {
+                        queue.push_back(q)
+                    }
+                    Ok(Inbound::Msg(SupervisorMsg::Prompt(q))) => error_reply(
+                        link,
+                        Some(q.id),
+                        format!("{MAX_QUEUED} requests are already queued; retry when one is done"),
+                    ),
+                    Ok(Inbound::Msg(SupervisorMsg::Shutdown(_)) | Inbound::Closed)
+                    | Err(TryRecvError::Disconnected) => {
+                        stop = true;
+                        return Control::Abort;
+                    }
+                    Ok(Inbound::Msg(other)) => {
+                        error_reply(link, None, format!("unexpected message {other:?}"))
+                    }
+                    Ok(Inbound::Bad(e)) => error_reply(link, None, e),
+                    Err(TryRecvError::Empty) => return Control::Continue,
+                }
+            }
+        },
+    );
+    match outcome {
+        Ok(Outcome::Done { tokens, ms }) => {
+            let _ = link.send(&WorkerMsg::Done(Done { id, tokens, ms }));
+        }
+        Ok(Outcome::Aborted) => error_reply(
+            link,
+            Some(id),
+            "request aborted: the worker is shutting down".into(),
+        ),
+        // A request that cannot be served (too long, empty) is answered and the worker goes on.
+        Err(e) => error_reply(link, Some(id), e),
+    }
+    Ok(stop)
+}
+
+fn error_reply(link: &Link, id: Option<u64>, message: String) {
+    tracing::warn!("request error: {message}");
+    let _ = link.send(&WorkerMsg::Error(ErrorReply { id, message }));
+}
+
+/// Checks the GGUF header before llama.cpp sees the file: a malformed or truncated file is a bad
+/// model (permanent), with a precise reason.
+fn check_header(path: &std::path::Path, size: u64) -> Result<(), String> {
+    let f =
+        std::fs::File::open(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let header = belljar_gguf::read_header(std::io::BufReader::new(f))
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    if let Some(expected) = header.expected_file_size().filter(|e| *e > size) {
+        return Err(format!(
+            "{} is truncated: its header describes {expected} bytes but the file has {size}; copy or download it again",
+            path.display()
+        ));
+    }
+    Ok(())
+}
+
+fn spawn_heartbeat(
+    link: Link,
+    state: Arc<SharedState>,
+    every: Duration,
+    proc_root: ProcRoot,
+) -> std::io::Result<()> {
+    std::thread::Builder::new()
+        .name("heartbeat".into())
+        .spawn(move || {
+            loop {
+                std::thread::sleep(every);
+                let rss = read_rss(&proc_root, None).unwrap_or(0);
+                if link
+                    .send(&WorkerMsg::Heartbeat(Heartbeat {
+                        rss,
+                        state: state.get(),
+                    }))
+                    .is_err()
+                {
+                    return;
+                }
+            }
+        })?;
+    Ok(())
+}
+
+/// Sends `Loading` at most every [`PROGRESS_INTERVAL`], always the final 1.0, never backwards.
+#[derive(Clone)]
+struct Progress {
+    link: Link,
+    last: Arc<Mutex<(Option<Instant>, f32)>>,
+}
+
+impl Progress {
+    fn new(link: Link) -> Progress {
+        Progress {
+            link,
+            last: Arc::new(Mutex::new((None, 0.0))),
+        }
+    }
+
+    fn report(&self, fraction: f32) {
+        let fraction = fraction.clamp(0.0, 1.0);
+        let mut last = self
+            .last
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let due = last.0.is_none_or(|t| t.elapsed() >= PROGRESS_INTERVAL)
+            || (fraction >= 1.0 && last.1 < 1.0);
+        if due && fraction >= last.1 {
+            *last = (Some(Instant::now()), fraction);
+            let _ = self.link.send(&WorkerMsg::Loading(Loading { fraction }));
+        }
+    }
+}

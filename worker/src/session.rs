@@ -1,0 +1,385 @@
+//! The persistent session: "never start a new chat".
+//!
+//! Two files in the instance's state directory:
+//! - `session.log`: one JSON line per turn (prompt, reply and the exact tokens that entered the
+//!   context), appended and fsync'd before `Done` is sent. A torn last line (a crash mid-append)
+//!   is cut off at the next start.
+//! - `session.state`: the context's KV state for sequence 0, written atomically (temp file, fsync,
+//!   rename, fsync of the directory) with a CRC-32 and the identity of what it belongs to (model
+//!   path, size, mtime, a CRC-32 of the model's first MiB, ctx) and the turn count it covers.
+//!
+//! At start the state file is used when it is intact, belongs to this model and ctx, and covers
+//! every turn in the log; otherwise the context is re-prefilled from the log.
+//!
+//! Compaction rule (context full): keep the newest whole turns whose tokens, together with the
+//! new prompt and its `max_tokens`, fit in ctx; older turns stay in the log but leave the context.
+
+use std::fs::{File, OpenOptions};
+use std::io::{BufRead, BufReader, Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+const LOG: &str = "session.log";
+const STATE: &str = "session.state";
+const STATE_MAGIC: &[u8; 8] = b"BJSESS01";
+/// How much of the model file goes into its identity hash.
+const IDENTITY_PREFIX: u64 = 1 << 20;
+/// Largest metadata block accepted in a state file (it holds at most ctx token ids).
+const MAX_META: u32 = 64 << 20;
+
+/// One turn of the conversation.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Turn {
+    pub prompt: String,
+    pub reply: String,
+    /// The tokens this turn put into the context: prompt tokens, then generated tokens.
+    pub tokens: Vec<i32>,
+}
+
+/// What a state file belongs to. Any difference means the state cannot be reused.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Identity {
+    pub model_path: PathBuf,
+    pub model_size: u64,
+    pub model_mtime_ns: i128,
+    pub model_prefix_crc32: u32,
+    pub ctx: u32,
+}
+
+impl Identity {
+    /// Stats the model and hashes its first MiB (never the whole file).
+    pub fn of_model(path: &Path, ctx: u32) -> std::io::Result<Identity> {
+        let meta = std::fs::metadata(path)?;
+        let mtime = meta
+            .modified()?
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as i128);
+        let mut hasher = crc32fast::Hasher::new();
+        let mut buf = Vec::new();
+        File::open(path)?
+            .take(IDENTITY_PREFIX)
+            .read_to_end(&mut buf)?;
+        hasher.update(&buf);
+        Ok(Identity {
+            model_path: std::fs::canonicalize(path)?,
+            model_size: meta.len(),
+            model_mtime_ns: mtime,
+            model_prefix_crc32: hasher.finalize(),
+            ctx,
+        })
+    }
+}
+
+/// The metadata stored in front of the KV state.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StateMeta {
+    pub identity: Identity,
+    /// Turns in the log when this state was saved.
+    pub turns: u64,
+    /// Index of the oldest turn still in the context (after compactions).
+    pub first_turn: u64,
+    /// The context's tokens, in order.
+    pub tokens: Vec<i32>,
+    pub state_len: u64,
+    pub state_crc32: u32,
+}
+
+/// Why a state file was not used (logged; the session then comes from the log).
+#[derive(Debug, thiserror::Error)]
+pub enum StateReject {
+    #[error("no state file")]
+    Missing,
+    #[error("state file is corrupt: {0}")]
+    Corrupt(String),
+    #[error("state file belongs to another model or ctx ({0})")]
+    OtherModel(String),
+    #[error("state file covers {state} turns but the log has {log}")]
+    Stale { state: u64, log: u64 },
+    #[error("cannot read state file: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// The session files of one instance.
+#[derive(Debug, Clone)]
+pub struct SessionFiles {
+    dir: PathBuf,
+}
+
+impl SessionFiles {
+    pub fn new(dir: &Path) -> std::io::Result<SessionFiles> {
+        std::fs::create_dir_all(dir)?;
+        Ok(SessionFiles {
+            dir: dir.to_path_buf(),
+        })
+    }
+
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.join(LOG)
+    }
+
+    pub fn state_path(&self) -> PathBuf {
+        self.dir.join(STATE)
+    }
+
+    /// Reads every turn. A torn last line is cut off the file; a bad line elsewhere is skipped
+    /// and reported in the returned warnings.
+    pub fn load_log(&self) -> std::io::Result<(Vec<Turn>, Vec<String>)> {
+        let path = self.log_path();
+        let file = match File::open(&path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Ok((Vec::new(), Vec::new()));
+            }
+            Err(e) => return Err(e),
+        };
+        let mut turns = Vec::new();
+        let mut warnings = Vec::new();
+        let mut good_end = 0u64;
+        let mut offset = 0u64;
+        let mut reader = BufReader::new(file);
+        let mut line = Vec::new();
+        let mut n = 0;
+        loop {
+            line.clear();
+            let len = reader.read_until(b'\n', &mut line)? as u64;
+            if len == 0 {
+                break;
+            }
+            n += 1;
+            offset += len;
+            let complete = line.last() == Some(&b'\n');
+            match serde_json::from_slice::<Turn>(&line) {
+                Ok(t) if complete => {
+                    turns.push(t);
+                    good_end = offset;
+                }
+                _ if !complete => {
+                    warnings.push(format!(
+                        "{}: cut off a torn last line (line {n})",
+                        path.display()
+                    ));
+                }
+                _ => {
+                    warnings.push(format!("{}: skipped unreadable line {n}", path.display()));
+                    good_end = offset;
+                }
+            }
+        }
+        if good_end < offset {
+            OpenOptions::new()
+                .write(true)
+                .open(&path)?
+                .set_len(good_end)?;
+        }
+        Ok((turns, warnings))
+    }
+
+    /// Appends one turn and fsyncs it.
+    pub fn append(&self, turn: &Turn) -> std::io::Result<()> {
+        let mut line = serde_json::to_vec(turn).map_err(std::io::Error::other)?;
+        line.push(b'\n');
+        let mut f = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path())?;
+        f.write_all(&line)?;
+        f.sync_data()
+    }
+
+    /// Writes the state atomically: temp file, fsync, rename, fsync of the directory.
+    pub fn save_state(&self, meta: &StateMeta, state: &[u8]) -> std::io::Result<()> {
+        let meta_json = serde_json::to_vec(meta).map_err(std::io::Error::other)?;
+        let tmp = self.dir.join(format!(".{STATE}.tmp"));
+        {
+            let mut f = File::create(&tmp)?;
+            f.write_all(STATE_MAGIC)?;
+            f.write_all(&(meta_json.len() as u32).to_le_bytes())?;
+            f.write_all(&meta_json)?;
+            f.write_all(state)?;
+            f.sync_all()?;
+        }
+        std::fs::rename(&tmp, self.state_path())?;
+        File::open(&self.dir)?.sync_all()
+    }
+
+    /// Reads the state if it is intact, belongs to `identity` and covers `log_turns` turns.
+    pub fn load_state(
+        &self,
+        identity: &Identity,
+        log_turns: u64,
+    ) -> Result<(StateMeta, Vec<u8>), StateReject> {
+        let mut f = match File::open(self.state_path()) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(StateReject::Missing),
+            Err(e) => return Err(e.into()),
+        };
+        let corrupt = |m: &str| StateReject::Corrupt(m.to_owned());
+        let mut magic = [0u8; 8];
+        f.read_exact(&mut magic).map_err(|_| corrupt("too short"))?;
+        if &magic != STATE_MAGIC {
+            return Err(corrupt("bad magic"));
+        }
+        let mut len = [0u8; 4];
+        f.read_exact(&mut len).map_err(|_| corrupt("too short"))?;
+        let len = u32::from_le_bytes(len);
+        let file_len = f.metadata()?.len();
+        if len > MAX_META || u64::from(len) + 12 > file_len {
+            return Err(corrupt("metadata length out of range"));
+        }
+        let mut meta = vec![0u8; len as usize];
+        f.read_exact(&mut meta)
+            .map_err(|_| corrupt("truncated metadata"))?;
+        let meta: StateMeta = serde_json::from_slice(&meta)
+            .map_err(|e| StateReject::Corrupt(format!("metadata: {e}")))?;
+        if meta.identity != *identity {
+            return Err(StateReject::OtherModel(describe_difference(
+                &meta.identity,
+                identity,
+            )));
+        }
+        if meta.turns != log_turns {
+            return Err(StateReject::Stale {
+                state: meta.turns,
+                log: log_turns,
+            });
+        }
+        let offset = 12 + u64::from(len);
+        if file_len - offset != meta.state_len {
+            return Err(corrupt("state length does not match"));
+        }
+        f.seek(SeekFrom::Start(offset))?;
+        let mut state = Vec::with_capacity(meta.state_len as usize);
+        f.read_to_end(&mut state)?;
+        if crc32fast::hash(&state) != meta.state_crc32 {
+            return Err(corrupt("checksum mismatch"));
+        }
+        Ok((meta, state))
+    }
+}
+
+fn describe_difference(saved: &Identity, now: &Identity) -> String {
+    if saved.ctx != now.ctx {
+        format!("saved for ctx {}, now {}", saved.ctx, now.ctx)
+    } else if saved.model_path != now.model_path {
+        format!("saved for {}", saved.model_path.display())
+    } else {
+        "the model file changed".to_owned()
+    }
+}
+
+/// Compaction: the index of the oldest turn to keep so that the newest whole turns fit in
+/// `budget` tokens. Returns `turns.len()` when not even the newest turn fits.
+pub fn keep_newest(turns: &[Turn], budget: usize) -> usize {
+    let mut used = 0usize;
+    let mut first = turns.len();
+    for (i, t) in turns.iter().enumerate().rev() {
+        used += t.tokens.len();
+        if used > budget {
+            break;
+        }
+        first = i;
+    }
+    first
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn turn(n: usize) -> Turn {
+        Turn {
+            prompt: format!("p{n}"),
+            reply: "r".into(),
+            tokens: vec![1; n],
+        }
+    }
+
+    #[test]
+    fn keeps_the_newest_turns_that_fit() {
+        let turns = vec![turn(5), turn(3), turn(4)];
+        assert_eq!(keep_newest(&turns, 100), 0, "all fit");
+        assert_eq!(keep_newest(&turns, 7), 1, "3 + 4");
+        assert_eq!(keep_newest(&turns, 6), 2, "only the newest");
+        assert_eq!(keep_newest(&turns, 3), 3, "nothing fits");
+        assert_eq!(keep_newest(&[], 3), 0);
+    }
+
+    fn identity(ctx: u32) -> Identity {
+        Identity {
+            model_path: "/m".into(),
+            model_size: 1,
+            model_mtime_ns: 2,
+            model_prefix_crc32: 3,
+            ctx,
+        }
+    }
+
+    #[test]
+    fn state_round_trip_and_rejections() {
+        let dir = tempfile::tempdir().unwrap();
+        let files = SessionFiles::new(dir.path()).unwrap();
+        assert!(matches!(
+            files.load_state(&identity(8), 0),
+            Err(StateReject::Missing)
+        ));
+        let state = vec![7u8; 1000];
+        let meta = StateMeta {
+            identity: identity(8),
+            turns: 2,
+            first_turn: 0,
+            tokens: vec![1, 2, 3],
+            state_len: 1000,
+            state_crc32: crc32fast::hash(&state),
+        };
+        files.save_state(&meta, &state).unwrap();
+        let (m, s) = files.load_state(&identity(8), 2).unwrap();
+        assert_eq!((m, s), (meta, state));
+        assert!(matches!(
+            files.load_state(&identity(9), 2),
+            Err(StateReject::OtherModel(_))
+        ));
+        assert!(matches!(
+            files.load_state(&identity(8), 3),
+            Err(StateReject::Stale { .. })
+        ));
+        // Flip one byte of the KV data.
+        let mut bytes = std::fs::read(files.state_path()).unwrap();
+        let last = bytes.len() - 1;
+        bytes[last] ^= 0xff;
+        std::fs::write(files.state_path(), &bytes).unwrap();
+        assert!(matches!(
+            files.load_state(&identity(8), 2),
+            Err(StateReject::Corrupt(_))
+        ));
+        std::fs::write(files.state_path(), b"garbage").unwrap();
+        assert!(matches!(
+            files.load_state(&identity(8), 2),
+            Err(StateReject::Corrupt(_))
+        ));
+    }
+
+    #[test]
+    fn log_appends_and_survives_a_torn_tail() {
+        let dir = tempfile::tempdir().unwrap();
+        let files = SessionFiles::new(dir.path()).unwrap();
+        files.append(&turn(2)).unwrap();
+        files.append(&turn(3)).unwrap();
+        let mut f = OpenOptions::new()
+            .append(true)
+            .open(files.log_path())
+            .unwrap();
+        f.write_all(br#"{"prompt":"half"#).unwrap();
+        let (turns, warnings) = files.load_log().unwrap();
+        assert_eq!(turns, vec![turn(2), turn(3)]);
+        assert_eq!(warnings.len(), 1);
+        files.append(&turn(4)).unwrap();
+        let (turns, warnings) = files.load_log().unwrap();
+        assert_eq!(
+            turns.len(),
+            3,
+            "the torn tail was cut, the next append is clean"
+        );
+        assert!(warnings.is_empty());
+    }
+}
