@@ -471,3 +471,65 @@ fn precheck_refusal_is_temporary_and_loads_nothing() {
     assert_eq!(r.required, 1 << 40);
     assert!(r.reason.contains("short by"), "{}", r.reason);
 }
+
+/// The supervisor's way: one end of a socketpair inherited as `--fd N`.
+#[test]
+fn inherited_socketpair_fd() {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::net::UnixStream;
+    use std::os::unix::process::CommandExt;
+
+    use belljar_protocol::{FrameReader, MAX_FRAME, PROTOCOL_VERSION, decode, write_frame};
+
+    let t = TestDir::new();
+    let model = t.model("m.gguf", &tiny_shape());
+    let (mut ours, theirs) = UnixStream::pair().unwrap();
+    let fd = theirs.as_raw_fd();
+    let mut cmd = std::process::Command::new(belljar_testkit::bin("worker"));
+    cmd.args([
+        "serve",
+        "--fd",
+        &fd.to_string(),
+        "--instance",
+        "subject",
+        "--model",
+    ])
+    .arg(&model)
+    .arg("--state-dir")
+    .arg(t.join("state"));
+    // SAFETY: only fcntl (async-signal-safe) runs between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            let borrowed = std::os::fd::BorrowedFd::borrow_raw(fd);
+            nix::fcntl::fcntl(
+                borrowed,
+                nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::empty()),
+            )
+            .map(drop)
+            .map_err(std::io::Error::from)
+        });
+    }
+    let mut child = cmd.spawn().unwrap();
+    drop(theirs);
+    let mut frames = FrameReader::new(ours.try_clone().unwrap(), MAX_FRAME);
+    let hello: WorkerMsg = decode(&frames.read_frame().unwrap().unwrap()).unwrap();
+    assert!(
+        matches!(hello, WorkerMsg::Hello(ref h) if h.instance == "subject" && h.pid == child.id())
+    );
+    write_frame(
+        &mut ours,
+        &SupervisorMsg::Welcome(Welcome {
+            protocol_version: PROTOCOL_VERSION,
+        }),
+    )
+    .unwrap();
+    loop {
+        match decode::<WorkerMsg>(&frames.read_frame().unwrap().unwrap()).unwrap() {
+            WorkerMsg::Ready(_) => break,
+            WorkerMsg::Loading(_) | WorkerMsg::Heartbeat(_) => {}
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    write_frame(&mut ours, &SupervisorMsg::Shutdown(Shutdown {})).unwrap();
+    assert_eq!(child.wait().unwrap().code(), Some(0));
+}
