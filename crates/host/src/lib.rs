@@ -1,8 +1,10 @@
 //! The only crate that touches /proc, /sys (and later NVML): host memory readings, model-file
 //! probes and CPU counts. Every root path is injected; the defaults are consts beside the code.
 
+pub mod cgroup;
 pub mod meminfo;
 pub mod model_file;
+pub mod proc_ctl;
 pub mod process;
 
 pub use meminfo::{MemInfoError, ProcRoot, read_host_memory};
