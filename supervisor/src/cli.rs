@@ -12,7 +12,7 @@ use clap::{Args, Parser, Subcommand};
     about = "belljar: run several local LLMs on one machine without losing one to the OOM killer",
     long_about = "belljar budgets memory for llama.cpp worker processes, one GGUF model each, places \
 every worker in its own cgroup and restarts it with backoff when it dies.",
-    after_help = "Examples:\n  supervisor validate --mode matrix\n  supervisor validate --mode matrix --assume-total 16G --json\n\n\
+    after_help = "Examples:\n  supervisor validate --mode matrix\n  supervisor run --mode matrix\n  supervisor status --json\n\n\
 Exit codes: 0 ok, 1 refused (does not fit), 2 usage or config error, 3 daemon unreachable."
 )]
 pub struct Cli {
@@ -37,7 +37,44 @@ pub struct GlobalArgs {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    Run(RunArgs),
+    Status(StatusArgs),
     Validate(ValidateArgs),
+}
+
+/// Run a mode's instances: each worker in its own cgroup, until SIGTERM/SIGINT.
+#[derive(Debug, Args)]
+#[command(after_help = "Examples:\n  supervisor run --mode matrix\n  \
+supervisor run --mode single --cgroup-parent belljar-dev --runtime-dir /tmp/bj/run --state-dir /tmp/bj/state\n\n\
+Validates the budget first (exit 1 with the report when it does not fit). Exits 0 after a clean \
+shutdown; 1 when refused (another supervisor on the same directories, no cgroup memory controller); \
+2 on a config or usage error.")]
+pub struct RunArgs {
+    /// The mode to run (a [modes.NAME] table of the config).
+    #[arg(long, value_name = "NAME")]
+    pub mode: String,
+    /// Where the cgroup hierarchy is mounted [default: /sys/fs/cgroup; v1 uses its memory/ mount].
+    #[arg(long, value_name = "PATH")]
+    pub cgroup_root: Option<PathBuf>,
+    /// The cgroup (relative to the root) that holds the instance cgroups [default: belljar, or the
+    /// supervisor's own cgroup under systemd with Delegate=yes on cgroup v2].
+    #[arg(long, value_name = "PATH")]
+    pub cgroup_parent: Option<PathBuf>,
+    /// The worker binary [default: `worker` beside this binary].
+    #[arg(long, value_name = "PATH")]
+    pub worker: Option<PathBuf>,
+}
+
+/// Show the running supervisor's instances, memory and budget.
+#[derive(Debug, Args)]
+#[command(
+    after_help = "Examples:\n  supervisor status\n  supervisor status --json | jq '.instances[] | {name, state}'\n\n\
+Exits 3 when the supervisor cannot be reached."
+)]
+pub struct StatusArgs {
+    /// Print the stable JSON form (docs/operations.md).
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// Check that a mode's instances fit in memory (layer-1 validation) and print the report.

@@ -3,7 +3,9 @@
 
 pub mod cli;
 pub mod commands;
+pub mod daemon;
 pub mod error;
+pub mod logging;
 pub mod paths;
 
 pub use error::{CliError, Exit};

@@ -86,6 +86,10 @@ pub struct ServeArgs {
     /// Where procfs is mounted (tests).
     #[arg(long, default_value = ProcRoot::DEFAULT, hide = true)]
     pub proc_root: PathBuf,
+    /// Test aid: leave a double-forked `sleep` behind, as a misbehaving model runtime might, to
+    /// prove the supervisor reaps it and kills it with the cgroup.
+    #[arg(long, hide = true, env = "BELLJAR_DEBUG_SPAWN_ORPHAN")]
+    pub debug_spawn_orphan: bool,
 }
 
 fn parse_duration(s: &str) -> Result<HumanDuration, String> {
@@ -164,6 +168,13 @@ pub fn run(args: &ServeArgs, backend: &LlamaBackend) -> Result<(), Failure> {
                 format!("no Welcome from the supervisor within {HANDSHAKE_TIMEOUT:?}"),
             ));
         }
+    }
+
+    if args.debug_spawn_orphan {
+        // sh exits at once; its background sleep is re-parented to the nearest subreaper.
+        let _ = std::process::Command::new("sh")
+            .args(["-c", "sleep 3600 >/dev/null 2>&1 &"])
+            .status();
     }
 
     // Arguments that parse but cannot work are reported over the link, not just by clap.

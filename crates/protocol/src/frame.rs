@@ -153,3 +153,53 @@ mod tests {
         ));
     }
 }
+
+/// Async reading and writing of frames, for the supervisor's event loop.
+#[cfg(feature = "tokio")]
+pub mod tokio_io {
+    use serde::Serialize;
+    use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+    use super::{FrameError, MAX_FRAME, encode};
+
+    /// The next frame's payload; `Ok(None)` on a clean end of stream between frames. An
+    /// oversized length is refused before anything is allocated (the caller drops the
+    /// connection: after it the stream is out of sync).
+    pub async fn read_frame<R: AsyncRead + Unpin>(
+        r: &mut R,
+        max: usize,
+    ) -> Result<Option<Vec<u8>>, FrameError> {
+        let mut len = [0u8; 4];
+        let mut got = 0;
+        while got < 4 {
+            match r.read(&mut len[got..]).await? {
+                0 if got == 0 => return Ok(None),
+                0 => return Err(FrameError::Truncated),
+                n => got += n,
+            }
+        }
+        let len = u32::from_be_bytes(len) as usize;
+        if len > max {
+            return Err(FrameError::TooLarge { len, max });
+        }
+        let mut payload = vec![0u8; len];
+        r.read_exact(&mut payload)
+            .await
+            .map_err(|e| match e.kind() {
+                std::io::ErrorKind::UnexpectedEof => FrameError::Truncated,
+                _ => FrameError::Io(e),
+            })?;
+        Ok(Some(payload))
+    }
+
+    /// Writes one frame.
+    pub async fn write_frame<W: AsyncWrite + Unpin, T: Serialize>(
+        w: &mut W,
+        msg: &T,
+    ) -> Result<(), FrameError> {
+        let frame = encode(msg, MAX_FRAME)?;
+        w.write_all(&frame).await?;
+        w.flush().await?;
+        Ok(())
+    }
+}

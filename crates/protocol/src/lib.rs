@@ -2,9 +2,12 @@
 //! plus the frame codec both use. A frame is a 4-byte big-endian length and that many bytes of
 //! JSON; a frame longer than the codec's maximum is refused before anything is allocated for it.
 
+pub mod control;
 pub mod frame;
 pub mod worker;
 
+#[cfg(feature = "tokio")]
+pub use frame::tokio_io;
 pub use frame::{FrameError, FrameReader, MAX_FRAME, decode, encode, write_frame};
 
 /// Bumped on any incompatible change to a message. Exchanged in the handshake

@@ -79,6 +79,17 @@ pub enum RestoredFrom {
     New,
 }
 
+impl RestoredFrom {
+    /// The JSON spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RestoredFrom::State => "state",
+            RestoredFrom::Log => "log",
+            RestoredFrom::New => "new",
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SessionInfo {
     /// Turns (prompt + reply) in the conversation so far.

@@ -1,6 +1,7 @@
 //! Dev-only helpers for the end-to-end tests: finding the built binaries, temp dirs with a
 //! generated model and a config, running a binary and capturing what it said.
 
+pub mod daemon;
 pub mod link;
 
 use std::path::{Path, PathBuf};

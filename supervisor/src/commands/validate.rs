@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use belljar_budget::{HostMemory, PlannedInstance, ValidationReport, validate};
-use belljar_config::Config;
+use belljar_config::{Config, InstanceSpec};
 use belljar_host::{ProcRoot, cpu_count, probe_model_file, read_host_memory};
 use serde::Serialize;
 
@@ -95,9 +95,19 @@ fn host_memory(args: &ValidateArgs) -> Result<HostMemory, CliError> {
 
 fn report(config: &Config, mode: &str, host: HostMemory) -> Result<ValidationReport, CliError> {
     let specs = config.mode(mode, cpu_count())?;
+    Ok(validate(
+        mode,
+        &config.budget_policy(),
+        host,
+        &plan(config, &specs)?,
+    ))
+}
+
+/// Probes each distinct model file once and describes the instances for layer 1.
+pub fn plan(config: &Config, specs: &[InstanceSpec]) -> Result<Vec<PlannedInstance>, CliError> {
     let mut sizes = BTreeMap::new();
     let mut planned = Vec::with_capacity(specs.len());
-    for spec in &specs {
+    for spec in specs {
         let size = match sizes.get(&spec.model) {
             Some(&s) => s,
             None => {
@@ -120,5 +130,5 @@ fn report(config: &Config, mode: &str, host: HostMemory) -> Result<ValidationRep
             priority: spec.priority,
         });
     }
-    Ok(validate(mode, &config.budget_policy(), host, &planned))
+    Ok(planned)
 }

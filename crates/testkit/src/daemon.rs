@@ -1,0 +1,187 @@
+//! A real `supervisor run` in a temp dir with its own cgroup parent, runtime and state dirs, so
+//! daemon tests run in parallel without touching each other. Dropping it kills what is left.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use belljar_host::cgroup::{self, CgroupBackend};
+use serde_json::Value;
+
+use crate::{Run, TestDir, bin, run_cmd, wait_for};
+
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+/// How long a daemon test waits for a state (tiny models load in milliseconds).
+pub const SETTLE: Duration = Duration::from_secs(30);
+
+#[derive(Debug)]
+pub struct Daemon {
+    pub child: Child,
+    pub runtime: PathBuf,
+    pub state: PathBuf,
+    pub config: PathBuf,
+    /// `--cgroup-parent`, relative to the hierarchy root.
+    pub parent_rel: String,
+    pub cgroups: Box<dyn CgroupBackend>,
+    pub stderr_path: PathBuf,
+}
+
+/// A cgroup parent name unique to this test process and call.
+pub fn unique_parent(tag: &str) -> String {
+    format!(
+        "belljar-test-{}-{tag}-{}",
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+impl Daemon {
+    /// Writes `config` to `t/budgets.toml` and starts `supervisor run --mode MODE` on it.
+    pub fn start(t: &TestDir, config: &str, mode: &str, env: &[(&str, &str)]) -> Daemon {
+        let parent_rel = unique_parent(mode);
+        Self::start_with_parent(t, config, mode, env, parent_rel)
+    }
+
+    pub fn start_with_parent(
+        t: &TestDir,
+        config: &str,
+        mode: &str,
+        env: &[(&str, &str)],
+        parent_rel: String,
+    ) -> Daemon {
+        let config_path = t.write("budgets.toml", config);
+        let runtime = t.join("run");
+        let state = t.join("state");
+        let stderr_path = t.join(&format!(
+            "supervisor-{}.stderr",
+            COUNTER.fetch_add(1, Ordering::Relaxed)
+        ));
+        let stderr = std::fs::File::create(&stderr_path).expect("stderr file");
+        let mut cmd = Command::new(bin("supervisor"));
+        cmd.args([
+            "run",
+            "--mode",
+            mode,
+            "--cgroup-parent",
+            &parent_rel,
+            "--config",
+        ])
+        .arg(&config_path)
+        .arg("--runtime-dir")
+        .arg(&runtime)
+        .arg("--state-dir")
+        .arg(&state)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(stderr);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let child = cmd.spawn().expect("spawn supervisor");
+        Daemon {
+            child,
+            runtime,
+            state,
+            config: config_path,
+            parent_rel,
+            cgroups: cgroup::detect(None).expect("a cgroup memory controller"),
+            stderr_path,
+        }
+    }
+
+    /// The absolute cgroup parent directory.
+    pub fn parent(&self) -> PathBuf {
+        self.cgroups.root().join(&self.parent_rel)
+    }
+
+    pub fn stderr(&self) -> String {
+        std::fs::read_to_string(&self.stderr_path).unwrap_or_default()
+    }
+
+    /// Runs a CLI subcommand against this daemon.
+    pub fn cli(&self, args: &[&str]) -> Run {
+        run_cmd(
+            Command::new(bin("supervisor"))
+                .args(args)
+                .arg("--runtime-dir")
+                .arg(&self.runtime)
+                .arg("--config")
+                .arg(&self.config),
+        )
+    }
+
+    /// `status --json`, or None while the daemon is not reachable.
+    pub fn status(&self) -> Option<Value> {
+        let r = self.cli(&["status", "--json"]);
+        (r.code == Some(0)).then(|| serde_json::from_str(&r.stdout).expect("status --json is JSON"))
+    }
+
+    /// Polls status until `pred` holds; panics with the last status and the log otherwise.
+    #[track_caller]
+    pub fn wait_status(&mut self, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
+        let deadline = Instant::now() + SETTLE;
+        let mut last = None;
+        loop {
+            if let Ok(Some(exit)) = self.child.try_wait() {
+                panic!(
+                    "the supervisor exited ({exit}) while waiting for {what}; log:\n{}",
+                    self.stderr()
+                );
+            }
+            if let Some(status) = self.status() {
+                if pred(&status) {
+                    return status;
+                }
+                last = Some(status);
+            }
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {what}; last status: {last:#?}\nlog:\n{}",
+                self.stderr()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Sends SIGTERM and waits for the exit.
+    pub fn terminate(&mut self) -> ExitStatus {
+        self.signal(nix::sys::signal::Signal::SIGTERM);
+        self.wait()
+    }
+
+    pub fn signal(&self, sig: nix::sys::signal::Signal) {
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        let _ = nix::sys::signal::kill(pid, sig);
+    }
+
+    pub fn wait(&mut self) -> ExitStatus {
+        wait_for("the supervisor to exit", SETTLE, || {
+            self.child.try_wait().ok().flatten()
+        })
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = cgroup::destroy(&*self.cgroups, &self.parent(), Duration::from_secs(5));
+    }
+}
+
+/// Every instance in `status` is in `state`.
+pub fn all_in(status: &Value, state: &str) -> bool {
+    status["instances"]
+        .as_array()
+        .is_some_and(|a| !a.is_empty() && a.iter().all(|i| i["state"] == state))
+}
+
+/// The instance named `name` in a status report.
+pub fn instance<'a>(status: &'a Value, name: &str) -> &'a Value {
+    status["instances"]
+        .as_array()
+        .and_then(|a| a.iter().find(|i| i["name"] == name))
+        .unwrap_or_else(|| panic!("no instance {name} in {status:#}"))
+}

@@ -1,0 +1,220 @@
+//! `supervisor run --mode NAME`: validate, take the directory locks, prepare the cgroup parent
+//! (cleaning up after a crashed run), bind the control socket and run the daemon until
+//! SIGTERM/SIGINT.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Component, Path, PathBuf};
+
+use belljar_budget::validate;
+use belljar_host::cgroup::{self, CgroupBackend, Version};
+use belljar_host::proc_ctl::{self, LockError, MAX_SOCKET_PATH};
+use belljar_host::{ProcRoot, cpu_count, read_host_memory};
+
+use crate::cli::{GlobalArgs, RunArgs};
+use crate::daemon::{self, DaemonConfig, SUPERVISOR_LEAF};
+use crate::error::{CliError, Exit};
+use crate::paths;
+
+/// The control socket's name inside the runtime directory.
+pub const CONTROL_SOCKET: &str = "control.sock";
+/// The default cgroup parent, relative to the cgroup root.
+pub const DEFAULT_PARENT: &str = "belljar";
+
+pub fn run(global: &GlobalArgs, args: &RunArgs) -> Result<Exit, CliError> {
+    crate::logging::init();
+    let config = super::validate::load_config(&global.config)?;
+    let specs = config.mode(&args.mode, cpu_count())?;
+    let planned = super::validate::plan(&config, &specs)?;
+    let proc_root = ProcRoot::default();
+    let host = read_host_memory(&proc_root).map_err(|e| CliError::Refused(e.to_string()))?;
+    let report = validate(&args.mode, &config.budget_policy(), host, &planned);
+    if !report.passed {
+        print!("{report}");
+        return Err(CliError::Refused(format!(
+            "mode {} does not fit in memory (report above); nothing was started",
+            args.mode
+        )));
+    }
+
+    let runtime_dir = paths::resolve(
+        global.runtime_dir.clone(),
+        std::env::var("RUNTIME_DIRECTORY").ok(),
+        true,
+        paths::DEFAULT_RUNTIME_DIR,
+    );
+    let state_dir = paths::resolve(
+        global.state_dir.clone(),
+        std::env::var("STATE_DIRECTORY").ok(),
+        true,
+        paths::DEFAULT_STATE_DIR,
+    );
+    let socket = runtime_dir.join(CONTROL_SOCKET);
+    if socket.as_os_str().len() >= MAX_SOCKET_PATH {
+        return Err(CliError::Usage(format!(
+            "the control socket path {} is {} bytes, longer than a Unix socket allows ({}); use a shorter --runtime-dir",
+            socket.display(),
+            socket.as_os_str().len(),
+            MAX_SOCKET_PATH - 1
+        )));
+    }
+    private_dir(&runtime_dir)?;
+    private_dir(&state_dir)?;
+    let lock = |dir: &Path| {
+        proc_ctl::lock_dir(dir).map_err(|e| match e {
+            LockError::Held(..) => CliError::Refused(e.to_string()),
+            LockError::Io { .. } => CliError::Usage(e.to_string()),
+        })
+    };
+    let _runtime_lock = lock(&runtime_dir)?;
+    let _state_lock = lock(&state_dir)?;
+    proc_ctl::set_child_subreaper()
+        .map_err(|e| CliError::Refused(format!("cannot become a subreaper: {e}")))?;
+
+    let worker_bin = match &args.worker {
+        Some(p) => p.clone(),
+        None => std::env::current_exe()
+            .ok()
+            .and_then(|e| e.parent().map(|d| d.join("worker")))
+            .unwrap_or_else(|| PathBuf::from("worker")),
+    };
+    if !worker_bin.is_file() {
+        return Err(CliError::Usage(format!(
+            "the worker binary {} does not exist; build it (cargo build --release --workspace --bins) or pass --worker PATH",
+            worker_bin.display()
+        )));
+    }
+
+    let cgroups = cgroup::detect(args.cgroup_root.as_deref())
+        .map_err(|e| CliError::Refused(e.to_string()))?;
+    let (parent, remove_parent) =
+        cgroup_parent(&*cgroups, args.cgroup_parent.as_deref(), &proc_root)?;
+    cgroups
+        .prepare_parent(&parent)
+        .map_err(|e| CliError::Refused(e.to_string()))?;
+    for leftover in cgroup::subdirs(&parent).map_err(|e| CliError::Refused(e.to_string()))? {
+        if leftover.ends_with(SUPERVISOR_LEAF) {
+            continue;
+        }
+        let procs = cgroup::procs(&leftover).map(|p| p.len()).unwrap_or(0);
+        tracing::warn!(cgroup = %leftover.display(), processes = procs, "removing a leftover instance cgroup from a previous run");
+        cgroup::destroy(&*cgroups, &leftover, std::time::Duration::from_secs(5))
+            .map_err(|e| CliError::Refused(e.to_string()))?;
+    }
+    tracing::info!(
+        version = ?cgroups.version(),
+        parent = %parent.display(),
+        mode = %args.mode,
+        "starting {} instance(s)",
+        specs.len()
+    );
+
+    let instances = specs
+        .into_iter()
+        .zip(&report.instances)
+        .map(|(spec, row)| (spec, row.estimate, row.required))
+        .collect();
+    let cfg = DaemonConfig {
+        cgroups,
+        parent,
+        remove_parent,
+        state_dir,
+        worker_bin,
+        headroom: config.budget.headroom.bytes(),
+        usable: report.usable,
+        proc_root,
+        instances,
+    };
+    let _ = std::fs::remove_file(&socket); // stale: we hold the lock, so nobody serves it
+    let listener = std::os::unix::net::UnixListener::bind(&socket)
+        .map_err(|e| CliError::Refused(format!("cannot bind {}: {e}", socket.display())))?;
+    std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o600)).map_err(|e| {
+        CliError::Refused(format!("cannot set the mode of {}: {e}", socket.display()))
+    })?;
+    listener
+        .set_nonblocking(true)
+        .map_err(|e| CliError::Refused(e.to_string()))?;
+
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| CliError::Refused(format!("cannot start the event loop: {e}")))?;
+    let result = rt.block_on(async move {
+        let listener = tokio::net::UnixListener::from_std(listener).map_err(|e| e.to_string())?;
+        daemon::serve(cfg, listener, shutdown_signal())
+            .await
+            .map_err(|e| e.to_string())
+    });
+    let _ = std::fs::remove_file(&socket);
+    result.map_err(CliError::Refused)?;
+    Ok(Exit::Ok)
+}
+
+/// Resolves once SIGTERM or SIGINT arrives.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        tracing::error!("cannot watch SIGTERM/SIGINT");
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM received"),
+        _ = int.recv() => tracing::info!("SIGINT received"),
+    }
+}
+
+/// The directory that holds the instance cgroups, and whether it is ours to remove.
+///
+/// `--cgroup-parent` is relative to the hierarchy root. Without it, a supervisor that systemd
+/// started with `Delegate=yes` on cgroup v2 uses its own cgroup: it moves itself into a
+/// `supervisor` leaf (no processes in inner nodes) and creates instance cgroups beside it.
+/// Otherwise the parent is `belljar`.
+fn cgroup_parent(
+    cgroups: &dyn CgroupBackend,
+    given: Option<&Path>,
+    proc_root: &ProcRoot,
+) -> Result<(PathBuf, bool), CliError> {
+    if let Some(rel) = given {
+        if rel.components().any(|c| !matches!(c, Component::Normal(_)))
+            || rel.as_os_str().is_empty()
+        {
+            return Err(CliError::Usage(format!(
+                "--cgroup-parent {} must be a relative path without '..' (it is resolved under the cgroup root {})",
+                rel.display(),
+                cgroups.root().display()
+            )));
+        }
+        return Ok((cgroups.root().join(rel), true));
+    }
+    if cgroups.version() == Version::V2 && std::env::var_os("INVOCATION_ID").is_some() {
+        if let Some(own) =
+            cgroup::own_v2_cgroup(proc_root.path()).filter(|p| !p.as_os_str().is_empty())
+        {
+            let own = cgroups.root().join(own);
+            let leaf = own.join(SUPERVISOR_LEAF);
+            std::fs::create_dir_all(&leaf)
+                .map_err(|e| CliError::Refused(format!("cannot create {}: {e}", leaf.display())))?;
+            cgroup::attach(&leaf, std::process::id()).map_err(|e| {
+                CliError::Refused(format!(
+                    "{e}; is the unit started with Delegate=yes? (or pass --cgroup-parent)"
+                ))
+            })?;
+            return Ok((own, false));
+        }
+    }
+    Ok((cgroups.root().join(DEFAULT_PARENT), true))
+}
+
+/// Creates `dir` (and parents) and makes it private to this user (0700).
+fn private_dir(dir: &Path) -> Result<(), CliError> {
+    std::fs::create_dir_all(dir)
+        .and_then(|()| std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)))
+        .map_err(|e| {
+            CliError::Usage(format!(
+                "cannot create {}: {e}; pass another directory",
+                dir.display()
+            ))
+        })
+}

@@ -1,0 +1,103 @@
+//! One instance as the daemon tracks it: its resolved spec, its reservation, its state and the
+//! worker process running it (if any).
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use belljar_config::InstanceSpec;
+use belljar_protocol::worker::SupervisorMsg;
+use tokio::sync::mpsc::UnboundedSender;
+
+/// The states of `status`, spelled as in `status --json`, logs and docs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum State {
+    Starting,
+    Loading,
+    Ready,
+    Backoff,
+    WaitingForMemory,
+    Failed,
+    Stopping,
+    Stopped,
+}
+
+impl State {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            State::Starting => "starting",
+            State::Loading => "loading",
+            State::Ready => "ready",
+            State::Backoff => "backoff",
+            State::WaitingForMemory => "waiting-for-memory",
+            State::Failed => "failed",
+            State::Stopping => "stopping",
+            State::Stopped => "stopped",
+        }
+    }
+
+    /// Budget by state: these states hold their ledger allocation; `failed` and `stopped`
+    /// release it (docs/operations.md).
+    pub fn holds_allocation(self) -> bool {
+        !matches!(self, State::Failed | State::Stopped)
+    }
+}
+
+/// A running worker process.
+#[derive(Debug)]
+pub struct Worker {
+    pub pid: u32,
+    /// Distinguishes this run's link events from a previous run's.
+    pub generation: u64,
+    pub started: Instant,
+    pub cgroup: PathBuf,
+    /// Frames to the worker, written by the link's writer task.
+    pub tx: UnboundedSender<SupervisorMsg>,
+    /// Whether the worker has introduced itself (Hello checked, Welcome sent).
+    pub greeted: bool,
+}
+
+#[derive(Debug)]
+pub struct Instance {
+    pub spec: InstanceSpec,
+    /// The ledger reservation: max(ram_limit, estimate).
+    pub required: u64,
+    /// The file-size estimate (the cgroup's protected reservation, `memory.low`).
+    pub estimate: u64,
+    pub state: State,
+    pub reason: String,
+    pub worker: Option<Worker>,
+    pub restarts: u64,
+    pub oom_kills: u64,
+    pub last_exit: Option<String>,
+    pub load_progress: f32,
+    pub last_peak: Option<u64>,
+    /// When a stopping worker gets SIGKILL.
+    pub stop_deadline: Option<Instant>,
+    /// The reason the worker gave in a `Failed` or `Refused` message before it exited.
+    pub worker_said: Option<String>,
+}
+
+impl Instance {
+    pub fn new(spec: InstanceSpec, estimate: u64, required: u64) -> Instance {
+        Instance {
+            spec,
+            required,
+            estimate,
+            state: State::Starting,
+            reason: "waiting to start".into(),
+            worker: None,
+            restarts: 0,
+            oom_kills: 0,
+            last_exit: None,
+            load_progress: 0.0,
+            last_peak: None,
+            stop_deadline: None,
+            worker_said: None,
+        }
+    }
+
+    pub fn set(&mut self, state: State, reason: impl Into<String>) {
+        self.state = state;
+        self.reason = reason.into();
+    }
+}

@@ -1,0 +1,506 @@
+//! The supervisor daemon: one event loop that owns all state. Worker links, the control server,
+//! child exits and timers feed it events; it decides and acts (spawn, signal, cgroup kill).
+//!
+//! `serve` is a library function taking a bound control listener and a shutdown future, so tests
+//! and `main` wire it the same way.
+
+mod control;
+mod instance;
+mod spawn;
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use belljar_budget::Ledger;
+use belljar_host::cgroup::{self, CgroupBackend};
+use belljar_host::proc_ctl::{self, Exit};
+use belljar_host::{ProcRoot, read_host_memory};
+use belljar_protocol::control::{
+    BudgetStatus, HostStatus, InstanceStatus, MemoryStatus, Response, StatusReport,
+};
+use belljar_protocol::tokio_io::{read_frame, write_frame};
+use belljar_protocol::worker::{Shutdown, SupervisorMsg, Welcome, WorkerMsg};
+use belljar_protocol::{MAX_FRAME, PROTOCOL_VERSION, decode};
+use tokio::net::UnixListener;
+use tokio::signal::unix::{SignalKind, signal};
+use tokio::sync::{mpsc, oneshot};
+
+pub use instance::State;
+use instance::{Instance, Worker};
+
+/// The worker's exit code for a refused pre-load check (docs/protocol.md).
+const WORKER_TEMPORARY: i32 = 75;
+/// How long the final clean-up waits for a cgroup to empty.
+const CGROUP_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// What `serve` needs, resolved by the `run` command.
+#[derive(Debug)]
+pub struct DaemonConfig {
+    pub cgroups: Box<dyn CgroupBackend>,
+    /// The absolute cgroup directory that holds the instance cgroups.
+    pub parent: PathBuf,
+    /// Remove `parent` itself at shutdown (false when it is the supervisor's own delegated
+    /// cgroup).
+    pub remove_parent: bool,
+    pub state_dir: PathBuf,
+    pub worker_bin: PathBuf,
+    pub headroom: u64,
+    pub usable: u64,
+    pub proc_root: ProcRoot,
+    /// The mode's instances with their (estimate, required).
+    pub instances: Vec<(belljar_config::InstanceSpec, u64, u64)>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error("cannot set up the event loop: {0}")]
+    Setup(std::io::Error),
+}
+
+/// Events into the loop.
+#[derive(Debug)]
+enum Event {
+    Worker {
+        name: String,
+        generation: u64,
+        msg: WorkerMsg,
+    },
+    LinkClosed {
+        name: String,
+        generation: u64,
+    },
+    Control(
+        belljar_protocol::control::Command,
+        oneshot::Sender<Response>,
+    ),
+}
+
+struct Daemon {
+    cfg: DaemonConfig,
+    instances: BTreeMap<String, Instance>,
+    ledger: Ledger,
+    events: mpsc::UnboundedSender<Event>,
+    generation: u64,
+    stopping: bool,
+}
+
+/// Runs the daemon until `shutdown` resolves and every worker has stopped.
+pub async fn serve(
+    cfg: DaemonConfig,
+    listener: UnixListener,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), DaemonError> {
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let mut sigchld = signal(SignalKind::child()).map_err(DaemonError::Setup)?;
+    tokio::spawn(control::accept_loop(listener, tx.clone()));
+    let mut daemon = Daemon {
+        ledger: Ledger::new(cfg.usable),
+        instances: BTreeMap::new(),
+        events: tx,
+        generation: 0,
+        stopping: false,
+        cfg,
+    };
+    daemon.admit_all();
+    tokio::pin!(shutdown);
+    loop {
+        let deadline = daemon.next_deadline();
+        tokio::select! {
+            Some(ev) = rx.recv() => daemon.handle(ev),
+            _ = sigchld.recv() => daemon.reap(),
+            () = &mut shutdown, if !daemon.stopping => daemon.begin_stop(),
+            () = sleep_until(deadline), if deadline.is_some() => daemon.deadlines(),
+        }
+        // A SIGCHLD may have been coalesced with one already handled: reaping is idempotent.
+        daemon.reap();
+        if daemon.stopping && daemon.instances.values().all(|i| i.worker.is_none()) {
+            break;
+        }
+    }
+    daemon.final_cleanup();
+    Ok(())
+}
+
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d.into()).await,
+        None => std::future::pending().await,
+    }
+}
+
+impl Daemon {
+    /// Layer 2 and the first start of every instance of the mode.
+    fn admit_all(&mut self) {
+        for (spec, estimate, required) in std::mem::take(&mut self.cfg.instances) {
+            let name = spec.name.to_string();
+            let mut inst = Instance::new(spec, estimate, required);
+            match self.ledger.allocate(&name, required) {
+                Ok(()) => self.start(&mut inst),
+                Err(denied) => {
+                    tracing::error!(instance = %name, "not admitted: {denied}");
+                    inst.set(State::Failed, denied.to_string());
+                }
+            }
+            self.instances.insert(name, inst);
+        }
+    }
+
+    fn start(&mut self, inst: &mut Instance) {
+        let env = spawn::SpawnEnv {
+            cgroups: &*self.cfg.cgroups,
+            parent: &self.cfg.parent,
+            worker_bin: &self.cfg.worker_bin,
+            state_dir: &self.cfg.state_dir,
+            headroom: self.cfg.headroom,
+        };
+        let name = inst.spec.name.to_string();
+        match spawn::spawn(&env, inst) {
+            Ok(s) => {
+                self.generation += 1;
+                let generation = self.generation;
+                let (tx, rx) = mpsc::unbounded_channel();
+                if let Err(e) = self.attach_link(&name, generation, s.link, rx) {
+                    tracing::error!(instance = %name, "cannot watch the worker's link: {e}");
+                }
+                tracing::info!(instance = %name, pid = s.pid, cgroup = %s.cgroup.display(), "spawned");
+                inst.worker = Some(Worker {
+                    pid: s.pid,
+                    generation,
+                    started: Instant::now(),
+                    cgroup: s.cgroup,
+                    tx,
+                    greeted: false,
+                });
+                inst.load_progress = 0.0;
+                inst.worker_said = None;
+                inst.set(State::Starting, "worker started, waiting for its hello");
+            }
+            Err(e) => {
+                tracing::error!(instance = %name, "cannot start: {e}");
+                self.ledger.release(&name);
+                inst.set(State::Failed, format!("cannot start: {e}"));
+            }
+        }
+    }
+
+    /// Reader and writer tasks for one worker link.
+    fn attach_link(
+        &self,
+        name: &str,
+        generation: u64,
+        link: std::os::unix::net::UnixStream,
+        mut outbox: mpsc::UnboundedReceiver<SupervisorMsg>,
+    ) -> std::io::Result<()> {
+        link.set_nonblocking(true)?;
+        let stream = tokio::net::UnixStream::from_std(link)?;
+        let (mut rd, mut wr) = stream.into_split();
+        let events = self.events.clone();
+        let name = name.to_owned();
+        tokio::spawn(async move {
+            loop {
+                let msg = match read_frame(&mut rd, MAX_FRAME).await {
+                    Ok(Some(payload)) => match decode::<WorkerMsg>(&payload) {
+                        Ok(m) => m,
+                        Err(e) => {
+                            tracing::warn!(instance = %name, "bad frame from the worker: {e}");
+                            break;
+                        }
+                    },
+                    Ok(None) => break,
+                    Err(e) => {
+                        tracing::warn!(instance = %name, "worker link error: {e}");
+                        break;
+                    }
+                };
+                let event = Event::Worker {
+                    name: name.clone(),
+                    generation,
+                    msg,
+                };
+                if events.send(event).is_err() {
+                    return;
+                }
+            }
+            let _ = events.send(Event::LinkClosed { name, generation });
+        });
+        tokio::spawn(async move {
+            while let Some(msg) = outbox.recv().await {
+                if write_frame(&mut wr, &msg).await.is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(())
+    }
+
+    fn handle(&mut self, ev: Event) {
+        match ev {
+            Event::Worker {
+                name,
+                generation,
+                msg,
+            } => self.on_worker(&name, generation, msg),
+            Event::LinkClosed { name, generation } => {
+                if let Some(w) = self.instances.get(&name).and_then(|i| i.worker.as_ref()) {
+                    if w.generation == generation {
+                        tracing::debug!(instance = %name, "worker link closed");
+                    }
+                }
+            }
+            Event::Control(cmd, reply) => {
+                let _ = reply.send(self.on_control(cmd));
+            }
+        }
+    }
+
+    fn on_worker(&mut self, name: &str, generation: u64, msg: WorkerMsg) {
+        let Some(inst) = self.instances.get_mut(name) else {
+            return;
+        };
+        let Some(worker) = inst.worker.as_mut().filter(|w| w.generation == generation) else {
+            return; // a message from a previous run of this instance
+        };
+        if !worker.greeted {
+            match msg {
+                WorkerMsg::Hello(h) if h.instance == name && h.pid == worker.pid => {
+                    worker.greeted = true;
+                    let _ = worker.tx.send(SupervisorMsg::Welcome(Welcome {
+                        protocol_version: PROTOCOL_VERSION,
+                    }));
+                    if h.protocol_version != PROTOCOL_VERSION {
+                        tracing::warn!(instance = %name, "worker speaks protocol {}, supervisor {PROTOCOL_VERSION}", h.protocol_version);
+                    }
+                }
+                other => {
+                    tracing::error!(instance = %name, "worker did not introduce itself correctly ({other:?}); killing it");
+                    let _ = self.cfg.cgroups.kill_all(&worker.cgroup);
+                }
+            }
+            return;
+        }
+        match msg {
+            WorkerMsg::Loading(l) => {
+                inst.load_progress = l.fraction;
+                if inst.state == State::Starting || inst.state == State::Loading {
+                    inst.set(
+                        State::Loading,
+                        format!("loading the model ({:.0}%)", l.fraction * 100.0),
+                    );
+                }
+            }
+            WorkerMsg::Ready(r) => {
+                inst.load_progress = 1.0;
+                tracing::info!(instance = %name, load_ms = r.load_ms, turns = r.session.turns, "ready");
+                if inst.state != State::Stopping {
+                    inst.set(
+                        State::Ready,
+                        format!(
+                            "serving (loaded in {} ms; session of {} turns restored from {})",
+                            r.load_ms,
+                            r.session.turns,
+                            r.session.restored_from.as_str()
+                        ),
+                    );
+                }
+            }
+            WorkerMsg::Refused(r) => inst.worker_said = Some(r.reason),
+            WorkerMsg::Failed(f) => inst.worker_said = Some(f.reason),
+            WorkerMsg::Heartbeat(_)
+            | WorkerMsg::Token(_)
+            | WorkerMsg::Done(_)
+            | WorkerMsg::Error(_) => {}
+            WorkerMsg::Hello(_) => tracing::warn!(instance = %name, "second hello ignored"),
+        }
+    }
+
+    /// Collects every exited child: workers are classified; orphans re-parented to us (a
+    /// worker's double-forked children) are simply reaped.
+    fn reap(&mut self) {
+        for (pid, exit) in proc_ctl::reap_all() {
+            let name = self
+                .instances
+                .iter()
+                .find(|(_, i)| i.worker.as_ref().is_some_and(|w| w.pid == pid))
+                .map(|(n, _)| n.clone());
+            match name {
+                Some(name) => self.on_exit(&name, exit),
+                None => tracing::debug!(pid, "reaped an orphaned descendant"),
+            }
+        }
+    }
+
+    fn on_exit(&mut self, name: &str, exit: Exit) {
+        let Some(inst) = self.instances.get_mut(name) else {
+            return;
+        };
+        let Some(worker) = inst.worker.take() else {
+            return;
+        };
+        let stats = self.cfg.cgroups.memory(&worker.cgroup).ok();
+        inst.last_peak = stats.and_then(|s| s.peak);
+        // The cgroup goes with the worker: anything it left behind dies here.
+        if let Err(e) = cgroup::destroy(&*self.cfg.cgroups, &worker.cgroup, CGROUP_TIMEOUT) {
+            tracing::error!(instance = %name, "cannot remove cgroup: {e}");
+        }
+        let said = inst.worker_said.take();
+        let (state, last_exit, reason) = match (inst.state, exit) {
+            (State::Stopping, _) => (
+                State::Stopped,
+                "stopped".to_owned(),
+                "stopped by the supervisor".to_owned(),
+            ),
+            (_, Exit::Code(0)) => (
+                State::Stopped,
+                "exit:0".to_owned(),
+                "the worker exited cleanly".to_owned(),
+            ),
+            (_, Exit::Code(WORKER_TEMPORARY)) => (
+                State::Failed,
+                "precheck-refused".to_owned(),
+                said.unwrap_or_else(|| "the pre-load memory check refused".into()),
+            ),
+            (_, Exit::Code(c)) => (
+                State::Failed,
+                format!("exit:{c}"),
+                said.map_or_else(
+                    || format!("the worker exited with code {c}"),
+                    |s| format!("exit {c}: {s}"),
+                ),
+            ),
+            (_, Exit::Signal(s)) => (
+                State::Failed,
+                format!("signal:{s}"),
+                format!("the worker was killed by signal {s}"),
+            ),
+        };
+        tracing::info!(instance = %name, pid = worker.pid, exit = %last_exit, "exited");
+        inst.last_exit = Some(last_exit);
+        inst.stop_deadline = None;
+        inst.set(state, reason);
+        if !state.holds_allocation() {
+            self.ledger.release(name);
+        }
+    }
+
+    fn begin_stop(&mut self) {
+        tracing::info!("stopping: sending Shutdown to every worker");
+        self.stopping = true;
+        for inst in self.instances.values_mut() {
+            if let Some(w) = &inst.worker {
+                let _ = w.tx.send(SupervisorMsg::Shutdown(Shutdown {}));
+                inst.stop_deadline = Some(Instant::now() + inst.spec.stop_timeout.0);
+                inst.set(State::Stopping, "shutting down");
+            }
+        }
+    }
+
+    fn next_deadline(&self) -> Option<Instant> {
+        self.instances
+            .values()
+            .filter_map(|i| i.stop_deadline)
+            .min()
+    }
+
+    /// Stop timeouts that passed: the whole cgroup is killed.
+    fn deadlines(&mut self) {
+        let now = Instant::now();
+        for (name, inst) in &mut self.instances {
+            if inst.stop_deadline.is_some_and(|d| d <= now) {
+                inst.stop_deadline = None;
+                if let Some(w) = &inst.worker {
+                    tracing::warn!(instance = %name, "did not stop within {}; killing its cgroup", inst.spec.stop_timeout);
+                    if let Err(e) = self.cfg.cgroups.kill_all(&w.cgroup) {
+                        tracing::error!(instance = %name, "cannot kill: {e}");
+                    }
+                }
+            }
+        }
+    }
+
+    fn final_cleanup(&mut self) {
+        let dirs = cgroup::subdirs(&self.cfg.parent).unwrap_or_default();
+        for dir in dirs.iter().filter(|d| !d.ends_with(SUPERVISOR_LEAF)) {
+            if let Err(e) = cgroup::destroy(&*self.cfg.cgroups, dir, CGROUP_TIMEOUT) {
+                tracing::error!("cannot remove {}: {e}", dir.display());
+            }
+        }
+        if self.cfg.remove_parent {
+            if let Err(e) = cgroup::destroy(&*self.cfg.cgroups, &self.cfg.parent, CGROUP_TIMEOUT) {
+                tracing::error!("cannot remove {}: {e}", self.cfg.parent.display());
+            }
+        }
+        // Whatever died in the clean-up is ours to reap.
+        let _ = proc_ctl::reap_all();
+        tracing::info!("stopped");
+    }
+
+    fn on_control(&mut self, cmd: belljar_protocol::control::Command) -> Response {
+        match cmd {
+            belljar_protocol::control::Command::Status(_) => Response::Status(self.status()),
+        }
+    }
+
+    fn status(&self) -> StatusReport {
+        let host = read_host_memory(&self.cfg.proc_root).unwrap_or(belljar_budget::HostMemory {
+            total: 0,
+            available: 0,
+        });
+        let instances = self
+            .instances
+            .iter()
+            .map(|(name, i)| {
+                let stats = i
+                    .worker
+                    .as_ref()
+                    .and_then(|w| self.cfg.cgroups.memory(&w.cgroup).ok());
+                InstanceStatus {
+                    name: name.clone(),
+                    state: i.state.as_str().to_owned(),
+                    reason: i.reason.clone(),
+                    pid: i.worker.as_ref().map(|w| w.pid),
+                    restarts: i.restarts,
+                    oom_kills: i.oom_kills,
+                    last_exit: i.last_exit.clone(),
+                    load_progress: i.load_progress,
+                    allocated: self.ledger.get(name).unwrap_or(0),
+                    estimate_source: "file".to_owned(),
+                    memory: MemoryStatus {
+                        current: stats.map(|s| s.current),
+                        limit: stats.and_then(|s| s.limit),
+                        reservation: stats.map(|s| s.reservation),
+                        peak: stats.and_then(|s| s.peak),
+                        last_peak: i.last_peak,
+                    },
+                    uptime_s: i.worker.as_ref().map(|w| w.started.elapsed().as_secs()),
+                }
+            })
+            .collect();
+        StatusReport {
+            host: HostStatus {
+                total: host.total,
+                available: host.available,
+            },
+            budget: BudgetStatus {
+                usable: self.ledger.capacity(),
+                allocated: self.ledger.allocated(),
+            },
+            instances,
+        }
+    }
+}
+
+/// The leaf a delegated supervisor moves itself into (cgroup v2's no-internal-processes rule).
+pub const SUPERVISOR_LEAF: &str = "supervisor";
+
+/// Reads one request from a control connection; used by the control server.
+pub(crate) async fn read_request<R: tokio::io::AsyncRead + Unpin>(
+    r: &mut R,
+) -> Result<Option<belljar_protocol::control::Request>, String> {
+    match read_frame(r, MAX_FRAME).await {
+        Ok(Some(p)) => decode(&p).map(Some).map_err(|e| e.to_string()),
+        Ok(None) => Ok(None),
+        Err(e) => Err(e.to_string()),
+    }
+}

@@ -1,0 +1,311 @@
+//! `supervisor run` for real: root, real cgroups (v1 here), real workers on generated models,
+//! each test with its own cgroup parent, runtime and state dirs.
+
+#![allow(clippy::unwrap_used)] // tests unwrap: a panic is the failure report
+
+use std::path::Path;
+use std::time::Duration;
+
+use belljar_testkit::daemon::{Daemon, all_in, instance, unique_parent};
+use belljar_testkit::{TestDir, run, tiny_shape, wait_for};
+
+const MIB: u64 = 1 << 20;
+
+/// Three instances on two generated models; a small min_required keeps the test's reservations
+/// small.
+fn matrix_config(t: &TestDir) -> String {
+    t.model("models/a.gguf", &tiny_shape());
+    t.model(
+        "models/b.gguf",
+        &belljar_testkit::ModelShape {
+            seed: 2,
+            ..tiny_shape()
+        },
+    );
+    r#"
+[budget]
+min_required = "32MiB"
+headroom = "64MiB"
+
+[defaults]
+model = "models/a.gguf"
+ctx = 256
+heartbeat_interval = "200ms"
+stop_timeout = "5s"
+
+[instances.subject]
+ram_limit = "96MiB"
+
+[instances.observer]
+model = "models/b.gguf"
+ram_limit = "128MiB"
+priority = 1
+
+[instances.god]
+priority = 2
+
+[modes.matrix]
+instances = ["subject", "observer", "god"]
+
+[modes.single]
+instances = ["subject"]
+"#
+    .to_owned()
+}
+
+fn read(dir: &Path, file: &str) -> String {
+    std::fs::read_to_string(dir.join(file))
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.join(file).display()))
+        .trim()
+        .to_owned()
+}
+
+fn is_root() -> bool {
+    nix::unistd::geteuid().is_root()
+}
+
+#[test]
+fn matrix_mode_runs_each_worker_in_its_own_cgroup_and_stops_cleanly() {
+    assert!(
+        is_root(),
+        "daemon tests create real cgroups: run them as root"
+    );
+    let t = TestDir::new();
+    let mut d = Daemon::start(&t, &matrix_config(&t), "matrix", &[]);
+    let status = d.wait_status("all instances ready", |s| all_in(s, "ready"));
+    let v1 = d.cgroups.version() == belljar_host::cgroup::Version::V1;
+    let expected = [
+        ("subject", 96 * MIB),
+        ("observer", 128 * MIB),
+        ("god", 32 * MIB),
+    ];
+    let mut pids = Vec::new();
+    for (name, required) in expected {
+        let i = instance(&status, name);
+        let pid = i["pid"].as_u64().unwrap() as u32;
+        pids.push(pid);
+        let dir = d.parent().join(name);
+        assert_eq!(
+            read(&dir, "cgroup.procs"),
+            pid.to_string(),
+            "{name}: the worker alone is in its cgroup"
+        );
+        let limit: u64 = read(
+            &dir,
+            if v1 {
+                "memory.limit_in_bytes"
+            } else {
+                "memory.max"
+            },
+        )
+        .parse()
+        .unwrap();
+        assert_eq!(limit, required, "{name}: limit = required");
+        assert_eq!(
+            i["memory"]["limit"], limit,
+            "{name}: status matches the cgroup"
+        );
+        assert_eq!(i["allocated"], required);
+        let low: u64 = read(
+            &dir,
+            if v1 {
+                "memory.soft_limit_in_bytes"
+            } else {
+                "memory.low"
+            },
+        )
+        .parse()
+        .unwrap();
+        assert_eq!(i["memory"]["reservation"], low);
+        assert!(i["memory"]["current"].as_u64().unwrap() > 0);
+        assert_eq!(i["last_exit"], serde_json::Value::Null);
+        assert_eq!(i["estimate_source"], "file");
+        assert_eq!(i["load_progress"], 1.0);
+    }
+    assert_eq!(status["budget"]["allocated"], (96 + 128 + 32) * MIB);
+    let mut unique = pids.clone();
+    unique.dedup();
+    assert_eq!(unique.len(), 3);
+
+    // A second supervisor on the same directories refuses and touches nothing.
+    let second = run(
+        "supervisor",
+        &[
+            "run",
+            "--mode",
+            "matrix",
+            "--cgroup-parent",
+            &unique_parent("second"),
+            "--config",
+            d.config.to_str().unwrap(),
+            "--runtime-dir",
+            d.runtime.to_str().unwrap(),
+            "--state-dir",
+            d.state.to_str().unwrap(),
+        ],
+    );
+    second
+        .expect_code(1)
+        .expect_says(&["another supervisor is already running"]);
+    assert!(
+        all_in(&d.status().unwrap(), "ready"),
+        "the first one is undisturbed"
+    );
+
+    let exit = d.terminate();
+    assert_eq!(exit.code(), Some(0), "log:\n{}", d.stderr());
+    for pid in pids {
+        assert!(
+            !Path::new(&format!("/proc/{pid}")).exists(),
+            "worker {pid} is gone"
+        );
+    }
+    assert!(!d.parent().exists(), "the cgroup parent is removed");
+    assert!(
+        !d.runtime.join("control.sock").exists(),
+        "the control socket is removed"
+    );
+    assert_eq!(
+        d.cli(&["status"]).code,
+        Some(3),
+        "status now says unreachable"
+    );
+}
+
+#[test]
+fn a_workers_orphan_is_reaped_and_dies_with_its_cgroup() {
+    assert!(
+        is_root(),
+        "daemon tests create real cgroups: run them as root"
+    );
+    let t = TestDir::new();
+    let mut d = Daemon::start(
+        &t,
+        &matrix_config(&t),
+        "single",
+        &[("BELLJAR_DEBUG_SPAWN_ORPHAN", "true")],
+    );
+    let status = d.wait_status("subject ready", |s| all_in(s, "ready"));
+    let worker = instance(&status, "subject")["pid"].as_u64().unwrap() as u32;
+    let dir = d.parent().join("subject");
+    let orphan: u32 = wait_for("the orphan in the cgroup", Duration::from_secs(10), || {
+        read(&dir, "cgroup.procs")
+            .lines()
+            .map(|l| l.parse().unwrap())
+            .find(|p| *p != worker)
+    });
+    let ppid = read(Path::new(&format!("/proc/{orphan}")), "status")
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("PPid:")
+                .map(|p| p.trim().parse::<u32>().unwrap())
+        })
+        .unwrap();
+    assert_eq!(
+        ppid,
+        d.child.id(),
+        "the double-forked child was re-parented to the supervisor (subreaper)"
+    );
+
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(worker as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let status = d.wait_status("the worker's death", |s| {
+        instance(s, "subject")["last_exit"] == "signal:9"
+    });
+    assert_eq!(instance(&status, "subject")["state"], "failed");
+    assert_eq!(
+        instance(&status, "subject")["allocated"],
+        0,
+        "a failed instance releases its allocation"
+    );
+    wait_for(
+        "the orphan to be killed and reaped",
+        Duration::from_secs(10),
+        || (!Path::new(&format!("/proc/{orphan}")).exists()).then_some(()),
+    );
+    assert!(!dir.exists(), "the instance cgroup is removed");
+    assert_eq!(d.terminate().code(), Some(0));
+}
+
+#[test]
+fn leftover_cgroups_of_a_crashed_run_are_cleaned_at_start() {
+    assert!(
+        is_root(),
+        "daemon tests create real cgroups: run them as root"
+    );
+    let t = TestDir::new();
+    let parent_rel = unique_parent("leftover");
+    let cgroups = belljar_host::cgroup::detect(None).unwrap();
+    let ghost = cgroups.root().join(&parent_rel).join("ghost");
+    cgroups.prepare_parent(&ghost).unwrap();
+    let mut sleeper = std::process::Command::new("sleep")
+        .arg("600")
+        .spawn()
+        .unwrap();
+    belljar_host::cgroup::attach(&ghost, sleeper.id()).unwrap();
+
+    let mut d = Daemon::start_with_parent(&t, &matrix_config(&t), "single", &[], parent_rel);
+    d.wait_status("subject ready", |s| all_in(s, "ready"));
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(
+        sleeper.wait().unwrap().signal(),
+        Some(9),
+        "the leftover process was killed"
+    );
+    assert!(!ghost.exists(), "the leftover cgroup was removed");
+    assert!(
+        d.stderr().contains("removing a leftover instance cgroup"),
+        "{}",
+        d.stderr()
+    );
+    assert_eq!(d.terminate().code(), Some(0));
+}
+
+#[test]
+fn a_mode_that_does_not_fit_starts_nothing() {
+    let t = TestDir::new();
+    let config = matrix_config(&t) + "";
+    let config = config.replace("[budget]\n", "[budget]\ntotal = \"200MiB\"\n");
+    let mut d = Daemon::start(&t, &config, "matrix", &[]);
+    let exit = d.wait();
+    assert_eq!(exit.code(), Some(1));
+    assert!(d.stderr().contains("does not fit"), "{}", d.stderr());
+    assert!(!d.parent().exists(), "no cgroup was created");
+}
+
+#[test]
+fn a_runtime_dir_too_long_for_a_socket_is_a_usage_error() {
+    let t = TestDir::new();
+    let config = t.write("budgets.toml", &matrix_config(&t));
+    let long = t.join(&"r".repeat(120));
+    let r = run(
+        "supervisor",
+        &[
+            "run",
+            "--mode",
+            "single",
+            "--config",
+            config.to_str().unwrap(),
+            "--runtime-dir",
+            long.to_str().unwrap(),
+            "--state-dir",
+            t.join("s").to_str().unwrap(),
+        ],
+    );
+    r.expect_code(2)
+        .expect_says(&["longer than a Unix socket allows", "shorter --runtime-dir"]);
+}
+
+#[test]
+fn status_without_a_supervisor_is_exit_3() {
+    let t = TestDir::new();
+    run(
+        "supervisor",
+        &["status", "--runtime-dir", t.path().to_str().unwrap()],
+    )
+    .expect_code(3)
+    .expect_says(&["cannot reach the supervisor", "--runtime-dir"]);
+}
