@@ -309,3 +309,40 @@ fn status_without_a_supervisor_is_exit_3() {
     .expect_code(3)
     .expect_says(&["cannot reach the supervisor", "--runtime-dir"]);
 }
+
+#[test]
+fn worker_user_runs_the_worker_unprivileged_in_its_cgroup() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    assert!(
+        is_root(),
+        "daemon tests create real cgroups: run them as root"
+    );
+    let t = TestDir::new();
+    let config = matrix_config(&t).replace(
+        "[instances.subject]\n",
+        "[instances.subject]\nworker_user = \"nobody\"\n",
+    );
+    // The model must be readable by the unprivileged worker.
+    for p in [
+        t.path().to_path_buf(),
+        t.join("models"),
+        t.join("models/a.gguf"),
+    ] {
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    let mut d = Daemon::start(&t, &config, "single", &[]);
+    let status = d.wait_status("subject ready", |s| all_in(s, "ready"));
+    let pid = instance(&status, "subject")["pid"].as_u64().unwrap();
+    let meta = std::fs::metadata(format!("/proc/{pid}")).unwrap();
+    let nobody = nix::unistd::User::from_name("nobody").unwrap().unwrap();
+    assert_eq!(meta.uid(), nobody.uid.as_raw(), "the worker runs as nobody");
+    let owner = std::fs::metadata(d.state.join("instances/subject"))
+        .unwrap()
+        .uid();
+    assert_eq!(owner, nobody.uid.as_raw(), "its state dir belongs to it");
+    assert_eq!(
+        read(&d.parent().join("subject"), "cgroup.procs"),
+        pid.to_string()
+    );
+    assert_eq!(d.terminate().code(), Some(0));
+}

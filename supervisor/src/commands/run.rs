@@ -57,8 +57,15 @@ pub fn run(global: &GlobalArgs, args: &RunArgs) -> Result<Exit, CliError> {
             MAX_SOCKET_PATH - 1
         )));
     }
-    private_dir(&runtime_dir)?;
-    private_dir(&state_dir)?;
+    private_dir(&runtime_dir, 0o700)?;
+    // A worker running as `worker_user` must be able to pass through the state dir to its own
+    // instance dir (which it owns): traversable, not listable.
+    let state_mode = if specs.iter().any(|s| s.worker_user.is_some()) {
+        0o711
+    } else {
+        0o700
+    };
+    private_dir(&state_dir, state_mode)?;
     let lock = |dir: &Path| {
         proc_ctl::lock_dir(dir).map_err(|e| match e {
             LockError::Held(..) => CliError::Refused(e.to_string()),
@@ -207,10 +214,10 @@ fn cgroup_parent(
     Ok((cgroups.root().join(DEFAULT_PARENT), true))
 }
 
-/// Creates `dir` (and parents) and makes it private to this user (0700).
-fn private_dir(dir: &Path) -> Result<(), CliError> {
+/// Creates `dir` (and parents) and gives it `mode` (0700: private to this user).
+fn private_dir(dir: &Path, mode: u32) -> Result<(), CliError> {
     std::fs::create_dir_all(dir)
-        .and_then(|()| std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)))
+        .and_then(|()| std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode)))
         .map_err(|e| {
             CliError::Usage(format!(
                 "cannot create {}: {e}; pass another directory",
