@@ -39,7 +39,67 @@ pub struct GlobalArgs {
 pub enum Command {
     Run(RunArgs),
     Status(StatusArgs),
+    Add(AddArgs),
+    Remove(NameArgs),
+    Restart(NameArgs),
+    Ask(AskArgs),
     Validate(ValidateArgs),
+}
+
+/// Add an instance to the running supervisor (kept across supervisor restarts); returns when
+/// it is ready.
+#[derive(Debug, Args)]
+#[command(
+    after_help = "Examples:\n  supervisor add helper --model models/demo.gguf --ram-limit 256M\n  \
+supervisor add big --model /srv/models/q4.gguf --ctx 8192 --priority 5\n\n\
+The budget (layer 2) and the free memory (layer 3) are checked first: a refusal names the \
+shortfall, exits 1 and changes nothing. Adding an existing name exits 1 (an identical retry is \
+harmless)."
+)]
+pub struct AddArgs {
+    /// The new instance's name ([a-z0-9][a-z0-9_-]{0,62}).
+    pub name: String,
+    /// The GGUF model file.
+    #[arg(long, value_name = "PATH")]
+    pub model: PathBuf,
+    /// Reserve at least this much (never less than the model's estimate).
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    pub ram_limit: Option<Size>,
+    /// Context length [default: from [defaults]].
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    pub ctx: Option<u32>,
+    /// Layers offloaded to a GPU.
+    #[arg(long)]
+    pub gpu_layers: Option<u32>,
+    /// Higher is more important; the lowest is shed first.
+    #[arg(long, allow_negative_numbers = true)]
+    pub priority: Option<i64>,
+}
+
+/// An instance by name.
+#[derive(Debug, Args)]
+#[command(
+    after_help = "Examples:\n  supervisor remove helper\n  supervisor restart subject\n\nExits 1 for an unknown instance."
+)]
+pub struct NameArgs {
+    pub name: String,
+}
+
+/// Ask an instance one prompt; the reply streams to stdout as it is generated. The instance
+/// keeps the conversation.
+#[derive(Debug, Args)]
+#[command(
+    after_help = "Examples:\n  supervisor ask subject \"hello, who are you?\"\n  supervisor ask god \"go on\" --max-tokens 64 --ignore-eos"
+)]
+pub struct AskArgs {
+    pub name: String,
+    pub prompt: String,
+    /// Most tokens to generate.
+    #[arg(long, default_value_t = 128)]
+    pub max_tokens: u32,
+    /// Keep generating past an end-of-sequence token.
+    #[arg(long)]
+    pub ignore_eos: bool,
 }
 
 /// Run a mode's instances: each worker in its own cgroup, until SIGTERM/SIGINT.

@@ -2,6 +2,7 @@
 //! error type that maps every failure to the documented exit codes. `main` only parses and wires.
 
 pub mod cli;
+pub mod client;
 pub mod commands;
 pub mod daemon;
 pub mod error;

@@ -1,30 +1,90 @@
-//! The control socket (`control.sock` in the runtime directory): one request per connection,
-//! answered with one response. `supervisor status` and, from [control] on, add/remove/ask/restart
-//! speak it. The status report is a stable, documented interface (docs/operations.md).
+//! The control socket (`control.sock` in the runtime directory). One conversation per
+//! connection: the client sends [`ClientHello`], the server answers [`ServerHello`] (or an
+//! `Error`), the client sends one [`Command`], the server answers with one or more [`Response`]s
+//! (an `ask` streams `Token`s and ends with `Done`; everything else answers once). The status
+//! report is a stable, documented interface (docs/operations.md).
+
+use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-/// A request, with the client's protocol version.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Request {
+pub struct ClientHello {
     pub protocol_version: u32,
-    pub command: Command,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServerHello {
+    pub protocol_version: u32,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type")]
 pub enum Command {
     Status(StatusQuery),
+    Add(AddRequest),
+    Remove(NameRequest),
+    Restart(NameRequest),
+    Ask(AskRequest),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct StatusQuery {}
 
+/// `supervisor add`: a new instance at run time (persisted in the state dir). Unset fields
+/// come from the config's `[defaults]`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AddRequest {
+    pub name: String,
+    /// Canonicalized by the client.
+    pub model: PathBuf,
+    pub ram_limit: Option<u64>,
+    pub ctx: Option<u32>,
+    pub gpu_layers: Option<u32>,
+    pub priority: Option<i64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NameRequest {
+    pub name: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AskRequest {
+    pub name: String,
+    pub prompt: String,
+    pub max_tokens: u32,
+    #[serde(default)]
+    pub ignore_eos: bool,
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type")]
 pub enum Response {
     Status(StatusReport),
+    /// A command that changed something (or found it already so) succeeded.
+    Ok(OkReply),
+    /// One generated token of an `ask`.
+    Token(TokenText),
+    /// The end of an `ask`.
+    Done(AskDone),
     Error(ControlError),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OkReply {
+    pub message: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenText {
+    pub text: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AskDone {
+    pub tokens: u32,
+    pub ms: u64,
 }
 
 /// A refused or failed request; `exit_code` is what the CLI exits with (docs/operations.md).

@@ -1,5 +1,9 @@
 //! One module per subcommand; `dispatch` only routes.
 
+pub mod add;
+pub mod ask;
+pub mod remove;
+pub mod restart;
 pub mod run;
 pub mod status;
 pub mod validate;
@@ -12,5 +16,22 @@ pub fn dispatch(cli: Cli) -> Result<Exit, CliError> {
         Command::Validate(args) => validate::run(&cli.global, &args),
         Command::Run(args) => run::run(&cli.global, &args),
         Command::Status(args) => status::run(&cli.global, &args),
+        Command::Add(args) => add::run(&cli.global, &args),
+        Command::Remove(args) => remove::run(&cli.global, &args),
+        Command::Restart(args) => restart::run(&cli.global, &args),
+        Command::Ask(args) => ask::run(&cli.global, &args),
+    }
+}
+
+/// Prints the message of an `Ok` answer.
+fn print_ok(r: belljar_protocol::control::Response) -> Result<Exit, CliError> {
+    match r {
+        belljar_protocol::control::Response::Ok(ok) => {
+            println!("{}", ok.message);
+            Ok(Exit::Ok)
+        }
+        other => Err(CliError::Unreachable(format!(
+            "unexpected answer: {other:?}"
+        ))),
     }
 }

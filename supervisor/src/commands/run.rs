@@ -15,8 +15,7 @@ use crate::daemon::{self, DaemonConfig, SUPERVISOR_LEAF};
 use crate::error::{CliError, Exit};
 use crate::paths;
 
-/// The control socket's name inside the runtime directory.
-pub const CONTROL_SOCKET: &str = "control.sock";
+pub use crate::client::CONTROL_SOCKET;
 /// The default cgroup parent, relative to the cgroup root.
 pub const DEFAULT_PARENT: &str = "belljar";
 
@@ -57,7 +56,29 @@ pub fn run(global: &GlobalArgs, args: &RunArgs) -> Result<Exit, CliError> {
             MAX_SOCKET_PATH - 1
         )));
     }
-    private_dir(&runtime_dir, 0o700)?;
+    // [control] group: members may use the socket (dir 0750, socket 0660, both in the group).
+    let group = match &config.control.group {
+        Some(g) => Some(
+            nix::unistd::Group::from_name(g)
+                .map_err(|e| CliError::Usage(format!("cannot look up [control] group {g:?}: {e}")))?
+                .ok_or_else(|| {
+                    CliError::Usage(format!(
+                        "[control] group {g:?} does not exist; create it or unset it"
+                    ))
+                })?
+                .gid,
+        ),
+        None => None,
+    };
+    private_dir(&runtime_dir, if group.is_some() { 0o750 } else { 0o700 })?;
+    if let Some(gid) = group {
+        nix::unistd::chown(&runtime_dir, None, Some(gid)).map_err(|e| {
+            CliError::Usage(format!(
+                "cannot give {} to the control group: {e}",
+                runtime_dir.display()
+            ))
+        })?;
+    }
     // A worker running as `worker_user` must be able to pass through the state dir to its own
     // instance dir (which it owns): traversable, not listable.
     let state_mode = if specs.iter().any(|s| s.worker_user.is_some()) {
@@ -130,6 +151,11 @@ pub fn run(global: &GlobalArgs, args: &RunArgs) -> Result<Exit, CliError> {
         usable: report.usable,
         proc_root,
         instances,
+        config,
+        access: daemon::Access {
+            own_uid: nix::unistd::geteuid(),
+            group,
+        },
     };
     let _ = std::fs::remove_file(&socket); // stale: we hold the lock, so nobody serves it
     let listener = std::os::unix::net::UnixListener::bind(&socket)

@@ -1,24 +1,67 @@
-//! The control server: one request per connection, each connection in its own task with a
-//! deadline, so a slow or silent client never holds up the event loop or other clients.
+//! The control server. Each connection runs in its own task with deadlines, so garbage, an
+//! oversized frame or a silent client never holds up the event loop or other clients.
+//!
+//! Access is checked twice: by file modes (a 0700 runtime dir, a 0600 socket; 0750/0660 with
+//! `[control] group`) and by the peer's credentials (SO_PEERCRED), so a socket whose modes were
+//! opened up still refuses strangers.
 
 use std::time::Duration;
 
-use belljar_protocol::PROTOCOL_VERSION;
-use belljar_protocol::control::{ControlError, Response};
-use belljar_protocol::tokio_io::write_frame;
+use belljar_protocol::control::{ClientHello, Command, ControlError, Response, ServerHello};
+use belljar_protocol::tokio_io::{read_frame, write_frame};
+use belljar_protocol::{PROTOCOL_VERSION, decode};
+use nix::unistd::{Gid, Uid, User};
 use tokio::net::{UnixListener, UnixStream};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 
-use super::{Event, read_request};
+use super::Event;
 
-/// A client must send its whole request within this time.
+/// A client must complete the handshake within this time...
+const HANDSHAKE_DEADLINE: Duration = Duration::from_secs(2);
+/// ...and send its command within this time after it.
 const REQUEST_DEADLINE: Duration = Duration::from_secs(5);
+/// Largest control frame accepted from a client (prompts included).
+const MAX_CONTROL_FRAME: usize = 256 * 1024;
 
-pub(super) async fn accept_loop(listener: UnixListener, events: mpsc::UnboundedSender<Event>) {
+/// Who may talk to the supervisor: root, the supervisor's own user, and members of the
+/// configured group.
+#[derive(Debug, Clone)]
+pub struct Access {
+    pub own_uid: Uid,
+    pub group: Option<Gid>,
+}
+
+impl Access {
+    fn allows(&self, uid: u32, gid: u32) -> bool {
+        let uid = Uid::from_raw(uid);
+        if uid.is_root() || uid == self.own_uid {
+            return true;
+        }
+        let Some(group) = self.group else {
+            return false;
+        };
+        if Gid::from_raw(gid) == group {
+            return true;
+        }
+        // Supplementary groups of the peer's user.
+        User::from_uid(uid).ok().flatten().is_some_and(|u| {
+            std::ffi::CString::new(u.name)
+                .ok()
+                .and_then(|name| nix::unistd::getgrouplist(&name, u.gid).ok())
+                .is_some_and(|groups| groups.contains(&group))
+        })
+    }
+}
+
+pub(super) async fn accept_loop(
+    listener: UnixListener,
+    events: mpsc::UnboundedSender<Event>,
+    access: Access,
+) {
     loop {
         match listener.accept().await {
             Ok((stream, _)) => {
-                tokio::spawn(serve_one(stream, events.clone()));
+                tokio::spawn(serve_one(stream, events.clone(), access.clone()));
             }
             Err(e) => {
                 tracing::warn!("control socket accept failed: {e}");
@@ -28,30 +71,91 @@ pub(super) async fn accept_loop(listener: UnixListener, events: mpsc::UnboundedS
     }
 }
 
-async fn serve_one(mut stream: UnixStream, events: mpsc::UnboundedSender<Event>) {
-    let response = match tokio::time::timeout(REQUEST_DEADLINE, read_request(&mut stream)).await {
-        Err(_) => error(format!("no request within {REQUEST_DEADLINE:?}"), 2),
-        Ok(Ok(None)) => return,
-        Ok(Err(e)) => error(format!("bad request: {e}"), 2),
-        Ok(Ok(Some(req))) if req.protocol_version != PROTOCOL_VERSION => error(
-            format!(
-                "protocol mismatch: the supervisor speaks version {PROTOCOL_VERSION}, the client {}; use matching binaries",
-                req.protocol_version
-            ),
-            2,
-        ),
-        Ok(Ok(Some(req))) => {
-            let (tx, rx) = oneshot::channel();
-            if events.send(Event::Control(req.command, tx)).is_err() {
-                return;
-            }
-            match rx.await {
-                Ok(r) => r,
-                Err(_) => error("the supervisor is shutting down".into(), 3),
-            }
+async fn serve_one(mut stream: UnixStream, events: mpsc::UnboundedSender<Event>, access: Access) {
+    let Some(command) = handshake(&mut stream, &access).await else {
+        return;
+    };
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    if events.send(Event::Control(command, tx)).is_err() {
+        let _ = send(
+            &mut stream,
+            &error("the supervisor is shutting down".into(), 3),
+        )
+        .await;
+        return;
+    }
+    while let Some(response) = rx.recv().await {
+        let last = !matches!(response, Response::Token(_));
+        if send(&mut stream, &response).await.is_err() || last {
+            return;
+        }
+    }
+}
+
+/// Peer check, hello exchange and the command; answers and returns None when any of it fails.
+async fn handshake(stream: &mut UnixStream, access: &Access) -> Option<Command> {
+    let cred = stream.peer_cred().ok()?;
+    if !access.allows(cred.uid(), cred.gid()) {
+        tracing::warn!(uid = cred.uid(), pid = ?cred.pid(), "control connection refused: not root, the supervisor's user or the control group");
+        let _ = send(stream, &error(
+            format!("permission denied: uid {} may not control this supervisor (root, its own user, or members of [control] group only)", cred.uid()),
+            1,
+        ))
+        .await;
+        return None;
+    }
+    let hello: ClientHello = match receive(stream, HANDSHAKE_DEADLINE).await {
+        Ok(h) => h,
+        Err(e) => {
+            let _ = send(stream, &error(format!("bad handshake: {e}"), 2)).await;
+            return None;
         }
     };
-    let _ = tokio::time::timeout(REQUEST_DEADLINE, write_frame(&mut stream, &response)).await;
+    if hello.protocol_version != PROTOCOL_VERSION {
+        let _ = send(stream, &error(
+            format!(
+                "protocol mismatch: the supervisor speaks version {PROTOCOL_VERSION}, the client {}; use matching binaries",
+                hello.protocol_version
+            ),
+            2,
+        ))
+        .await;
+        return None;
+    }
+    send(
+        stream,
+        &ServerHello {
+            protocol_version: PROTOCOL_VERSION,
+        },
+    )
+    .await
+    .ok()?;
+    match receive(stream, REQUEST_DEADLINE).await {
+        Ok(c) => Some(c),
+        Err(e) => {
+            let _ = send(stream, &error(format!("bad request: {e}"), 2)).await;
+            None
+        }
+    }
+}
+
+async fn receive<T: serde::de::DeserializeOwned>(
+    stream: &mut UnixStream,
+    deadline: Duration,
+) -> Result<T, String> {
+    match tokio::time::timeout(deadline, read_frame(stream, MAX_CONTROL_FRAME)).await {
+        Err(_) => Err(format!("nothing received within {deadline:?}")),
+        Ok(Err(e)) => Err(e.to_string()),
+        Ok(Ok(None)) => Err("connection closed".into()),
+        Ok(Ok(Some(p))) => decode(&p).map_err(|e| e.to_string()),
+    }
+}
+
+async fn send<T: serde::Serialize>(stream: &mut UnixStream, msg: &T) -> Result<(), ()> {
+    match tokio::time::timeout(REQUEST_DEADLINE, write_frame(stream, msg)).await {
+        Ok(Ok(())) => Ok(()),
+        _ => Err(()),
+    }
 }
 
 fn error(message: String, exit_code: u8) -> Response {

@@ -5,8 +5,21 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use belljar_config::InstanceSpec;
+use belljar_protocol::control::{AddRequest, Response};
 use belljar_protocol::worker::SupervisorMsg;
 use tokio::sync::mpsc::UnboundedSender;
+
+/// Where a control connection's responses go.
+pub type ReplyTx = UnboundedSender<Response>;
+
+/// What happens once a stopping worker has exited.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AfterStop {
+    /// `supervisor remove`: forget the instance.
+    Remove,
+    /// `supervisor restart`: start it again.
+    Restart,
+}
 
 /// The states of `status`, spelled as in `status --json`, logs and docs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -75,6 +88,12 @@ pub struct Instance {
     pub stop_deadline: Option<Instant>,
     /// The reason the worker gave in a `Failed` or `Refused` message before it exited.
     pub worker_said: Option<String>,
+    /// Set for instances added at run time (persisted in the state dir).
+    pub added: Option<AddRequest>,
+    /// Clients waiting for this instance to become ready (add, restart).
+    pub waiters: Vec<ReplyTx>,
+    /// What a client asked to happen once the worker has stopped.
+    pub after_stop: Option<(AfterStop, ReplyTx)>,
 }
 
 impl Instance {
@@ -93,6 +112,9 @@ impl Instance {
             last_peak: None,
             stop_deadline: None,
             worker_said: None,
+            added: None,
+            waiters: Vec::new(),
+            after_stop: None,
         }
     }
 

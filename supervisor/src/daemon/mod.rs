@@ -4,8 +4,10 @@
 //! `serve` is a library function taking a bound control listener and a shutdown future, so tests
 //! and `main` wire it the same way.
 
+mod commands;
 mod control;
 mod instance;
+mod persist;
 mod spawn;
 
 use std::collections::BTreeMap;
@@ -18,17 +20,19 @@ use belljar_host::cgroup::{self, CgroupBackend};
 use belljar_host::proc_ctl::{self, Exit};
 use belljar_host::{ProcRoot, read_host_memory};
 use belljar_protocol::control::{
-    BudgetStatus, HostStatus, InstanceStatus, MemoryStatus, Response, StatusReport,
+    AskDone, BudgetStatus, ControlError, HostStatus, InstanceStatus, MemoryStatus, OkReply,
+    Response, StatusReport, TokenText,
 };
 use belljar_protocol::tokio_io::{read_frame, write_frame};
-use belljar_protocol::worker::{Shutdown, SupervisorMsg, Welcome, WorkerMsg};
+use belljar_protocol::worker::{SupervisorMsg, Welcome, WorkerMsg};
 use belljar_protocol::{MAX_FRAME, PROTOCOL_VERSION, decode};
 use tokio::net::UnixListener;
 use tokio::signal::unix::{SignalKind, signal};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 
+pub use control::Access;
 pub use instance::State;
-use instance::{Instance, Worker};
+use instance::{Instance, ReplyTx, Worker};
 
 /// The worker's exit code for a refused pre-load check (docs/protocol.md).
 const WORKER_TEMPORARY: i32 = 75;
@@ -51,6 +55,10 @@ pub struct DaemonConfig {
     pub proc_root: ProcRoot,
     /// The mode's instances with their (estimate, required).
     pub instances: Vec<(belljar_config::InstanceSpec, u64, u64)>,
+    /// The config, for `[defaults]` of instances added at run time.
+    pub config: belljar_config::Config,
+    /// Who may use the control socket.
+    pub access: Access,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -71,10 +79,7 @@ enum Event {
         name: String,
         generation: u64,
     },
-    Control(
-        belljar_protocol::control::Command,
-        oneshot::Sender<Response>,
-    ),
+    Control(belljar_protocol::control::Command, ReplyTx),
 }
 
 struct Daemon {
@@ -84,6 +89,9 @@ struct Daemon {
     events: mpsc::UnboundedSender<Event>,
     generation: u64,
     stopping: bool,
+    /// In-flight `ask`s by request id: the instance and the client.
+    asks: BTreeMap<u64, (String, ReplyTx)>,
+    next_ask: u64,
 }
 
 /// Runs the daemon until `shutdown` resolves and every worker has stopped.
@@ -94,16 +102,23 @@ pub async fn serve(
 ) -> Result<(), DaemonError> {
     let (tx, mut rx) = mpsc::unbounded_channel();
     let mut sigchld = signal(SignalKind::child()).map_err(DaemonError::Setup)?;
-    tokio::spawn(control::accept_loop(listener, tx.clone()));
+    tokio::spawn(control::accept_loop(
+        listener,
+        tx.clone(),
+        cfg.access.clone(),
+    ));
     let mut daemon = Daemon {
         ledger: Ledger::new(cfg.usable),
         instances: BTreeMap::new(),
         events: tx,
         generation: 0,
         stopping: false,
+        asks: BTreeMap::new(),
+        next_ask: 0,
         cfg,
     };
     daemon.admit_all();
+    daemon.restore_added();
     tokio::pin!(shutdown);
     loop {
         let deadline = daemon.next_deadline();
@@ -135,16 +150,21 @@ impl Daemon {
     fn admit_all(&mut self) {
         for (spec, estimate, required) in std::mem::take(&mut self.cfg.instances) {
             let name = spec.name.to_string();
-            let mut inst = Instance::new(spec, estimate, required);
-            match self.ledger.allocate(&name, required) {
-                Ok(()) => self.start(&mut inst),
-                Err(denied) => {
-                    tracing::error!(instance = %name, "not admitted: {denied}");
-                    inst.set(State::Failed, denied.to_string());
-                }
-            }
-            self.instances.insert(name, inst);
+            let inst = Instance::new(spec, estimate, required);
+            self.admit(name, inst);
         }
+    }
+
+    /// Layer 2 for one instance, then its start; a denial leaves it `failed` with the reason.
+    fn admit(&mut self, name: String, mut inst: Instance) {
+        match self.ledger.allocate(&name, inst.required) {
+            Ok(()) => self.start(&mut inst),
+            Err(denied) => {
+                tracing::error!(instance = %name, "not admitted: {denied}");
+                inst.set(State::Failed, denied.to_string());
+            }
+        }
+        self.instances.insert(name, inst);
     }
 
     fn start(&mut self, inst: &mut Instance) {
@@ -249,9 +269,7 @@ impl Daemon {
                     }
                 }
             }
-            Event::Control(cmd, reply) => {
-                let _ = reply.send(self.on_control(cmd));
-            }
+            Event::Control(cmd, reply) => self.on_control(cmd, reply),
         }
     }
 
@@ -292,6 +310,11 @@ impl Daemon {
             }
             WorkerMsg::Ready(r) => {
                 inst.load_progress = 1.0;
+                for w in inst.waiters.drain(..) {
+                    let _ = w.send(Response::Ok(OkReply {
+                        message: format!("{name} is ready"),
+                    }));
+                }
                 tracing::info!(instance = %name, load_ms = r.load_ms, turns = r.session.turns, "ready");
                 if inst.state != State::Stopping {
                     inst.set(
@@ -307,10 +330,26 @@ impl Daemon {
             }
             WorkerMsg::Refused(r) => inst.worker_said = Some(r.reason),
             WorkerMsg::Failed(f) => inst.worker_said = Some(f.reason),
-            WorkerMsg::Heartbeat(_)
-            | WorkerMsg::Token(_)
-            | WorkerMsg::Done(_)
-            | WorkerMsg::Error(_) => {}
+            WorkerMsg::Token(t) => {
+                if let Some((_, client)) = self.asks.get(&t.id) {
+                    let _ = client.send(Response::Token(TokenText { text: t.text }));
+                }
+            }
+            WorkerMsg::Done(d) => {
+                if let Some((_, client)) = self.asks.remove(&d.id) {
+                    let _ = client.send(Response::Done(AskDone {
+                        tokens: d.tokens,
+                        ms: d.ms,
+                    }));
+                }
+            }
+            WorkerMsg::Error(e) => match e.id.and_then(|id| self.asks.remove(&id)) {
+                Some((_, client)) => {
+                    let _ = client.send(refused(e.message));
+                }
+                None => tracing::warn!(instance = %name, "worker reported: {}", e.message),
+            },
+            WorkerMsg::Heartbeat(_) => {}
             WorkerMsg::Hello(_) => tracing::warn!(instance = %name, "second hello ignored"),
         }
     }
@@ -378,21 +417,39 @@ impl Daemon {
         tracing::info!(instance = %name, pid = worker.pid, exit = %last_exit, "exited");
         inst.last_exit = Some(last_exit);
         inst.stop_deadline = None;
+        for w in inst.waiters.drain(..) {
+            let _ = w.send(refused(format!("{name} did not become ready: {reason}")));
+        }
         inst.set(state, reason);
         if !state.holds_allocation() {
             self.ledger.release(name);
+        }
+        let orphaned: Vec<u64> = self
+            .asks
+            .iter()
+            .filter(|(_, (n, _))| n == name)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in orphaned {
+            if let Some((_, client)) = self.asks.remove(&id) {
+                let _ = client.send(refused(format!("{name} stopped before answering")));
+            }
+        }
+        if let Some((after, client)) = self
+            .instances
+            .get_mut(name)
+            .and_then(|i| i.after_stop.take())
+        {
+            self.after_stop(name, after, client);
         }
     }
 
     fn begin_stop(&mut self) {
         tracing::info!("stopping: sending Shutdown to every worker");
         self.stopping = true;
-        for inst in self.instances.values_mut() {
-            if let Some(w) = &inst.worker {
-                let _ = w.tx.send(SupervisorMsg::Shutdown(Shutdown {}));
-                inst.stop_deadline = Some(Instant::now() + inst.spec.stop_timeout.0);
-                inst.set(State::Stopping, "shutting down");
-            }
+        let names: Vec<String> = self.instances.keys().cloned().collect();
+        for name in names {
+            self.stop(&name);
         }
     }
 
@@ -434,12 +491,6 @@ impl Daemon {
         // Whatever died in the clean-up is ours to reap.
         let _ = proc_ctl::reap_all();
         tracing::info!("stopped");
-    }
-
-    fn on_control(&mut self, cmd: belljar_protocol::control::Command) -> Response {
-        match cmd {
-            belljar_protocol::control::Command::Status(_) => Response::Status(self.status()),
-        }
     }
 
     fn status(&self) -> StatusReport {
@@ -491,16 +542,21 @@ impl Daemon {
     }
 }
 
+/// A refusal for a client: exit code 1.
+fn refused(message: String) -> Response {
+    Response::Error(ControlError {
+        message,
+        exit_code: 1,
+    })
+}
+
+/// A usage error for a client: exit code 2.
+fn usage(message: String) -> Response {
+    Response::Error(ControlError {
+        message,
+        exit_code: 2,
+    })
+}
+
 /// The leaf a delegated supervisor moves itself into (cgroup v2's no-internal-processes rule).
 pub const SUPERVISOR_LEAF: &str = "supervisor";
-
-/// Reads one request from a control connection; used by the control server.
-pub(crate) async fn read_request<R: tokio::io::AsyncRead + Unpin>(
-    r: &mut R,
-) -> Result<Option<belljar_protocol::control::Request>, String> {
-    match read_frame(r, MAX_FRAME).await {
-        Ok(Some(p)) => decode(&p).map(Some).map_err(|e| e.to_string()),
-        Ok(None) => Ok(None),
-        Err(e) => Err(e.to_string()),
-    }
-}

@@ -1,0 +1,282 @@
+//! The control commands as the event loop carries them out: add, remove, restart, ask, status.
+//! Replies that depend on a worker (ready, stopped, answered) are sent when it happens.
+
+use std::time::Instant;
+
+use belljar_budget::{InstanceName, Size, precheck, required};
+use belljar_config::InstanceSection;
+use belljar_host::{cpu_count, probe_model_file, read_host_memory};
+use belljar_protocol::control::{AddRequest, AskRequest, Command, OkReply, Response};
+use belljar_protocol::worker::{Prompt, Shutdown, SupervisorMsg};
+
+use super::instance::{AfterStop, Instance, ReplyTx, State};
+use super::{Daemon, persist, refused, usage};
+
+fn ok(message: String) -> Response {
+    Response::Ok(OkReply { message })
+}
+
+impl Daemon {
+    pub(super) fn on_control(&mut self, cmd: Command, reply: ReplyTx) {
+        if self.stopping && !matches!(cmd, Command::Status(_)) {
+            let _ = reply.send(refused("the supervisor is shutting down".into()));
+            return;
+        }
+        match cmd {
+            Command::Status(_) => {
+                let _ = reply.send(Response::Status(self.status()));
+            }
+            Command::Add(req) => self.add(req, reply),
+            Command::Remove(r) => self.remove(&r.name, reply),
+            Command::Restart(r) => self.restart(&r.name, reply),
+            Command::Ask(a) => self.ask(a, reply),
+        }
+    }
+
+    /// Resolves an added instance against `[defaults]` and checks what needs no ledger: the
+    /// name, the model file and the per-instance cap.
+    fn plan_added(&self, req: &AddRequest) -> Result<Instance, Response> {
+        let name = InstanceName::parse(&req.name).map_err(|e| usage(e.to_string()))?;
+        let file = probe_model_file(&req.model).map_err(|e| usage(e.to_string()))?;
+        let section = InstanceSection {
+            model: Some(req.model.clone()),
+            ram_limit: req.ram_limit.map(Size),
+            ctx: req.ctx,
+            gpu_layers: req.gpu_layers,
+            priority: req.priority,
+            ..InstanceSection::default()
+        };
+        let threads = (cpu_count() / (self.instances.len() as u32 + 1)).max(1);
+        let spec = self.cfg.config.spec(&name, &section, threads);
+        let policy = self.cfg.config.budget_policy();
+        let estimate = policy.rule.estimate(file.size);
+        let required = required(spec.ram_limit, estimate);
+        let cap = policy.per_instance_cap(self.ledger.capacity());
+        if required > cap {
+            return Err(refused(format!(
+                "{name} would need {} but one instance may take at most {} (per_instance_max {} of {}); lower --ram-limit or use a smaller model",
+                Size(required),
+                Size(cap),
+                policy.per_instance_max,
+                Size(self.ledger.capacity())
+            )));
+        }
+        let mut inst = Instance::new(spec, estimate, required);
+        inst.added = Some(req.clone());
+        Ok(inst)
+    }
+
+    fn add(&mut self, req: AddRequest, reply: ReplyTx) {
+        if let Some(existing) = self.instances.get(&req.name) {
+            let _ = reply.send(if existing.added.as_ref() == Some(&req) {
+                ok(format!("{} already exists with this spec; nothing changed", req.name))
+            } else {
+                refused(format!(
+                    "instance {} already exists; remove it first (`supervisor remove {}`) or choose another name",
+                    req.name, req.name
+                ))
+            });
+            return;
+        }
+        let mut inst = match self.plan_added(&req) {
+            Ok(i) => i,
+            Err(r) => {
+                let _ = reply.send(r);
+                return;
+            }
+        };
+        let name = req.name.clone();
+        // Layer 2, then layer 3: nothing changes unless both pass.
+        if let Err(denied) = self.ledger.allocate(&name, inst.required) {
+            let _ = reply.send(refused(denied.to_string()));
+            return;
+        }
+        let reading = match read_host_memory(&self.cfg.proc_root) {
+            Ok(r) => r,
+            Err(e) => {
+                self.ledger.release(&name);
+                let _ = reply.send(refused(e.to_string()));
+                return;
+            }
+        };
+        let check = precheck(inst.required, self.cfg.headroom, reading);
+        if !check.ok {
+            self.ledger.release(&name);
+            let _ = reply.send(refused(format!("{name}: {}", check.summary())));
+            return;
+        }
+        if let Err(e) = self.save_added(Some(&req), None) {
+            self.ledger.release(&name);
+            let _ = reply.send(refused(format!("cannot persist {name}: {e}")));
+            return;
+        }
+        tracing::info!(instance = %name, required = inst.required, "added");
+        inst.waiters.push(reply);
+        self.start(&mut inst);
+        if inst.state == State::Failed {
+            for w in inst.waiters.drain(..) {
+                let _ = w.send(refused(inst.reason.clone()));
+            }
+        }
+        self.instances.insert(name, inst);
+    }
+
+    /// Rewrites the persisted list with `added` included and `removed` left out.
+    fn save_added(&self, added: Option<&AddRequest>, removed: Option<&str>) -> std::io::Result<()> {
+        let list: Vec<AddRequest> = self
+            .instances
+            .iter()
+            .filter(|(n, _)| Some(n.as_str()) != removed)
+            .filter_map(|(_, i)| i.added.clone())
+            .chain(added.cloned())
+            .collect();
+        persist::save(&self.cfg.state_dir, &list)
+    }
+
+    fn remove(&mut self, name: &str, reply: ReplyTx) {
+        let Some(inst) = self.instances.get(name) else {
+            let _ = reply.send(unknown(name));
+            return;
+        };
+        if inst.added.is_some() {
+            if let Err(e) = self.save_added(None, Some(name)) {
+                let _ = reply.send(refused(format!(
+                    "cannot persist the removal of {name}: {e}"
+                )));
+                return;
+            }
+        }
+        if self.stop(name) {
+            if let Some(i) = self.instances.get_mut(name) {
+                i.after_stop = Some((AfterStop::Remove, reply));
+            }
+        } else {
+            self.after_stop(name, AfterStop::Remove, reply);
+        }
+    }
+
+    fn restart(&mut self, name: &str, reply: ReplyTx) {
+        if !self.instances.contains_key(name) {
+            let _ = reply.send(unknown(name));
+            return;
+        }
+        if self.stop(name) {
+            if let Some(i) = self.instances.get_mut(name) {
+                i.after_stop = Some((AfterStop::Restart, reply));
+            }
+        } else {
+            self.after_stop(name, AfterStop::Restart, reply);
+        }
+    }
+
+    /// Sends Shutdown to a running worker (SIGKILL of its cgroup after `stop_timeout`); false
+    /// when no worker runs.
+    pub(super) fn stop(&mut self, name: &str) -> bool {
+        let Some(inst) = self.instances.get_mut(name) else {
+            return false;
+        };
+        let Some(w) = &inst.worker else { return false };
+        let _ = w.tx.send(SupervisorMsg::Shutdown(Shutdown {}));
+        if inst.state != State::Stopping {
+            inst.stop_deadline = Some(Instant::now() + inst.spec.stop_timeout.0);
+            inst.set(State::Stopping, "shutting down");
+        }
+        true
+    }
+
+    /// What a client asked for once the worker is gone.
+    pub(super) fn after_stop(&mut self, name: &str, after: AfterStop, reply: ReplyTx) {
+        let Some(mut inst) = self.instances.remove(name) else {
+            return;
+        };
+        self.ledger.release(name);
+        match after {
+            AfterStop::Remove => {
+                tracing::info!(instance = %name, "removed");
+                let _ = reply.send(ok(format!("{name} removed")));
+            }
+            AfterStop::Restart => {
+                if self.stopping {
+                    let _ = reply.send(refused("the supervisor is shutting down".into()));
+                    self.instances.insert(name.to_owned(), inst);
+                    return;
+                }
+                tracing::info!(instance = %name, "restarting on request");
+                inst.waiters.push(reply);
+                self.admit(name.to_owned(), inst);
+                if let Some(i) = self
+                    .instances
+                    .get_mut(name)
+                    .filter(|i| i.state == State::Failed)
+                {
+                    let reason = i.reason.clone();
+                    for w in i.waiters.drain(..) {
+                        let _ = w.send(refused(reason.clone()));
+                    }
+                }
+            }
+        }
+    }
+
+    fn ask(&mut self, a: AskRequest, reply: ReplyTx) {
+        let Some(inst) = self.instances.get(&a.name) else {
+            let _ = reply.send(unknown(&a.name));
+            return;
+        };
+        let Some(worker) = inst.worker.as_ref().filter(|_| inst.state == State::Ready) else {
+            let _ = reply.send(refused(format!(
+                "{} is {} ({}); ask again once it is ready",
+                a.name,
+                inst.state.as_str(),
+                inst.reason
+            )));
+            return;
+        };
+        self.next_ask += 1;
+        let id = self.next_ask;
+        let prompt = Prompt {
+            id,
+            text: a.prompt,
+            max_tokens: a.max_tokens,
+            ignore_eos: a.ignore_eos,
+        };
+        if worker.tx.send(SupervisorMsg::Prompt(prompt)).is_err() {
+            let _ = reply.send(refused(format!("{} is not reachable", a.name)));
+            return;
+        }
+        self.asks.insert(id, (a.name, reply));
+    }
+
+    /// Instances added at run time by an earlier supervisor: back, with their sessions.
+    pub(super) fn restore_added(&mut self) {
+        let list = match persist::load(&self.cfg.state_dir) {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::error!("{e}");
+                return;
+            }
+        };
+        for req in list {
+            if self.instances.contains_key(&req.name) {
+                tracing::warn!(instance = %req.name, "a persisted instance has the name of a mode instance; the mode's wins");
+                continue;
+            }
+            match self.plan_added(&req) {
+                Ok(inst) => {
+                    tracing::info!(instance = %req.name, "restoring an instance added at run time");
+                    self.admit(req.name.clone(), inst);
+                }
+                Err(Response::Error(e)) => {
+                    tracing::error!(instance = %req.name, "cannot restore: {}", e.message)
+                }
+                Err(_) => {}
+            }
+        }
+    }
+}
+
+fn unknown(name: &str) -> Response {
+    refused(format!(
+        "unknown instance {name}; `supervisor status` lists the instances"
+    ))
+}

@@ -1,0 +1,72 @@
+//! Instances added at run time, kept in `<state dir>/instances.json` so they come back after the
+//! supervisor restarts. Written atomically: temp file, fsync, rename, fsync of the directory.
+
+use std::fs::File;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use belljar_protocol::control::AddRequest;
+
+pub const ADDED_FILE: &str = "instances.json";
+
+pub fn path(state_dir: &Path) -> PathBuf {
+    state_dir.join(ADDED_FILE)
+}
+
+/// The persisted instances; none when the file does not exist. A file that cannot be parsed is
+/// moved aside (never silently overwritten) and reported.
+pub fn load(state_dir: &Path) -> Result<Vec<AddRequest>, String> {
+    let file = path(state_dir);
+    let text = match std::fs::read_to_string(&file) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(format!("cannot read {}: {e}", file.display())),
+    };
+    serde_json::from_str(&text).map_err(|e| {
+        let aside = file.with_extension("json.corrupt");
+        let _ = std::fs::rename(&file, &aside);
+        format!(
+            "{} is not valid ({e}); moved it to {} and started without the instances it listed",
+            file.display(),
+            aside.display()
+        )
+    })
+}
+
+pub fn save(state_dir: &Path, added: &[AddRequest]) -> std::io::Result<()> {
+    let file = path(state_dir);
+    let tmp = state_dir.join(format!(".{ADDED_FILE}.tmp"));
+    {
+        let mut f = File::create(&tmp)?;
+        f.write_all(&serde_json::to_vec_pretty(added).map_err(std::io::Error::other)?)?;
+        f.sync_all()?;
+    }
+    std::fs::rename(&tmp, &file)?;
+    File::open(state_dir)?.sync_all()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip_and_corruption() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(load(dir.path()).unwrap().is_empty());
+        let req = AddRequest {
+            name: "a".into(),
+            model: "/m.gguf".into(),
+            ram_limit: Some(5),
+            ctx: None,
+            gpu_layers: None,
+            priority: Some(-1),
+        };
+        save(dir.path(), std::slice::from_ref(&req)).unwrap();
+        assert_eq!(load(dir.path()).unwrap(), vec![req]);
+        std::fs::write(path(dir.path()), "{not json").unwrap();
+        let e = load(dir.path()).unwrap_err();
+        assert!(e.contains("moved it to"), "{e}");
+        assert!(dir.path().join("instances.json.corrupt").exists());
+        assert!(load(dir.path()).unwrap().is_empty());
+    }
+}

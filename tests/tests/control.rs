@@ -1,0 +1,306 @@
+//! The control plane for real: the CLI binary against a running supervisor (root, real cgroups,
+//! real workers), each test with its own cgroup parent and directories.
+
+#![allow(clippy::unwrap_used)] // tests unwrap: a panic is the failure report
+
+use std::io::Write;
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use belljar_testkit::daemon::{Daemon, all_in, instance};
+use belljar_testkit::{TestDir, tiny_shape};
+
+const MIB: u64 = 1 << 20;
+
+fn config(t: &TestDir, extra_budget: &str) -> String {
+    t.model("models/a.gguf", &tiny_shape());
+    t.model(
+        "models/b.gguf",
+        &belljar_testkit::ModelShape {
+            seed: 9,
+            ..tiny_shape()
+        },
+    );
+    format!(
+        r#"
+[budget]
+min_required = "32MiB"
+headroom = "64MiB"
+{extra_budget}
+
+[defaults]
+model = "models/a.gguf"
+ctx = 256
+stop_timeout = "5s"
+
+[instances.subject]
+ram_limit = "64MiB"
+
+[modes.single]
+instances = ["subject"]
+"#
+    )
+}
+
+fn started(t: &TestDir, extra_budget: &str) -> Daemon {
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "control tests create real cgroups: run them as root"
+    );
+    let mut d = Daemon::start(t, &config(t, extra_budget), "single", &[]);
+    d.wait_status("subject ready", |s| all_in(s, "ready"));
+    d
+}
+
+fn model(t: &TestDir, name: &str) -> String {
+    t.join(name).to_str().unwrap().to_owned()
+}
+
+#[test]
+fn add_ask_remove() {
+    let t = TestDir::new();
+    let mut d = started(&t, "");
+    let b = model(&t, "models/b.gguf");
+    d.cli(&[
+        "add",
+        "helper",
+        "--model",
+        &b,
+        "--ram-limit",
+        "96M",
+        "--priority",
+        "-1",
+    ])
+    .expect_code(0)
+    .expect_says(&["helper is ready"]);
+    let status = d.status().unwrap();
+    let h = instance(&status, "helper");
+    assert_eq!(h["state"], "ready");
+    assert_eq!(h["allocated"], 96 * MIB);
+    assert_eq!(status["budget"]["allocated"], (64 + 96) * MIB);
+    assert!(d.parent().join("helper").exists());
+
+    let r = d.cli(&[
+        "ask",
+        "helper",
+        "hello there",
+        "--max-tokens",
+        "16",
+        "--ignore-eos",
+    ]);
+    r.expect_code(0).expect_says(&["(16 tokens in"]);
+    assert!(!r.stdout.trim().is_empty(), "the reply streamed to stdout");
+
+    d.cli(&["remove", "helper"])
+        .expect_code(0)
+        .expect_says(&["helper removed"]);
+    let status = d.status().unwrap();
+    assert!(
+        status["instances"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|i| i["name"] != "helper"),
+        "gone"
+    );
+    assert_eq!(status["budget"]["allocated"], 64 * MIB, "budget back");
+    assert!(!d.parent().join("helper").exists(), "cgroup removed");
+
+    // Duplicate add and unknown remove are refusals.
+    d.cli(&["add", "subject", "--model", &b])
+        .expect_code(1)
+        .expect_says(&["instance subject already exists"]);
+    d.cli(&["remove", "ghost"])
+        .expect_code(1)
+        .expect_says(&["unknown instance ghost"]);
+    d.cli(&["ask", "ghost", "hi"])
+        .expect_code(1)
+        .expect_says(&["unknown instance ghost"]);
+    d.cli(&["add", "Bad/Name", "--model", &b])
+        .expect_code(2)
+        .expect_says(&["invalid instance name"]);
+    d.cli(&["add", "x", "--model", "/nonexistent.gguf"])
+        .expect_code(2)
+        .expect_says(&["/nonexistent.gguf"]);
+    assert_eq!(d.terminate().code(), Some(0));
+}
+
+#[test]
+fn a_refused_add_names_the_shortfall_and_changes_nothing() {
+    let t = TestDir::new();
+    let mut d = started(&t, "total = \"300MiB\"");
+    let b = model(&t, "models/b.gguf");
+    d.cli(&["add", "first", "--model", &b, "--ram-limit", "140M"])
+        .expect_code(0);
+    let before = d.status().unwrap();
+    let persisted = std::fs::read_to_string(d.state.join("instances.json")).unwrap();
+    // Layer 2: the budget (300 MiB, 204 MiB used) cannot hold 120 MiB more.
+    let r = d.cli(&["add", "greedy", "--model", &b, "--ram-limit", "120M"]);
+    r.expect_code(1).expect_says(&[
+        "greedy needs 120.0 MiB",
+        "only 96.0 MiB of the budget's 300.0 MiB is free",
+    ]);
+    let r = d.cli(&["add", "greedy", "--model", &b, "--ram-limit", "200M"]);
+    r.expect_code(1).expect_says(&["per_instance_max"]);
+    let after = d.status().unwrap();
+    assert_eq!(before["budget"], after["budget"], "nothing allocated");
+    assert_eq!(after["instances"].as_array().unwrap().len(), 2);
+    assert!(!d.parent().join("greedy").exists(), "no cgroup");
+    assert_eq!(
+        std::fs::read_to_string(d.state.join("instances.json")).unwrap(),
+        persisted,
+        "nothing persisted"
+    );
+    assert_eq!(d.terminate().code(), Some(0));
+}
+
+#[test]
+fn serial_a_precheck_refusal_names_the_shortfall() {
+    let t = TestDir::new();
+    let mut d = started(&t, "total = \"64GiB\"");
+    // Layer 3: the budget has room, the machine has not (available < required + headroom).
+    let available = d.status().unwrap()["host"]["available"].as_u64().unwrap();
+    let too_much = format!("{}M", available / MIB + 1024);
+    let b = model(&t, "models/b.gguf");
+    d.cli(&["add", "hungry", "--model", &b, "--ram-limit", &too_much])
+        .expect_code(1)
+        .expect_says(&["pre-load check refused", "short by"]);
+    assert_eq!(
+        d.status().unwrap()["instances"].as_array().unwrap().len(),
+        1
+    );
+    assert_eq!(d.terminate().code(), Some(0));
+}
+
+#[test]
+fn added_instances_and_their_sessions_survive_a_supervisor_restart() {
+    let t = TestDir::new();
+    let mut d = started(&t, "");
+    let b = model(&t, "models/b.gguf");
+    d.cli(&["add", "keeper", "--model", &b]).expect_code(0);
+    d.cli(&["add", "goner", "--model", &b]).expect_code(0);
+    d.cli(&[
+        "ask",
+        "keeper",
+        "remember this",
+        "--max-tokens",
+        "4",
+        "--ignore-eos",
+    ])
+    .expect_code(0);
+    d.cli(&["remove", "goner"]).expect_code(0);
+    assert_eq!(d.terminate().code(), Some(0));
+    let parent = d.parent_rel.clone();
+    drop(d);
+
+    let mut d = Daemon::start_with_parent(
+        &t,
+        &std::fs::read_to_string(t.join("budgets.toml")).unwrap(),
+        "single",
+        &[],
+        parent,
+    );
+    let status = d.wait_status("keeper back and ready", |s| {
+        s["instances"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|i| i["name"] == "keeper" && i["state"] == "ready")
+    });
+    let names: Vec<&str> = status["instances"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["keeper", "subject"], "removed ones stay removed");
+    let reason = instance(&status, "keeper")["reason"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(
+        reason.contains("1 turns restored from state"),
+        "the session came back: {reason}"
+    );
+    assert_eq!(d.terminate().code(), Some(0));
+}
+
+fn as_nobody(d: &Daemon, args: &[&str]) -> belljar_testkit::Run {
+    let mut cmd = std::process::Command::new("setpriv");
+    cmd.args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(belljar_testkit::bin("supervisor"))
+        .args(args)
+        .arg("--runtime-dir")
+        .arg(&d.runtime);
+    belljar_testkit::run_cmd(&mut cmd)
+}
+
+#[test]
+fn an_unauthorized_uid_is_refused_by_modes_and_by_peer_credentials() {
+    use std::os::unix::fs::PermissionsExt;
+    let t = TestDir::new();
+    let mut d = started(&t, "");
+    let sock = d.runtime.join("control.sock");
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&d.runtime), 0o700);
+    assert_eq!(mode(&sock), 0o600);
+    // As shipped: the directory keeps nobody out.
+    as_nobody(&d, &["status"])
+        .expect_code(3)
+        .expect_says(&["Permission denied"]);
+    // Opened up by hand: SO_PEERCRED still refuses.
+    for p in [t.path(), &d.runtime] {
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o666)).unwrap();
+    as_nobody(&d, &["status"])
+        .expect_code(1)
+        .expect_says(&["permission denied: uid 65534"]);
+    as_nobody(&d, &["remove", "subject"])
+        .expect_code(1)
+        .expect_says(&["permission denied"]);
+    assert!(all_in(&d.status().unwrap(), "ready"), "nothing changed");
+    assert_eq!(d.terminate().code(), Some(0));
+}
+
+#[test]
+fn garbage_oversized_and_stalled_clients_do_not_disturb_status() {
+    let t = TestDir::new();
+    let mut d = started(&t, "");
+    let sock = d.runtime.join("control.sock");
+    let timed_status = |d: &Daemon| {
+        let start = Instant::now();
+        assert!(d.status().is_some());
+        start.elapsed()
+    };
+    let baseline = (0..5).map(|_| timed_status(&d)).max().unwrap();
+
+    let stalled: Vec<UnixStream> = (0..20)
+        .map(|_| UnixStream::connect(&sock).unwrap())
+        .collect();
+    let attacker = {
+        let sock = sock.clone();
+        std::thread::spawn(move || {
+            for i in 0..100u32 {
+                if let Ok(mut s) = UnixStream::connect(&sock) {
+                    let garbage: Vec<u8> = (0..64).map(|b| (b as u32 * 31 + i) as u8).collect();
+                    let _ = s.write_all(&garbage);
+                }
+            }
+            let mut s = UnixStream::connect(&sock).unwrap();
+            let _ = s.write_all(&u32::MAX.to_be_bytes());
+            let _ = s.write_all(&[b'x'; 4096]);
+        })
+    };
+    let during: Vec<Duration> = (0..10).map(|_| timed_status(&d)).collect();
+    attacker.join().unwrap();
+    let worst = *during.iter().max().unwrap();
+    assert!(
+        worst < baseline * 10 + Duration::from_millis(500),
+        "status took {worst:?} under attack (baseline {baseline:?})"
+    );
+    drop(stalled);
+    assert!(all_in(&d.status().unwrap(), "ready"));
+    assert_eq!(d.terminate().code(), Some(0));
+}
