@@ -179,9 +179,10 @@ fn a_workers_orphan_is_reaped_and_dies_with_its_cgroup() {
         "daemon tests create real cgroups: run them as root"
     );
     let t = TestDir::new();
+    let config = matrix_config(&t).replace("[defaults]\n", "[defaults]\nrestart = \"never\"\n");
     let mut d = Daemon::start(
         &t,
-        &matrix_config(&t),
+        &config,
         "single",
         &[("BELLJAR_DEBUG_SPAWN_ORPHAN", "true")],
     );

@@ -20,10 +20,26 @@ impl EstimateRule {
     }
 }
 
-/// `max(ram_limit, estimate)`: a `ram_limit` may raise the reservation but never lower it below
-/// what the model needs (a limit below the need only produces OOM kills).
+/// Reservations are whole multiples of this: the kernel keeps cgroup limits in pages (rounding
+/// down), and 64 KiB is a multiple of every page size Linux uses, so the limit the kernel stores
+/// is exactly the ledger's allocation.
+pub const GRANULE: u64 = 64 << 10;
+
+/// Rounds up to a whole [`GRANULE`].
+pub fn align_up(bytes: u64) -> u64 {
+    bytes.div_ceil(GRANULE).saturating_mul(GRANULE)
+}
+
+/// Rounds down to a whole [`GRANULE`].
+pub fn align_down(bytes: u64) -> u64 {
+    bytes / GRANULE * GRANULE
+}
+
+/// `max(ram_limit, estimate)`, rounded up to a whole [`GRANULE`]: a `ram_limit` may raise the
+/// reservation but never lower it below what the model needs (a limit below the need only
+/// produces OOM kills).
 pub fn required(ram_limit: Option<Size>, estimate: u64) -> u64 {
-    ram_limit.map_or(estimate, |l| l.bytes().max(estimate))
+    align_up(ram_limit.map_or(estimate, |l| l.bytes().max(estimate)))
 }
 
 #[cfg(test)]
@@ -50,9 +66,14 @@ mod tests {
 
     #[test]
     fn ram_limit_raises_but_never_lowers() {
-        assert_eq!(required(None, 100), 100);
-        assert_eq!(required(Some(Size(50)), 100), 100);
-        assert_eq!(required(Some(Size(500)), 100), 500);
+        assert_eq!(required(None, 100), GRANULE);
+        assert_eq!(required(Some(Size(50)), GRANULE), GRANULE);
+        assert_eq!(required(Some(Size(5 * GRANULE)), 100), 5 * GRANULE);
+        assert_eq!(
+            required(Some(Size(5 * GRANULE + 1)), 100),
+            6 * GRANULE,
+            "rounded up to the granule"
+        );
     }
 
     proptest! {

@@ -7,6 +7,7 @@ pub mod grammar;
 pub mod ledger;
 pub mod precheck;
 pub mod priority;
+pub mod restart;
 pub mod validate;
 
 pub use estimate::{EstimateRule, required};

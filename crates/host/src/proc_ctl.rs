@@ -92,3 +92,8 @@ pub fn kill_pid(pid: u32) {
 pub fn pid_exists(pid: u32) -> bool {
     i32::try_from(pid).is_ok_and(|raw| kill(Pid::from_raw(raw), None).is_ok())
 }
+
+/// Sets this process's `oom_score_adj` (-1000..=1000; negative values need privilege).
+pub fn set_own_oom_score_adj(value: i32) -> std::io::Result<()> {
+    std::fs::write("/proc/self/oom_score_adj", value.to_string())
+}

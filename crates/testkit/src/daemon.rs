@@ -185,3 +185,58 @@ pub fn instance<'a>(status: &'a Value, name: &str) -> &'a Value {
         .and_then(|a| a.iter().find(|i| i["name"] == name))
         .unwrap_or_else(|| panic!("no instance {name} in {status:#}"))
 }
+
+/// Asserts the ledger agrees with the kernel: every instance holding an allocation with a live
+/// worker has exactly that limit in its cgroup's limit file, and the budget's total is the sum.
+#[track_caller]
+pub fn assert_ledger_matches_cgroups(d: &Daemon, status: &Value) {
+    let v1 = d.cgroups.version() == cgroup::Version::V1;
+    let mut sum = 0;
+    for i in status["instances"].as_array().expect("instances") {
+        let allocated = i["allocated"].as_u64().expect("allocated");
+        sum += allocated;
+        if i["pid"].is_null() {
+            continue;
+        }
+        let dir = d.parent().join(i["name"].as_str().expect("name"));
+        let file = dir.join(if v1 {
+            "memory.limit_in_bytes"
+        } else {
+            "memory.max"
+        });
+        let limit: u64 = std::fs::read_to_string(&file)
+            .unwrap_or_else(|e| panic!("{}: {e}", file.display()))
+            .trim()
+            .parse()
+            .expect("a number");
+        assert_eq!(
+            limit, allocated,
+            "{}: the cgroup's limit is the ledger's allocation",
+            i["name"]
+        );
+    }
+    assert_eq!(
+        status["budget"]["allocated"], sum,
+        "the ledger total is the sum of allocations"
+    );
+}
+
+/// Zombie children of the supervisor (there should be none once things settle).
+pub fn zombies_of(pid: u32) -> Vec<u32> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|p| {
+            let stat = std::fs::read_to_string(format!("/proc/{p}/stat")).unwrap_or_default();
+            // pid (comm) state ppid ...: comm may hold spaces, so split after the last ')'.
+            let rest = stat
+                .rsplit_once(')')
+                .map(|(_, r)| r.trim().to_owned())
+                .unwrap_or_default();
+            let mut fields = rest.split_whitespace();
+            fields.next() == Some("Z")
+                && fields.next().and_then(|pp| pp.parse::<u32>().ok()) == Some(pid)
+        })
+        .collect()
+}

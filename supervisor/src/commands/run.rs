@@ -16,6 +16,8 @@ use crate::error::{CliError, Exit};
 use crate::paths;
 
 pub use crate::client::CONTROL_SOCKET;
+/// The supervisor's own `oom_score_adj`: far below any worker's (0..=1000).
+pub const SUPERVISOR_OOM_SCORE_ADJ: i32 = -900;
 /// The default cgroup parent, relative to the cgroup root.
 pub const DEFAULT_PARENT: &str = "belljar";
 

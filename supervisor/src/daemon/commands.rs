@@ -202,6 +202,9 @@ impl Daemon {
                     return;
                 }
                 tracing::info!(instance = %name, "restarting on request");
+                // A manual restart clears `failed` and the crash-loop history.
+                inst.restart_state.reset();
+                inst.restart_at = None;
                 inst.waiters.push(reply);
                 self.admit(name.to_owned(), inst);
                 if let Some(i) = self

@@ -4,7 +4,8 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
-use belljar_config::InstanceSpec;
+use belljar_budget::restart::{RestartConfig, RestartMode, RestartState};
+use belljar_config::{InstanceSpec, RestartPolicy};
 use belljar_protocol::control::{AddRequest, Response};
 use belljar_protocol::worker::SupervisorMsg;
 use tokio::sync::mpsc::UnboundedSender;
@@ -94,6 +95,17 @@ pub struct Instance {
     pub waiters: Vec<ReplyTx>,
     /// What a client asked to happen once the worker has stopped.
     pub after_stop: Option<(AfterStop, ReplyTx)>,
+    /// Start history for backoff and the crash-loop breaker.
+    pub restart_state: RestartState,
+    /// When the current run became ready.
+    pub ready_since: Option<Instant>,
+    pub last_heartbeat: Option<Instant>,
+    /// When load progress last moved (or the worker was spawned).
+    pub last_progress: Instant,
+    /// The watchdog killed the current run.
+    pub watchdog_fired: bool,
+    /// When a `backoff` instance starts again.
+    pub restart_at: Option<Instant>,
 }
 
 impl Instance {
@@ -115,6 +127,47 @@ impl Instance {
             added: None,
             waiters: Vec::new(),
             after_stop: None,
+            restart_state: RestartState::default(),
+            ready_since: None,
+            last_heartbeat: None,
+            last_progress: Instant::now(),
+            watchdog_fired: false,
+            restart_at: None,
+        }
+    }
+
+    /// The restart policy's view of this instance's keys.
+    pub fn restart_config(&self) -> RestartConfig {
+        let s = &self.spec;
+        RestartConfig {
+            mode: match s.restart {
+                RestartPolicy::Always => RestartMode::Always,
+                RestartPolicy::OnFailure => RestartMode::OnFailure,
+                RestartPolicy::Never => RestartMode::Never,
+            },
+            backoff_initial: s.backoff_initial.0,
+            backoff_factor: s.backoff_factor,
+            backoff_max: s.backoff_max.0,
+            backoff_reset_after: s.backoff_reset_after.0,
+            start_limit_burst: s.start_limit_burst,
+            start_limit_interval: s.start_limit_interval.0,
+        }
+    }
+
+    /// When the watchdog fires for the current run, if it is watched now: 3 missed heartbeats
+    /// while ready, or no load progress for `load_stall_timeout` while starting or loading.
+    pub fn watchdog_deadline(&self) -> Option<Instant> {
+        if self.worker.is_none() || self.watchdog_fired {
+            return None;
+        }
+        match self.state {
+            State::Ready => self
+                .last_heartbeat
+                .map(|t| t + self.spec.heartbeat_interval.0 * 3),
+            State::Starting | State::Loading => {
+                Some(self.last_progress + self.spec.load_stall_timeout.0)
+            }
+            _ => None,
         }
     }
 

@@ -7,6 +7,7 @@
 mod commands;
 mod control;
 mod instance;
+mod lifecycle;
 mod persist;
 mod spawn;
 
@@ -17,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use belljar_budget::Ledger;
 use belljar_host::cgroup::{self, CgroupBackend};
-use belljar_host::proc_ctl::{self, Exit};
+use belljar_host::proc_ctl;
 use belljar_host::{ProcRoot, read_host_memory};
 use belljar_protocol::control::{
     AskDone, BudgetStatus, ControlError, HostStatus, InstanceStatus, MemoryStatus, OkReply,
@@ -34,8 +35,6 @@ pub use control::Access;
 pub use instance::State;
 use instance::{Instance, ReplyTx, Worker};
 
-/// The worker's exit code for a refused pre-load check (docs/protocol.md).
-const WORKER_TEMPORARY: i32 = 75;
 /// How long the final clean-up waits for a cgroup to empty.
 const CGROUP_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -92,6 +91,10 @@ struct Daemon {
     /// In-flight `ask`s by request id: the instance and the client.
     asks: BTreeMap<u64, (String, ReplyTx)>,
     next_ask: u64,
+    /// The origin of the monotonic clock the restart policy sees.
+    epoch: Instant,
+    /// When instances waiting for memory are checked again.
+    memory_recheck_at: Option<Instant>,
 }
 
 /// Runs the daemon until `shutdown` resolves and every worker has stopped.
@@ -115,6 +118,8 @@ pub async fn serve(
         stopping: false,
         asks: BTreeMap::new(),
         next_ask: 0,
+        epoch: Instant::now(),
+        memory_recheck_at: None,
         cfg,
     };
     daemon.admit_all();
@@ -158,7 +163,10 @@ impl Daemon {
     /// Layer 2 for one instance, then its start; a denial leaves it `failed` with the reason.
     fn admit(&mut self, name: String, mut inst: Instance) {
         match self.ledger.allocate(&name, inst.required) {
-            Ok(()) => self.start(&mut inst),
+            Ok(()) => {
+                inst.restart_state.record_start(self.now());
+                self.start(&mut inst);
+            }
             Err(denied) => {
                 tracing::error!(instance = %name, "not admitted: {denied}");
                 inst.set(State::Failed, denied.to_string());
@@ -195,6 +203,11 @@ impl Daemon {
                 });
                 inst.load_progress = 0.0;
                 inst.worker_said = None;
+                inst.ready_since = None;
+                inst.last_heartbeat = None;
+                inst.last_progress = Instant::now();
+                inst.watchdog_fired = false;
+                inst.restart_at = None;
                 inst.set(State::Starting, "worker started, waiting for its hello");
             }
             Err(e) => {
@@ -300,6 +313,9 @@ impl Daemon {
         }
         match msg {
             WorkerMsg::Loading(l) => {
+                if l.fraction > inst.load_progress || inst.state == State::Starting {
+                    inst.last_progress = Instant::now();
+                }
                 inst.load_progress = l.fraction;
                 if inst.state == State::Starting || inst.state == State::Loading {
                     inst.set(
@@ -310,6 +326,8 @@ impl Daemon {
             }
             WorkerMsg::Ready(r) => {
                 inst.load_progress = 1.0;
+                inst.ready_since = Some(Instant::now());
+                inst.last_heartbeat = Some(Instant::now());
                 for w in inst.waiters.drain(..) {
                     let _ = w.send(Response::Ok(OkReply {
                         message: format!("{name} is ready"),
@@ -349,7 +367,7 @@ impl Daemon {
                 }
                 None => tracing::warn!(instance = %name, "worker reported: {}", e.message),
             },
-            WorkerMsg::Heartbeat(_) => {}
+            WorkerMsg::Heartbeat(_) => inst.last_heartbeat = Some(Instant::now()),
             WorkerMsg::Hello(_) => tracing::warn!(instance = %name, "second hello ignored"),
         }
     }
@@ -366,112 +384,6 @@ impl Daemon {
             match name {
                 Some(name) => self.on_exit(&name, exit),
                 None => tracing::debug!(pid, "reaped an orphaned descendant"),
-            }
-        }
-    }
-
-    fn on_exit(&mut self, name: &str, exit: Exit) {
-        let Some(inst) = self.instances.get_mut(name) else {
-            return;
-        };
-        let Some(worker) = inst.worker.take() else {
-            return;
-        };
-        let stats = self.cfg.cgroups.memory(&worker.cgroup).ok();
-        inst.last_peak = stats.and_then(|s| s.peak);
-        // The cgroup goes with the worker: anything it left behind dies here.
-        if let Err(e) = cgroup::destroy(&*self.cfg.cgroups, &worker.cgroup, CGROUP_TIMEOUT) {
-            tracing::error!(instance = %name, "cannot remove cgroup: {e}");
-        }
-        let said = inst.worker_said.take();
-        let (state, last_exit, reason) = match (inst.state, exit) {
-            (State::Stopping, _) => (
-                State::Stopped,
-                "stopped".to_owned(),
-                "stopped by the supervisor".to_owned(),
-            ),
-            (_, Exit::Code(0)) => (
-                State::Stopped,
-                "exit:0".to_owned(),
-                "the worker exited cleanly".to_owned(),
-            ),
-            (_, Exit::Code(WORKER_TEMPORARY)) => (
-                State::Failed,
-                "precheck-refused".to_owned(),
-                said.unwrap_or_else(|| "the pre-load memory check refused".into()),
-            ),
-            (_, Exit::Code(c)) => (
-                State::Failed,
-                format!("exit:{c}"),
-                said.map_or_else(
-                    || format!("the worker exited with code {c}"),
-                    |s| format!("exit {c}: {s}"),
-                ),
-            ),
-            (_, Exit::Signal(s)) => (
-                State::Failed,
-                format!("signal:{s}"),
-                format!("the worker was killed by signal {s}"),
-            ),
-        };
-        tracing::info!(instance = %name, pid = worker.pid, exit = %last_exit, "exited");
-        inst.last_exit = Some(last_exit);
-        inst.stop_deadline = None;
-        for w in inst.waiters.drain(..) {
-            let _ = w.send(refused(format!("{name} did not become ready: {reason}")));
-        }
-        inst.set(state, reason);
-        if !state.holds_allocation() {
-            self.ledger.release(name);
-        }
-        let orphaned: Vec<u64> = self
-            .asks
-            .iter()
-            .filter(|(_, (n, _))| n == name)
-            .map(|(id, _)| *id)
-            .collect();
-        for id in orphaned {
-            if let Some((_, client)) = self.asks.remove(&id) {
-                let _ = client.send(refused(format!("{name} stopped before answering")));
-            }
-        }
-        if let Some((after, client)) = self
-            .instances
-            .get_mut(name)
-            .and_then(|i| i.after_stop.take())
-        {
-            self.after_stop(name, after, client);
-        }
-    }
-
-    fn begin_stop(&mut self) {
-        tracing::info!("stopping: sending Shutdown to every worker");
-        self.stopping = true;
-        let names: Vec<String> = self.instances.keys().cloned().collect();
-        for name in names {
-            self.stop(&name);
-        }
-    }
-
-    fn next_deadline(&self) -> Option<Instant> {
-        self.instances
-            .values()
-            .filter_map(|i| i.stop_deadline)
-            .min()
-    }
-
-    /// Stop timeouts that passed: the whole cgroup is killed.
-    fn deadlines(&mut self) {
-        let now = Instant::now();
-        for (name, inst) in &mut self.instances {
-            if inst.stop_deadline.is_some_and(|d| d <= now) {
-                inst.stop_deadline = None;
-                if let Some(w) = &inst.worker {
-                    tracing::warn!(instance = %name, "did not stop within {}; killing its cgroup", inst.spec.stop_timeout);
-                    if let Err(e) = self.cfg.cgroups.kill_all(&w.cgroup) {
-                        tracing::error!(instance = %name, "cannot kill: {e}");
-                    }
-                }
             }
         }
     }

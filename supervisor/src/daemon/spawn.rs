@@ -97,10 +97,11 @@ pub fn spawn(env: &SpawnEnv<'_>, inst: &Instance) -> Result<Spawned, String> {
     let procs_fd = procs.as_raw_fd();
     let link_fd = theirs.as_raw_fd();
     let ids = user.map(|u| (u.uid, u.gid));
+    let score = belljar_budget::restart::oom_score_adj(spec.priority).to_string();
     // SAFETY: between fork and exec the closure only makes async-signal-safe system calls
     // (write, fcntl, setgroups, setgid, setuid) on values prepared before the fork.
     unsafe {
-        cmd.pre_exec(move || pre_exec(procs_fd, link_fd, ids));
+        cmd.pre_exec(move || pre_exec(procs_fd, link_fd, score.as_bytes(), ids));
     }
     let child = cmd
         .spawn()
@@ -113,8 +114,14 @@ pub fn spawn(env: &SpawnEnv<'_>, inst: &Instance) -> Result<Spawned, String> {
 }
 
 /// Runs in the child: join the cgroup first (so every instruction of the worker's own is
-/// accounted there), then keep the link open across exec, then drop privileges.
-fn pre_exec(procs_fd: i32, link_fd: i32, ids: Option<(Uid, Gid)>) -> std::io::Result<()> {
+/// accounted there), set the OOM score from the priority (lower priority, killed first), keep the
+/// link open across exec, then drop privileges.
+fn pre_exec(
+    procs_fd: i32,
+    link_fd: i32,
+    oom_score: &[u8],
+    ids: Option<(Uid, Gid)>,
+) -> std::io::Result<()> {
     // SAFETY: both descriptors are open in the parent for the whole spawn and inherited by fork.
     let (procs, link) = unsafe {
         (
@@ -123,6 +130,13 @@ fn pre_exec(procs_fd: i32, link_fd: i32, ids: Option<(Uid, Gid)>) -> std::io::Re
         )
     };
     nix::unistd::write(procs, b"0")?;
+    let adj = nix::fcntl::open(
+        c"/proc/self/oom_score_adj",
+        nix::fcntl::OFlag::O_WRONLY | nix::fcntl::OFlag::O_CLOEXEC,
+        nix::sys::stat::Mode::empty(),
+    )?;
+    nix::unistd::write(&adj, oom_score)?;
+    drop(adj);
     fcntl(link, FcntlArg::F_SETFD(FdFlag::empty()))?;
     if let Some((uid, gid)) = ids {
         nix::unistd::setgroups(&[gid])?;

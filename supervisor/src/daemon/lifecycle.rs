@@ -1,0 +1,325 @@
+//! What happens after a worker exits, and on timers: exact exit classification (the wait status
+//! combined with the cgroup's OOM counter and the watchdog's own record), the restart policy of
+//! crates/budget, OOM-aware limits, waiting for memory, the watchdog and stop timeouts.
+
+use std::time::{Duration, Instant};
+
+use belljar_budget::restart::{Decision, ExitClass, decide, grown_limit, peak_reached_limit};
+use belljar_budget::{Size, precheck};
+use belljar_host::cgroup;
+use belljar_host::proc_ctl::Exit;
+use belljar_host::read_host_memory;
+
+use super::instance::State;
+use super::{CGROUP_TIMEOUT, Daemon, refused};
+
+/// The worker's documented exit codes (docs/protocol.md).
+const TEMPORARY: i32 = 75;
+const PERMANENT: [i32; 4] = [64, 65, 69, 76];
+/// How often instances waiting for memory are re-checked (also whenever memory is released).
+const MEMORY_RECHECK: Duration = Duration::from_secs(1);
+
+impl Daemon {
+    /// The restart policy's monotonic clock.
+    pub(super) fn now(&self) -> Duration {
+        self.epoch.elapsed()
+    }
+
+    /// Classifies a worker's exit exactly once and applies the restart policy.
+    pub(super) fn on_exit(&mut self, name: &str, exit: Exit) {
+        let now = self.now();
+        let cap = self
+            .cfg
+            .config
+            .budget_policy()
+            .per_instance_cap(self.ledger.capacity());
+        let Some(inst) = self.instances.get_mut(name) else {
+            return;
+        };
+        let Some(worker) = inst.worker.take() else {
+            return;
+        };
+        // Read the run's counters before its cgroup goes: a fresh cgroup per start means every
+        // oom_kill here belongs to this run.
+        let stats = self.cfg.cgroups.memory(&worker.cgroup).ok();
+        let limit = stats.and_then(|s| s.limit).unwrap_or(inst.required);
+        inst.last_peak = stats.and_then(|s| s.peak);
+        let oom = stats.is_some_and(|s| s.oom_kill > 0) && exit == Exit::Signal(9);
+        // The cgroup goes with the worker: anything it left behind dies here.
+        if let Err(e) = cgroup::destroy(&*self.cfg.cgroups, &worker.cgroup, CGROUP_TIMEOUT) {
+            tracing::error!(instance = %name, "cannot remove cgroup: {e}");
+        }
+        let said = inst.worker_said.take();
+        let (class, last_exit, what) = match exit {
+            _ if inst.state == State::Stopping => (
+                ExitClass::Stopped,
+                "stopped".to_owned(),
+                "stopped by the supervisor".to_owned(),
+            ),
+            _ if inst.watchdog_fired => (
+                ExitClass::Failure,
+                "watchdog".to_owned(),
+                "killed by the watchdog".to_owned(),
+            ),
+            Exit::Signal(9) if oom => (
+                ExitClass::Failure,
+                "oom-kill".to_owned(),
+                format!("OOM-killed at limit {}", Size(limit)),
+            ),
+            Exit::Signal(s) => (
+                ExitClass::Failure,
+                format!("signal:{s}"),
+                format!("killed by signal {s}"),
+            ),
+            Exit::Code(0) => (
+                ExitClass::Clean,
+                "exit:0".to_owned(),
+                "exited cleanly".to_owned(),
+            ),
+            Exit::Code(TEMPORARY) => (
+                ExitClass::PrecheckRefused,
+                "precheck-refused".to_owned(),
+                said.clone()
+                    .unwrap_or_else(|| "the pre-load memory check refused".into()),
+            ),
+            Exit::Code(c) if PERMANENT.contains(&c) => (
+                ExitClass::Permanent,
+                format!("exit:{c}"),
+                said.clone()
+                    .map_or_else(|| format!("exit {c}"), |s| format!("exit {c}: {s}")),
+            ),
+            Exit::Code(c) => (
+                ExitClass::Failure,
+                format!("exit:{c}"),
+                format!("exited with code {c}"),
+            ),
+        };
+        if oom {
+            inst.oom_kills += 1;
+        }
+        tracing::info!(instance = %name, pid = worker.pid, exit = %last_exit, peak = ?inst.last_peak, "exited");
+        inst.last_exit = Some(last_exit.clone());
+        inst.stop_deadline = None;
+        for w in inst.waiters.drain(..) {
+            let _ = w.send(refused(format!("{name} did not become ready: {what}")));
+        }
+        let healthy_for = inst.ready_since.map_or(Duration::ZERO, |t| t.elapsed());
+        let cfg = inst.restart_config();
+        let decision = if self.stopping {
+            Decision::Stay
+        } else {
+            decide(
+                &cfg,
+                &mut inst.restart_state,
+                class,
+                healthy_for,
+                now,
+                fastrand::f64(),
+            )
+        };
+
+        // OOM-aware: a run that died at its limit gets a larger one when the budget allows.
+        let mut note = String::new();
+        if oom && matches!(decision, Decision::Restart { .. }) {
+            let peak = inst.last_peak.unwrap_or(limit);
+            if peak_reached_limit(peak, limit) {
+                let old = inst.required;
+                match grown_limit(old, peak, cap) {
+                    Some(grown) => {
+                        self.ledger.release(name);
+                        if self.ledger.allocate(name, grown).is_ok() {
+                            inst.required = grown;
+                            note = format!("; limit raised from {} to {}", Size(old), Size(grown));
+                            tracing::warn!(instance = %name, from = old, to = grown, "OOM at the limit: raising the limit");
+                        } else {
+                            let _ = self.ledger.allocate(name, old);
+                            note = format!("; OOM at limit {}; budget full", Size(old));
+                        }
+                    }
+                    None => {
+                        note = format!("; OOM at limit {}; per-instance cap reached", Size(old))
+                    }
+                }
+            }
+        }
+
+        match decision {
+            Decision::Stay => inst.set(State::Stopped, format!("the worker {what}")),
+            Decision::Fail(reason) => {
+                tracing::error!(instance = %name, "failed: {reason}");
+                inst.set(State::Failed, format!("{what}: {reason}"));
+            }
+            Decision::WaitForMemory => {
+                inst.set(
+                    State::WaitingForMemory,
+                    format!("waiting for memory: {what}"),
+                );
+            }
+            Decision::Restart { delay, attempt } => {
+                tracing::info!(
+                    instance = %name,
+                    event = "restart-scheduled",
+                    delay_ms = delay.as_millis() as u64,
+                    attempt,
+                    "restart scheduled after {last_exit}"
+                );
+                inst.restart_at = Some(Instant::now() + delay);
+                inst.set(
+                    State::Backoff,
+                    format!(
+                        "{what}; restarting in {:.1}s (attempt {attempt}){note}",
+                        delay.as_secs_f64()
+                    ),
+                );
+            }
+        }
+        let state = inst.state;
+        if !state.holds_allocation() {
+            self.ledger.release(name);
+        }
+        let orphaned: Vec<u64> = self
+            .asks
+            .iter()
+            .filter(|(_, (n, _))| n == name)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in orphaned {
+            if let Some((_, client)) = self.asks.remove(&id) {
+                let _ = client.send(refused(format!("{name} stopped before answering")));
+            }
+        }
+        if let Some((after, client)) = self
+            .instances
+            .get_mut(name)
+            .and_then(|i| i.after_stop.take())
+        {
+            self.after_stop(name, after, client);
+        }
+        if !state.holds_allocation() {
+            self.retry_waiting();
+        }
+    }
+
+    /// Starts an instance that waited (backoff over, or memory back) if layer 3 passes now;
+    /// otherwise it waits for memory.
+    fn try_restart(&mut self, name: &str) {
+        let now = self.now();
+        let reading = read_host_memory(&self.cfg.proc_root);
+        let Some(mut inst) = self.instances.remove(name) else {
+            return;
+        };
+        inst.restart_at = None;
+        let check = reading.map(|r| precheck(inst.required, self.cfg.headroom, r));
+        match check {
+            Ok(c) if c.ok => {
+                inst.restart_state.record_start(now);
+                inst.restarts += 1;
+                self.start(&mut inst);
+            }
+            Ok(c) => {
+                if inst.state != State::WaitingForMemory {
+                    tracing::warn!(instance = %name, event = "waiting-for-memory", "{}", c.summary());
+                }
+                inst.set(State::WaitingForMemory, c.summary());
+            }
+            Err(e) => inst.set(
+                State::WaitingForMemory,
+                format!("cannot read host memory: {e}"),
+            ),
+        }
+        if inst.state == State::WaitingForMemory {
+            self.memory_recheck_at
+                .get_or_insert_with(|| Instant::now() + MEMORY_RECHECK);
+        }
+        self.instances.insert(name.to_owned(), inst);
+    }
+
+    /// Memory was released: instances waiting for it try again (highest priority first).
+    pub(super) fn retry_waiting(&mut self) {
+        let mut waiting: Vec<(i64, String)> = self
+            .instances
+            .iter()
+            .filter(|(_, i)| i.state == State::WaitingForMemory && i.worker.is_none())
+            .map(|(n, i)| (i.spec.priority, n.clone()))
+            .collect();
+        waiting.sort_by(|a, b| b.0.cmp(&a.0).then_with(|| a.1.cmp(&b.1)));
+        for (_, name) in waiting {
+            self.try_restart(&name);
+        }
+    }
+
+    pub(super) fn begin_stop(&mut self) {
+        tracing::info!("stopping: sending Shutdown to every worker");
+        self.stopping = true;
+        let names: Vec<String> = self.instances.keys().cloned().collect();
+        for name in names {
+            if !self.stop(&name) {
+                if let Some(i) = self
+                    .instances
+                    .get_mut(&name)
+                    .filter(|i| i.state.holds_allocation())
+                {
+                    i.restart_at = None;
+                    i.set(State::Stopped, "stopped by the supervisor");
+                    self.ledger.release(&name);
+                }
+            }
+        }
+    }
+
+    /// The earliest timer of any instance.
+    pub(super) fn next_deadline(&self) -> Option<Instant> {
+        // A fixed time, not "now + interval": events arriving all the time must not push it away.
+        let waiting = self.memory_recheck_at;
+        self.instances
+            .values()
+            .flat_map(|i| [i.stop_deadline, i.restart_at, i.watchdog_deadline()])
+            .flatten()
+            .chain(waiting)
+            .min()
+    }
+
+    /// Timers that came due: stop timeouts, backoffs, the watchdog, memory re-checks.
+    pub(super) fn deadlines(&mut self) {
+        let now = Instant::now();
+        let names: Vec<String> = self.instances.keys().cloned().collect();
+        for name in &names {
+            let Some(inst) = self.instances.get_mut(name) else {
+                continue;
+            };
+            if inst.stop_deadline.is_some_and(|d| d <= now) {
+                inst.stop_deadline = None;
+                if let Some(w) = &inst.worker {
+                    tracing::warn!(instance = %name, "did not stop within {}; killing its cgroup", inst.spec.stop_timeout);
+                    if let Err(e) = self.cfg.cgroups.kill_all(&w.cgroup) {
+                        tracing::error!(instance = %name, "cannot kill: {e}");
+                    }
+                }
+            }
+            if inst.watchdog_deadline().is_some_and(|d| d <= now) {
+                inst.watchdog_fired = true;
+                if let Some(w) = &inst.worker {
+                    let why = if inst.state == State::Ready {
+                        "no heartbeat for 3 intervals"
+                    } else {
+                        "no load progress"
+                    };
+                    tracing::error!(instance = %name, event = "watchdog", pid = w.pid, "{why}: killing its cgroup");
+                    // Through the cgroup, never a bare pid that may have been recycled.
+                    if let Err(e) = self.cfg.cgroups.kill_all(&w.cgroup) {
+                        tracing::error!(instance = %name, "cannot kill: {e}");
+                    }
+                }
+            }
+            if inst.restart_at.is_some_and(|d| d <= now) && !self.stopping {
+                self.try_restart(name);
+            }
+        }
+        if self.memory_recheck_at.is_some_and(|t| t <= now) {
+            self.memory_recheck_at = None;
+            if !self.stopping {
+                self.retry_waiting();
+            }
+        }
+    }
+}

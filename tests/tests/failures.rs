@@ -1,0 +1,325 @@
+//! Failure handling for real: exit classification, restarts with backoff, the crash-loop breaker,
+//! OOM kills with adaptive limits, the watchdog and waiting for memory. Root, real cgroups, real
+//! workers; each test with its own cgroup parent and directories.
+
+#![allow(clippy::unwrap_used)] // tests unwrap: a panic is the failure report
+
+use std::time::Duration;
+
+use belljar_testkit::daemon::{
+    Daemon, all_in, assert_ledger_matches_cgroups, instance, zombies_of,
+};
+use belljar_testkit::{ModelShape, TestDir, tiny_shape, wait_for};
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+
+fn config(t: &TestDir, budget: &str, defaults: &str) -> String {
+    t.model("models/a.gguf", &tiny_shape());
+    format!(
+        r#"
+[budget]
+min_required = "32MiB"
+headroom = "64MiB"
+{budget}
+
+[defaults]
+model = "models/a.gguf"
+ctx = 256
+heartbeat_interval = "100ms"
+backoff_initial = "50ms"
+backoff_max = "2s"
+{defaults}
+
+[instances.subject]
+
+[modes.single]
+instances = ["subject"]
+"#
+    )
+}
+
+fn start(t: &TestDir, cfg: &str) -> Daemon {
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "failure tests create real cgroups: run them as root"
+    );
+    let mut d = Daemon::start(t, cfg, "single", &[]);
+    d.wait_status("subject ready", |s| all_in(s, "ready"));
+    d
+}
+
+fn pid_of(s: &serde_json::Value) -> i32 {
+    instance(s, "subject")["pid"].as_i64().unwrap() as i32
+}
+
+/// Settled: ledger = cgroup limits, no zombie, clean stop.
+fn finish(mut d: Daemon) {
+    let status = d.status().unwrap();
+    assert_ledger_matches_cgroups(&d, &status);
+    let sup = d.child.id();
+    wait_for("no zombie children", Duration::from_secs(5), || {
+        zombies_of(sup).is_empty().then_some(())
+    });
+    assert_eq!(d.terminate().code(), Some(0), "log:\n{}", d.stderr());
+}
+
+#[test]
+fn sigkill_of_a_ready_worker_means_exactly_one_restart() {
+    let t = TestDir::new();
+    let mut d = start(&t, &config(&t, "", ""));
+    let first = pid_of(&d.status().unwrap());
+    kill(Pid::from_raw(first), Signal::SIGKILL).unwrap();
+    let s = d.wait_status("ready again", |s| {
+        let i = instance(s, "subject");
+        i["state"] == "ready" && i["pid"].as_i64() != Some(first as i64)
+    });
+    let i = instance(&s, "subject");
+    assert_eq!(i["restarts"], 1);
+    assert_eq!(i["last_exit"], "signal:9");
+    assert_eq!(i["oom_kills"], 0);
+    assert_eq!(
+        d.stderr().matches("event=\"restart-scheduled\"").count(),
+        1,
+        "{}",
+        d.stderr()
+    );
+    finish(d);
+}
+
+#[test]
+fn a_truncated_model_fails_at_once_without_retries() {
+    let t = TestDir::new();
+    let cfg = config(&t, "", "");
+    let bytes = std::fs::read(t.join("models/a.gguf")).unwrap();
+    std::fs::write(t.join("models/a.gguf"), &bytes[..bytes.len() / 2]).unwrap();
+    assert!(nix::unistd::geteuid().is_root());
+    let mut d = Daemon::start(&t, &cfg, "single", &[]);
+    let s = d.wait_status("failed", |s| instance(s, "subject")["state"] == "failed");
+    let i = instance(&s, "subject");
+    assert_eq!(i["last_exit"], "exit:65");
+    assert_eq!(i["restarts"], 0);
+    assert_eq!(i["allocated"], 0);
+    assert!(i["reason"].as_str().unwrap().contains("truncated"), "{i}");
+    assert!(!d.stderr().contains("restart-scheduled"));
+    finish(d);
+}
+
+#[test]
+fn a_stopped_worker_is_killed_by_the_watchdog_and_restarted() {
+    let t = TestDir::new();
+    let mut d = start(&t, &config(&t, "", ""));
+    let first = pid_of(&d.status().unwrap());
+    kill(Pid::from_raw(first), Signal::SIGSTOP).unwrap();
+    let s = d.wait_status("restarted after the watchdog", |s| {
+        let i = instance(s, "subject");
+        i["state"] == "ready" && i["restarts"] == 1
+    });
+    assert_eq!(instance(&s, "subject")["last_exit"], "watchdog");
+    assert!(d.stderr().contains("event=\"watchdog\""), "{}", d.stderr());
+    finish(d);
+}
+
+/// The delays come from the event log (not wall-clock timing) and follow the policy:
+/// 50ms x 2^(n-1), at most 2s, jitter within +-10%.
+#[test]
+fn backoff_delays_follow_the_policy() {
+    let t = TestDir::new();
+    let mut d = start(&t, &config(&t, "", "start_limit_burst = 20"));
+    for n in 1..=5u64 {
+        let pid = pid_of(&d.status().unwrap());
+        kill(Pid::from_raw(pid), Signal::SIGKILL).unwrap();
+        d.wait_status("ready again", |s| {
+            instance(s, "subject")["state"] == "ready" && instance(s, "subject")["restarts"] == n
+        });
+    }
+    let log = d.stderr();
+    let delays: Vec<(u64, u64)> = log
+        .lines()
+        .filter(|l| l.contains("event=\"restart-scheduled\""))
+        .map(|l| {
+            let field = |k: &str| -> u64 {
+                let at = l.find(&format!("{k}=")).unwrap() + k.len() + 1;
+                l[at..]
+                    .split(|c: char| !c.is_ascii_digit())
+                    .next()
+                    .unwrap()
+                    .parse()
+                    .unwrap()
+            };
+            (field("attempt"), field("delay_ms"))
+        })
+        .collect();
+    assert_eq!(delays.len(), 5, "{log}");
+    for (i, (attempt, delay)) in delays.iter().enumerate() {
+        assert_eq!(*attempt, i as u64 + 1);
+        let base = (50.0 * 2f64.powi(i as i32)).min(2000.0);
+        let (lo, hi) = (
+            (base * 0.9).floor() as u64,
+            (base * 1.1).ceil().min(2000.0) as u64,
+        );
+        assert!(
+            (lo..=hi).contains(delay),
+            "attempt {attempt}: {delay} ms not in {lo}..={hi}"
+        );
+    }
+    finish(d);
+}
+
+/// A model whose KV cache at this ctx is about the size of its file, without mmap, under a limit
+/// of file x 1.0: OOM-killed on load.
+fn oom_config(t: &TestDir, budget: &str, burst: u32) -> String {
+    let shape = ModelShape {
+        layers: 4,
+        width: 256,
+        ff: 768,
+        heads: 4,
+        kv_heads: 4,
+        vocab: 1024,
+        context_length: 4096,
+        f16: false,
+        seed: 5,
+    };
+    t.model("models/kv.gguf", &shape);
+    format!(
+        r#"
+[budget]
+estimate_factor = 1.0
+min_required = "8MiB"
+headroom = "64MiB"
+{budget}
+
+[defaults]
+model = "models/kv.gguf"
+use_mmap = false
+ctx = 4096
+heartbeat_interval = "100ms"
+backoff_initial = "0s"
+start_limit_burst = {burst}
+
+[instances.subject]
+
+[modes.single]
+instances = ["subject"]
+"#
+    )
+}
+
+fn kernel_oom_kills() -> u64 {
+    std::fs::read_to_string("/proc/vmstat")
+        .unwrap()
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("oom_kill ")
+                .map(|v| v.trim().parse().unwrap())
+        })
+        .unwrap()
+}
+
+#[test]
+fn serial_oom_kills_are_classified_and_the_limit_grows_until_it_fits() {
+    let t = TestDir::new();
+    let before = kernel_oom_kills();
+    let mut d = Daemon::start(&t, &oom_config(&t, "", 12), "single", &[]);
+    let s = d.wait_status("ready after OOM kills", |s| {
+        instance(s, "subject")["state"] == "ready"
+    });
+    let i = instance(&s, "subject");
+    let ooms = i["oom_kills"].as_u64().unwrap();
+    assert!(ooms >= 1, "the first limit is below the need: {i}");
+    assert_eq!(
+        i["restarts"], ooms,
+        "each OOM kill was followed by one restart"
+    );
+    assert_eq!(
+        kernel_oom_kills() - before,
+        ooms,
+        "consistent with the kernel's count"
+    );
+    assert!(
+        d.stderr().contains("OOM at the limit: raising the limit"),
+        "{}",
+        d.stderr()
+    );
+    assert!(i["allocated"].as_u64().unwrap() > 8 << 20);
+    finish(d);
+}
+
+#[test]
+fn serial_without_budget_room_the_breaker_trips_after_exactly_the_burst() {
+    let t = TestDir::new();
+    let before = kernel_oom_kills();
+    let mut d = Daemon::start(&t, &oom_config(&t, "total = \"40MiB\"", 3), "single", &[]);
+    let s = d.wait_status("failed by the breaker", |s| {
+        instance(s, "subject")["state"] == "failed"
+    });
+    let i = instance(&s, "subject");
+    assert_eq!(i["oom_kills"], 3, "{i}");
+    assert_eq!(i["restarts"], 2, "exactly start_limit_burst = 3 starts");
+    assert_eq!(i["last_exit"], "oom-kill");
+    assert!(i["reason"].as_str().unwrap().contains("crash loop"), "{i}");
+    assert_eq!(i["allocated"], 0, "budget released");
+    assert_eq!(kernel_oom_kills() - before, 3);
+    // None follow.
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(instance(&d.status().unwrap(), "subject")["restarts"], 2);
+    // `restart` clears it.
+    d.cli(&["restart", "subject"]).expect_code(1);
+    finish(d);
+}
+
+#[test]
+fn serial_a_restart_waits_for_memory_while_a_hog_holds_it() {
+    let t = TestDir::new();
+    let available = {
+        let m = std::fs::read_to_string("/proc/meminfo").unwrap();
+        m.lines()
+            .find_map(|l| l.strip_prefix("MemAvailable:"))
+            .unwrap()
+            .trim()
+            .trim_end_matches(" kB")
+            .trim()
+            .parse::<u64>()
+            .unwrap()
+            * 1024
+    };
+    let headroom = available - (1 << 30);
+    let cfg = config(&t, "", "").replace("headroom = \"64MiB\"", &format!("headroom = {headroom}"));
+    let mut d = start(&t, &cfg);
+    let mut hog = std::process::Command::new("python3")
+        .args([
+            "-c",
+            "import sys,time; b=b'\\x01'*(2<<30); print('held', flush=True); time.sleep(600)",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::BufRead;
+        let mut line = String::new();
+        std::io::BufReader::new(hog.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        assert_eq!(line.trim(), "held");
+    }
+    kill(Pid::from_raw(pid_of(&d.status().unwrap())), Signal::SIGKILL).unwrap();
+    let s = d.wait_status("waiting for memory", |s| {
+        instance(s, "subject")["state"] == "waiting-for-memory"
+    });
+    assert!(
+        instance(&s, "subject")["reason"]
+            .as_str()
+            .unwrap()
+            .contains("short by"),
+        "{s}"
+    );
+    assert!(
+        instance(&s, "subject")["allocated"].as_u64().unwrap() > 0,
+        "waiting keeps the allocation"
+    );
+    hog.kill().unwrap();
+    hog.wait().unwrap();
+    d.wait_status("ready after the hog left", |s| {
+        instance(s, "subject")["state"] == "ready"
+    });
+    finish(d);
+}
