@@ -240,6 +240,12 @@ fn serial_oom_kills_are_classified_and_the_limit_grows_until_it_fits() {
         "{}",
         d.stderr()
     );
+    assert_eq!(
+        d.stderr().matches("event=\"oom-kill\"").count() as u64,
+        ooms,
+        "each OOM kill was also seen through the cgroup's notification: {}",
+        d.stderr()
+    );
     assert!(i["allocated"].as_u64().unwrap() > 8 << 20);
     finish(d);
 }

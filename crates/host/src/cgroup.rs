@@ -493,3 +493,69 @@ mod tests {
         );
     }
 }
+
+/// A descriptor that becomes readable when a cgroup's OOM state may have changed: on v1 an
+/// eventfd registered for `memory.oom_control` in `cgroup.event_control`; on v2 an inotify watch
+/// on `memory.events`. Readiness is a hint to read the counters now, not a count.
+#[derive(Debug)]
+pub enum OomWatch {
+    V1 {
+        event: nix::sys::eventfd::EventFd,
+        /// Kept open for as long as the registration lives.
+        _oom_control: fs::File,
+    },
+    V2(nix::sys::inotify::Inotify),
+}
+
+impl OomWatch {
+    /// Watches `dir` (an instance cgroup) of the given version.
+    pub fn new(version: Version, dir: &Path) -> Result<OomWatch, CgroupError> {
+        match version {
+            Version::V1 => {
+                use nix::sys::eventfd::{EfdFlags, EventFd};
+                use std::os::fd::AsRawFd;
+                let event = EventFd::from_flags(EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK)
+                    .map_err(|e| io_err("create an eventfd for", dir)(e.into()))?;
+                let path = dir.join("memory.oom_control");
+                let oom_control = fs::File::open(&path).map_err(io_err("open", &path))?;
+                write(
+                    dir,
+                    "cgroup.event_control",
+                    &format!("{} {}", event.as_raw_fd(), oom_control.as_raw_fd()),
+                )?;
+                Ok(OomWatch::V1 {
+                    event,
+                    _oom_control: oom_control,
+                })
+            }
+            Version::V2 => {
+                use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
+                let inotify = Inotify::init(InitFlags::IN_CLOEXEC | InitFlags::IN_NONBLOCK)
+                    .map_err(|e| io_err("create an inotify for", dir)(e.into()))?;
+                let path = dir.join("memory.events");
+                inotify
+                    .add_watch(&path, AddWatchFlags::IN_MODIFY)
+                    .map_err(|e| io_err("watch", &path)(e.into()))?;
+                Ok(OomWatch::V2(inotify))
+            }
+        }
+    }
+
+    /// Consumes pending notifications; true when there were any.
+    pub fn drain(&self) -> bool {
+        match self {
+            OomWatch::V1 { event, .. } => event.read().is_ok(),
+            OomWatch::V2(inotify) => inotify.read_events().is_ok_and(|e| !e.is_empty()),
+        }
+    }
+}
+
+impl std::os::fd::AsRawFd for OomWatch {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        use std::os::fd::AsFd;
+        match self {
+            OomWatch::V1 { event, .. } => event.as_fd().as_raw_fd(),
+            OomWatch::V2(inotify) => inotify.as_fd().as_raw_fd(),
+        }
+    }
+}

@@ -128,3 +128,55 @@ fn v2_procs_kill_and_events_on_the_real_cgroup2_mount() {
     cgroup::destroy(&v2, &parent.path.clone(), Duration::from_secs(5)).unwrap();
     assert!(!parent.path.exists());
 }
+
+/// A real OOM kill in a v1 cgroup wakes the eventfd registered in cgroup.event_control.
+#[test]
+fn v1_oom_watch_fires_on_a_real_oom_kill() {
+    use std::os::fd::AsRawFd;
+    if !is_root() {
+        eprintln!("skipped: needs root for real cgroups");
+        return;
+    }
+    let backend = cgroup::detect(None).unwrap();
+    if backend.version() != Version::V1 {
+        eprintln!("skipped: v1 only here; v2 uses inotify on memory.events");
+        return;
+    }
+    let parent = Parent::new(&*backend, "oomwatch");
+    let inst = parent.path.join("a");
+    std::fs::create_dir(&inst).unwrap();
+    backend
+        .apply_limits(
+            &inst,
+            &Limits {
+                max: 32 << 20,
+                high: 30 << 20,
+                low: 0,
+                swap_max: 0,
+            },
+        )
+        .unwrap();
+    let watch = cgroup::OomWatch::new(Version::V1, &inst).unwrap();
+    assert!(!watch.drain(), "nothing yet");
+    // python allocates and touches 256 MiB inside a 32 MiB limit: the kernel kills it.
+    let mut hog = Command::new("python3")
+        .args(["-c", "import time; b = b'x' * (256 << 20); time.sleep(60)"])
+        .spawn()
+        .unwrap();
+    cgroup::attach(&inst, hog.id()).unwrap();
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(hog.wait().unwrap().signal(), Some(9), "OOM-killed");
+    // SAFETY: `watch` owns the descriptor and outlives `fds`.
+    let borrowed = unsafe { std::os::fd::BorrowedFd::borrow_raw(watch.as_raw_fd()) };
+    let mut fds = [nix::poll::PollFd::new(
+        borrowed,
+        nix::poll::PollFlags::POLLIN,
+    )];
+    assert_eq!(
+        nix::poll::poll(&mut fds, 5000u16).unwrap(),
+        1,
+        "the eventfd became readable"
+    );
+    assert!(watch.drain());
+    assert!(backend.memory(&inst).unwrap().oom_kill >= 1);
+}

@@ -68,6 +68,18 @@ pub struct Worker {
     pub tx: UnboundedSender<SupervisorMsg>,
     /// Whether the worker has introduced itself (Hello checked, Welcome sent).
     pub greeted: bool,
+    /// The task watching this run's cgroup for OOM events (aborted when the run ends).
+    pub oom_watch: Option<tokio::task::JoinHandle<()>>,
+    /// The cgroup's `oom_kill` counter as last seen by the OOM watch.
+    pub oom_seen: u64,
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        if let Some(task) = self.oom_watch.take() {
+            task.abort();
+        }
+    }
 }
 
 #[derive(Debug)]

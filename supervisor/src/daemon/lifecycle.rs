@@ -45,6 +45,10 @@ impl Daemon {
         let limit = stats.and_then(|s| s.limit).unwrap_or(inst.required);
         inst.last_peak = stats.and_then(|s| s.peak);
         let oom = stats.is_some_and(|s| s.oom_kill > 0) && exit == Exit::Signal(9);
+        // Logged once per kill: by the OOM watch when it came first, else here.
+        if let Some(st) = stats.filter(|s| s.oom_kill > worker.oom_seen) {
+            log_oom(name, worker.pid, &st);
+        }
         // The cgroup goes with the worker: anything it left behind dies here.
         if let Err(e) = cgroup::destroy(&*self.cfg.cgroups, &worker.cgroup, CGROUP_TIMEOUT) {
             tracing::error!(instance = %name, "cannot remove cgroup: {e}");
@@ -200,6 +204,24 @@ impl Daemon {
         }
     }
 
+    /// The kernel's OOM counter of a running instance may have moved: log the kill now; the
+    /// exit is classified when the worker is reaped (the counter and the wait status together).
+    pub(super) fn on_oom_event(&mut self, name: &str, generation: u64) {
+        let Some(w) = self.instances.get_mut(name).and_then(|i| i.worker.as_mut()) else {
+            return;
+        };
+        if w.generation != generation {
+            return;
+        }
+        let Ok(stats) = self.cfg.cgroups.memory(&w.cgroup) else {
+            return;
+        };
+        if stats.oom_kill > w.oom_seen {
+            w.oom_seen = stats.oom_kill;
+            log_oom(name, w.pid, &stats);
+        }
+    }
+
     /// Starts an instance that waited (backoff over, or memory back) if layer 3 passes now;
     /// otherwise it waits for memory.
     fn try_restart(&mut self, name: &str) {
@@ -322,4 +344,16 @@ impl Daemon {
             }
         }
     }
+}
+
+/// The one journal entry per OOM kill.
+fn log_oom(name: &str, pid: u32, stats: &cgroup::MemoryStats) {
+    tracing::warn!(
+        instance = %name,
+        event = "oom-kill",
+        pid,
+        limit = ?stats.limit,
+        peak = ?stats.peak,
+        "the kernel OOM-killed in this instance's cgroup"
+    );
 }

@@ -79,6 +79,11 @@ enum Event {
         generation: u64,
     },
     Control(belljar_protocol::control::Command, ReplyTx),
+    /// The cgroup's OOM state may have changed (eventfd on v1, inotify on v2).
+    Oom {
+        name: String,
+        generation: u64,
+    },
 }
 
 struct Daemon {
@@ -193,6 +198,7 @@ impl Daemon {
                     tracing::error!(instance = %name, "cannot watch the worker's link: {e}");
                 }
                 tracing::info!(instance = %name, pid = s.pid, cgroup = %s.cgroup.display(), "spawned");
+                let oom_watch = self.watch_oom(&name, generation, &s.cgroup);
                 inst.worker = Some(Worker {
                     pid: s.pid,
                     generation,
@@ -200,6 +206,8 @@ impl Daemon {
                     cgroup: s.cgroup,
                     tx,
                     greeted: false,
+                    oom_watch,
+                    oom_seen: 0,
                 });
                 inst.load_progress = 0.0;
                 inst.worker_said = None;
@@ -216,6 +224,49 @@ impl Daemon {
                 inst.set(State::Failed, format!("cannot start: {e}"));
             }
         }
+    }
+
+    /// A task that turns the cgroup's OOM notifications into events, so an OOM kill is known
+    /// (and logged) the moment the kernel acts, before the worker is even reaped.
+    fn watch_oom(
+        &self,
+        name: &str,
+        generation: u64,
+        dir: &std::path::Path,
+    ) -> Option<tokio::task::JoinHandle<()>> {
+        let watch = match cgroup::OomWatch::new(self.cfg.cgroups.version(), dir)
+            .map_err(|e| e.to_string())
+            .and_then(|w| {
+                // SAFETY: the OomWatch owns its descriptor (eventfd or inotify), keeps it open for
+                // its whole life and always returns the same one from as_raw_fd.
+                unsafe { tokio::io::unix::AsyncFd::register(w) }.map_err(|e| e.to_string())
+            }) {
+            Ok(w) => w,
+            Err(e) => {
+                tracing::warn!(instance = %name, "no OOM notifications for this run ({e}); OOM kills are still classified at exit");
+                return None;
+            }
+        };
+        let events = self.events.clone();
+        let name = name.to_owned();
+        Some(tokio::spawn(async move {
+            loop {
+                let Ok(mut ready) = watch.readable().await else {
+                    return;
+                };
+                watch.get_ref().drain();
+                ready.clear_ready();
+                if events
+                    .send(Event::Oom {
+                        name: name.clone(),
+                        generation,
+                    })
+                    .is_err()
+                {
+                    return;
+                }
+            }
+        }))
     }
 
     /// Reader and writer tasks for one worker link.
@@ -283,6 +334,7 @@ impl Daemon {
                 }
             }
             Event::Control(cmd, reply) => self.on_control(cmd, reply),
+            Event::Oom { name, generation } => self.on_oom_event(&name, generation),
         }
     }
 
