@@ -202,9 +202,11 @@ impl Daemon {
                     return;
                 }
                 tracing::info!(instance = %name, "restarting on request");
-                // A manual restart clears `failed` and the crash-loop history.
+                // A manual restart clears `failed` and the crash-loop history; it counts as a
+                // restart like any other start after the first.
                 inst.restart_state.reset();
                 inst.restart_at = None;
+                inst.restarts += 1;
                 inst.waiters.push(reply);
                 self.admit(name.to_owned(), inst);
                 if let Some(i) = self
