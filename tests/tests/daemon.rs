@@ -123,6 +123,33 @@ fn matrix_mode_runs_each_worker_in_its_own_cgroup_and_stops_cleanly() {
         assert_eq!(i["load_progress"], 1.0);
     }
     assert_eq!(status["budget"]["allocated"], (96 + 128 + 32) * MIB);
+    // The kernel's OOM killer takes the lowest priority first and never the supervisor.
+    let adj = |pid: u32| {
+        read(Path::new(&format!("/proc/{pid}")), "oom_score_adj")
+            .parse::<i32>()
+            .unwrap()
+    };
+    let can_lower = std::process::Command::new("sh")
+        .args(["-c", "echo -1 > /proc/self/oom_score_adj"])
+        .status()
+        .unwrap()
+        .success();
+    if can_lower {
+        assert_eq!(adj(d.child.id()), -900);
+    } else {
+        // Some sandboxes (this CI's included) refuse negative scores even to root: say so.
+        assert!(
+            d.stderr().contains("cannot set oom_score_adj -900"),
+            "{}",
+            d.stderr()
+        );
+    }
+    let scores: Vec<i32> = pids.iter().map(|p| adj(*p)).collect();
+    assert_eq!(
+        scores,
+        [500, 400, 300],
+        "subject (0), observer (1), god (2)"
+    );
     let mut unique = pids.clone();
     unique.dedup();
     assert_eq!(unique.len(), 3);

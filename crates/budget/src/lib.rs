@@ -6,6 +6,7 @@ pub mod estimate;
 pub mod grammar;
 pub mod ledger;
 pub mod precheck;
+pub mod pressure;
 pub mod priority;
 pub mod restart;
 pub mod validate;

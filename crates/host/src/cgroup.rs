@@ -503,8 +503,9 @@ pub enum OomWatch {
         event: nix::sys::eventfd::EventFd,
         /// Kept open for as long as the registration lives.
         _oom_control: fs::File,
+        dir: PathBuf,
     },
-    V2(nix::sys::inotify::Inotify),
+    V2(nix::sys::inotify::Inotify, PathBuf),
 }
 
 impl OomWatch {
@@ -526,6 +527,7 @@ impl OomWatch {
                 Ok(OomWatch::V1 {
                     event,
                     _oom_control: oom_control,
+                    dir: dir.to_path_buf(),
                 })
             }
             Version::V2 => {
@@ -536,7 +538,7 @@ impl OomWatch {
                 inotify
                     .add_watch(&path, AddWatchFlags::IN_MODIFY)
                     .map_err(|e| io_err("watch", &path)(e.into()))?;
-                Ok(OomWatch::V2(inotify))
+                Ok(OomWatch::V2(inotify, dir.to_path_buf()))
             }
         }
     }
@@ -545,8 +547,18 @@ impl OomWatch {
     pub fn drain(&self) -> bool {
         match self {
             OomWatch::V1 { event, .. } => event.read().is_ok(),
-            OomWatch::V2(inotify) => inotify.read_events().is_ok_and(|e| !e.is_empty()),
+            OomWatch::V2(inotify, _) => inotify.read_events().is_ok_and(|e| !e.is_empty()),
         }
+    }
+
+    /// The cgroup's `oom_kill` counter now. On v1 the notification comes when the OOM starts,
+    /// a moment before the kill is counted.
+    pub fn kills(&self) -> u64 {
+        let r = match self {
+            OomWatch::V1 { dir, .. } => read_key(dir, "memory.oom_control", "oom_kill"),
+            OomWatch::V2(_, dir) => read_key(dir, "memory.events", "oom_kill"),
+        };
+        r.ok().flatten().unwrap_or(0)
     }
 }
 
@@ -555,7 +567,7 @@ impl std::os::fd::AsRawFd for OomWatch {
         use std::os::fd::AsFd;
         match self {
             OomWatch::V1 { event, .. } => event.as_fd().as_raw_fd(),
-            OomWatch::V2(inotify) => inotify.as_fd().as_raw_fd(),
+            OomWatch::V2(inotify, _) => inotify.as_fd().as_raw_fd(),
         }
     }
 }

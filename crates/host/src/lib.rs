@@ -4,6 +4,7 @@
 pub mod cgroup;
 pub mod meminfo;
 pub mod model_file;
+pub mod pressure;
 pub mod proc_ctl;
 pub mod process;
 

@@ -97,3 +97,14 @@ pub fn pid_exists(pid: u32) -> bool {
 pub fn set_own_oom_score_adj(value: i32) -> std::io::Result<()> {
     std::fs::write("/proc/self/oom_score_adj", value.to_string())
 }
+
+/// Sets this process's nice value (lower runs first; below 0 needs privilege).
+pub fn set_own_nice(nice: i32) -> std::io::Result<()> {
+    // SAFETY: setpriority takes plain integers and touches no memory of ours.
+    let rc = unsafe { nix::libc::setpriority(nix::libc::PRIO_PROCESS, 0, nice) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}

@@ -16,6 +16,8 @@ use crate::error::{CliError, Exit};
 use crate::paths;
 
 pub use crate::client::CONTROL_SOCKET;
+/// The supervisor's nice value: ahead of the workers it supervises.
+pub const SUPERVISOR_NICE: i32 = -5;
 /// The supervisor's own `oom_score_adj`: far below any worker's (0..=1000).
 pub const SUPERVISOR_OOM_SCORE_ADJ: i32 = -900;
 /// The default cgroup parent, relative to the cgroup root.
@@ -99,6 +101,17 @@ pub fn run(global: &GlobalArgs, args: &RunArgs) -> Result<Exit, CliError> {
     let _state_lock = lock(&state_dir)?;
     proc_ctl::set_child_subreaper()
         .map_err(|e| CliError::Refused(format!("cannot become a subreaper: {e}")))?;
+    // The kernel's OOM killer must never pick the supervisor first.
+    if let Err(e) = proc_ctl::set_own_oom_score_adj(SUPERVISOR_OOM_SCORE_ADJ) {
+        tracing::warn!(
+            "cannot set oom_score_adj {SUPERVISOR_OOM_SCORE_ADJ}: {e} (needs CAP_SYS_RESOURCE)"
+        );
+    }
+    // Stay responsive while workers load and compute: the event loop is what restarts, kills
+    // and sheds, so it runs ahead of them (needs privilege; otherwise the nice value stays).
+    if let Err(e) = proc_ctl::set_own_nice(SUPERVISOR_NICE) {
+        tracing::debug!("cannot raise the supervisor's scheduling priority: {e}");
+    }
 
     let worker_bin = match &args.worker {
         Some(p) => p.clone(),

@@ -146,13 +146,7 @@ impl Daemon {
                 return;
             }
         }
-        if self.stop(name) {
-            if let Some(i) = self.instances.get_mut(name) {
-                i.after_stop = Some((AfterStop::Remove, reply));
-            }
-        } else {
-            self.after_stop(name, AfterStop::Remove, reply);
-        }
+        self.stop_then(name, AfterStop::Remove, reply);
     }
 
     fn restart(&mut self, name: &str, reply: ReplyTx) {
@@ -160,12 +154,17 @@ impl Daemon {
             let _ = reply.send(unknown(name));
             return;
         }
+        self.stop_then(name, AfterStop::Restart, reply);
+    }
+
+    /// Stops the worker if one runs and does `after` once it is gone (at once when none runs).
+    fn stop_then(&mut self, name: &str, after: AfterStop, reply: ReplyTx) {
         if self.stop(name) {
             if let Some(i) = self.instances.get_mut(name) {
-                i.after_stop = Some((AfterStop::Restart, reply));
+                i.after_stop = Some((after, reply));
             }
         } else {
-            self.after_stop(name, AfterStop::Restart, reply);
+            self.after_stop(name, after, reply);
         }
     }
 

@@ -35,6 +35,8 @@ pub use control::Access;
 pub use instance::State;
 use instance::{Instance, ReplyTx, Worker};
 
+/// How long an OOM notification waits for the kernel to count the kill.
+const OOM_SETTLE: Duration = Duration::from_millis(20);
 /// How long the final clean-up waits for a cgroup to empty.
 const CGROUP_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -140,6 +142,16 @@ pub async fn serve(
         }
         // A SIGCHLD may have been coalesced with one already handled: reaping is idempotent.
         daemon.reap();
+        // Timers already due (a zero backoff) run now: the timer wheel's 1 ms tick would
+        // otherwise add up to a millisecond to every immediate restart.
+        if daemon.next_deadline().is_some_and(|d| d <= Instant::now()) {
+            daemon.deadlines();
+        }
+        // Timers already due (a zero backoff) run now: the timer wheel's 1 ms tick would
+        // otherwise add up to a millisecond to every immediate restart.
+        if daemon.next_deadline().is_some_and(|d| d <= Instant::now()) {
+            daemon.deadlines();
+        }
         if daemon.stopping && daemon.instances.values().all(|i| i.worker.is_none()) {
             break;
         }
@@ -250,12 +262,20 @@ impl Daemon {
         let events = self.events.clone();
         let name = name.to_owned();
         Some(tokio::spawn(async move {
+            let mut seen = 0;
             loop {
                 let Ok(mut ready) = watch.readable().await else {
                     return;
                 };
                 watch.get_ref().drain();
                 ready.clear_ready();
+                // The notification can come as the OOM starts, before the kill is counted: give
+                // the kernel a few milliseconds (yielding, so the loop keeps running).
+                let noticed = std::time::Instant::now();
+                while watch.get_ref().kills() <= seen && noticed.elapsed() < OOM_SETTLE {
+                    tokio::task::yield_now().await;
+                }
+                seen = watch.get_ref().kills();
                 if events
                     .send(Event::Oom {
                         name: name.clone(),
