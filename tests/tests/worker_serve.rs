@@ -533,3 +533,30 @@ fn inherited_socketpair_fd() {
     write_frame(&mut ours, &SupervisorMsg::Shutdown(Shutdown {})).unwrap();
     assert_eq!(child.wait().unwrap().code(), Some(0));
 }
+
+/// Under critical pressure an idle worker frees its context; the next prompt reloads it from
+/// the saved session and the conversation goes on.
+#[test]
+fn critical_pressure_frees_the_context_and_the_next_prompt_restores_it() {
+    use belljar_protocol::worker::PressureNotice;
+    let t = TestDir::new();
+    let model = t.model("m.gguf", &tiny_shape());
+    let mut w = start(&t, &model, &[]);
+    w.handshake();
+    until_ready(&w);
+    assert_eq!(prompt(&mut w, 1, "first", 4), (4, 4));
+    w.send(&SupervisorMsg::Pressure(PressureNotice {
+        level: "critical".into(),
+    }));
+    assert_eq!(
+        prompt(&mut w, 2, "second", 4),
+        (4, 4),
+        "served after the reload"
+    );
+    let (turns, _) = log_tokens(&t.join("state"));
+    assert_eq!(turns, 2);
+    assert!(w.stderr().contains("freed the context"), "{}", w.stderr());
+    assert!(w.stderr().contains("context reloaded"), "{}", w.stderr());
+    w.send(&SupervisorMsg::Shutdown(Shutdown {}));
+    assert_eq!(w.wait().code(), Some(0));
+}

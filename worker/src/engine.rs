@@ -22,8 +22,13 @@ const SEQ: i32 = 0;
 
 /// A loaded context with its conversation.
 pub struct Engine<'m> {
+    backend: &'m LlamaBackend,
     model: &'m LlamaModel,
-    ctx: LlamaContext<'m>,
+    /// `None` while freed under memory pressure; rebuilt (and the session restored from disk)
+    /// on the next prompt.
+    ctx: Option<LlamaContext<'m>>,
+    ctx_len: u32,
+    threads: i32,
     sampler: LlamaSampler,
     /// The tokens in the context, in order (KV positions 0..len).
     tokens: Vec<LlamaToken>,
@@ -50,37 +55,77 @@ pub enum Control {
     Abort,
 }
 
+const NO_CONTEXT: &str = "the context is not loaded";
+
 impl<'m> Engine<'m> {
     pub fn new(
-        backend: &LlamaBackend,
+        backend: &'m LlamaBackend,
         model: &'m LlamaModel,
         ctx_len: u32,
         threads: u32,
         files: SessionFiles,
         identity: Identity,
     ) -> Result<Engine<'m>, String> {
-        let threads = i32::try_from(threads).unwrap_or(i32::MAX);
-        let params = LlamaContextParams::default()
-            .with_n_ctx(NonZeroU32::new(ctx_len))
-            .with_n_threads(threads)
-            .with_n_threads_batch(threads);
-        let ctx = model
-            .new_context(backend, params)
-            .map_err(|e| format!("llama.cpp cannot create a context of {ctx_len} tokens: {e}"))?;
-        Ok(Engine {
+        let mut engine = Engine {
+            backend,
             model,
-            ctx,
+            ctx: None,
+            ctx_len,
+            threads: i32::try_from(threads).unwrap_or(i32::MAX),
             sampler: LlamaSampler::greedy(),
             tokens: Vec::new(),
             turns: Vec::new(),
             first_turn: 0,
             files,
             identity,
-        })
+        };
+        engine.create_context()?;
+        Ok(engine)
+    }
+
+    fn create_context(&mut self) -> Result<(), String> {
+        let params = LlamaContextParams::default()
+            .with_n_ctx(NonZeroU32::new(self.ctx_len))
+            .with_n_threads(self.threads)
+            .with_n_threads_batch(self.threads);
+        let ctx = self.model.new_context(self.backend, params).map_err(|e| {
+            format!(
+                "llama.cpp cannot create a context of {} tokens: {e}",
+                self.ctx_len
+            )
+        })?;
+        self.ctx = Some(ctx);
+        Ok(())
+    }
+
+    /// Frees the context (its KV cache and buffers) under memory pressure. The session is on
+    /// disk after every reply, so nothing is lost; the next prompt restores it. Returns whether
+    /// anything was freed.
+    pub fn free_context(&mut self) -> bool {
+        let freed = self.ctx.take().is_some();
+        self.tokens.clear();
+        freed
+    }
+
+    /// Rebuilds a freed context and restores the session into it.
+    fn ensure_context(&mut self) -> Result<(), String> {
+        if self.ctx.is_none() {
+            self.create_context()?;
+            let from = self.restore(|_, _| {})?;
+            tracing::warn!(
+                "context reloaded after memory pressure (session restored from {})",
+                from.as_str()
+            );
+        }
+        Ok(())
+    }
+
+    fn ctx(&mut self) -> Result<&mut LlamaContext<'m>, String> {
+        self.ctx.as_mut().ok_or_else(|| NO_CONTEXT.to_owned())
     }
 
     pub fn n_ctx(&self) -> u32 {
-        self.ctx.n_ctx()
+        self.ctx.as_ref().map_or(self.ctx_len, LlamaContext::n_ctx)
     }
 
     pub fn session_info(&self, restored_from: RestoredFrom) -> SessionInfo {
@@ -93,8 +138,9 @@ impl<'m> Engine<'m> {
 
     /// Bytes of the conversation's state (what `session.state` holds).
     pub fn state_bytes(&self) -> u64 {
-        self.ctx
-            .state_seq_get_size_ext(SEQ, LlamaStateSeqFlags::empty()) as u64
+        self.ctx.as_ref().map_or(0, |c| {
+            c.state_seq_get_size_ext(SEQ, LlamaStateSeqFlags::empty()) as u64
+        })
     }
 
     /// Restores the conversation: the saved state when it is valid, else a re-prefill from the
@@ -139,12 +185,10 @@ impl<'m> Engine<'m> {
             return Err("state does not fit this context".into());
         }
         // SAFETY: `state` is a complete buffer; llama.cpp reads at most `state.len()` bytes.
-        let ok = unsafe {
-            self.ctx
-                .state_seq_set_data_ext(state, SEQ, LlamaStateSeqFlags::empty())
-        };
+        let ctx = self.ctx()?;
+        let ok = unsafe { ctx.state_seq_set_data_ext(state, SEQ, LlamaStateSeqFlags::empty()) };
         if !ok {
-            self.ctx.clear_kv_cache();
+            ctx.clear_kv_cache();
             return Err("llama.cpp rejected the saved state".into());
         }
         self.tokens = meta.tokens.iter().map(|t| LlamaToken(*t)).collect();
@@ -158,7 +202,7 @@ impl<'m> Engine<'m> {
         first: usize,
         progress: &mut impl FnMut(usize, usize),
     ) -> Result<(), String> {
-        self.ctx.clear_kv_cache();
+        self.ctx()?.clear_kv_cache();
         self.tokens.clear();
         self.first_turn = first;
         let all: Vec<LlamaToken> = self.turns[first..]
@@ -174,7 +218,7 @@ impl<'m> Engine<'m> {
         tokens: &[LlamaToken],
         progress: &mut impl FnMut(usize, usize),
     ) -> Result<(), String> {
-        let n_batch = (self.ctx.n_batch() as usize).max(1);
+        let n_batch = (self.ctx()?.n_batch() as usize).max(1);
         let mut batch = LlamaBatch::new(n_batch, 1);
         for (chunk_no, chunk) in tokens.chunks(n_batch).enumerate() {
             batch.clear();
@@ -188,7 +232,7 @@ impl<'m> Engine<'m> {
                     .map_err(|e| format!("cannot build a batch: {e}"))?;
                 self.tokens.push(*tok);
             }
-            self.ctx
+            self.ctx()?
                 .decode(&mut batch)
                 .map_err(|e| format!("llama.cpp decode failed: {e}"))?;
             progress(self.tokens.len(), tokens.len());
@@ -210,6 +254,7 @@ impl<'m> Engine<'m> {
         if prompt.is_empty() {
             return Err("empty prompt; send some text".into());
         }
+        self.ensure_context()?;
         let prompt_tokens =
             self.model
                 .vocab()
@@ -237,7 +282,8 @@ impl<'m> Engine<'m> {
         let mut generated: Vec<LlamaToken> = Vec::new();
         let mut aborted = false;
         for _ in 0..max_tokens {
-            let tok = self.sampler.sample(&self.ctx, -1);
+            let ctx = self.ctx.as_ref().ok_or_else(|| NO_CONTEXT.to_owned())?;
+            let tok = self.sampler.sample(ctx, -1);
             if !ignore_eos && self.model.vocab().is_eog(tok) {
                 break;
             }
@@ -285,14 +331,12 @@ impl<'m> Engine<'m> {
             .map_err(|e| format!("cannot append to {}: {e}", self.files.log_path().display()))?;
         self.turns.push(turn);
         let flags = LlamaStateSeqFlags::empty();
-        let size = self.ctx.state_seq_get_size_ext(SEQ, flags);
+        let ctx = self.ctx()?;
+        let size = ctx.state_seq_get_size_ext(SEQ, flags);
         let mut state = vec![0u8; size];
         // SAFETY: `state` has exactly the size llama.cpp just reported for this sequence, and
         // nothing runs on this context in between (one thread owns it).
-        let written = unsafe {
-            self.ctx
-                .state_seq_get_data_ext(state.as_mut_ptr(), SEQ, flags)
-        };
+        let written = unsafe { ctx.state_seq_get_data_ext(state.as_mut_ptr(), SEQ, flags) };
         if written != size {
             return Err(format!(
                 "llama.cpp wrote {written} state bytes, expected {size}"

@@ -298,6 +298,7 @@ fn serve(
                 }
             }
             Inbound::Msg(SupervisorMsg::Shutdown(_)) | Inbound::Closed => return Ok(()),
+            Inbound::Msg(SupervisorMsg::Pressure(p)) => on_pressure(engine, &p.level, true),
             Inbound::Msg(other) => error_reply(
                 link,
                 None,
@@ -317,6 +318,7 @@ fn answer(
     queue: &mut VecDeque<Prompt>,
 ) -> Result<bool, String> {
     let mut stop = false;
+    let mut pressure: Option<String> = None;
     let id = p.id;
     let outcome = engine.answer(
         &p.text,
@@ -342,6 +344,8 @@ fn answer(
                         stop = true;
                         return Control::Abort;
                     }
+                    // Busy: finish the request first, free the context after it.
+                    Ok(Inbound::Msg(SupervisorMsg::Pressure(p))) => pressure = Some(p.level),
                     Ok(Inbound::Msg(other)) => {
                         error_reply(link, None, format!("unexpected message {other:?}"))
                     }
@@ -363,7 +367,27 @@ fn answer(
         // A request that cannot be served (too long, empty) is answered and the worker goes on.
         Err(e) => error_reply(link, Some(id), e),
     }
+    if let Some(level) = pressure {
+        on_pressure(engine, &level, false);
+    }
     Ok(stop)
+}
+
+/// Memory pressure from the supervisor: at `critical` and above the context is freed (the
+/// session is already on disk) and rebuilt on the next prompt.
+fn on_pressure(engine: &mut Engine<'_>, level: &str, idle: bool) {
+    if matches!(level, "critical" | "emergency") {
+        if engine.free_context() {
+            tracing::warn!(
+                "memory pressure {level}: freed the context (reloaded on the next prompt)"
+            );
+        }
+    } else {
+        tracing::info!(
+            "memory pressure {level}{}",
+            if idle { "" } else { " (while busy)" }
+        );
+    }
 }
 
 fn error_reply(link: &Link, id: Option<u64>, message: String) {

@@ -97,6 +97,11 @@ impl Levels {
         }
     }
 
+    /// Whether usage is below `restore` (shed instances may come back).
+    pub fn restored(&self, m: HostMemory) -> bool {
+        self.restore.below(m)
+    }
+
     /// The highest level whose threshold `m` crosses.
     pub fn raw(&self, m: HostMemory) -> Level {
         [Level::Emergency, Level::Critical, Level::Warning]

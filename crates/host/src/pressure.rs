@@ -107,6 +107,27 @@ pub fn major_faults(version: Version, dir: &Path) -> Option<u64> {
     }
 }
 
+/// A PSI trigger: a descriptor that becomes readable (POLLPRI) when tasks stall on memory for
+/// `stall` within any `window` (e.g. `some 150000 1000000`). `path` is `/proc/pressure/memory`
+/// or a v2 cgroup's `memory.pressure`. The kernel refuses triggers to processes without
+/// CAP_SYS_RESOURCE unless the window is a multiple of 2 s (and some sandboxes refuse them
+/// outright); callers fall back to the interval.
+pub fn psi_trigger(
+    path: &Path,
+    stall: std::time::Duration,
+    window: std::time::Duration,
+) -> std::io::Result<std::os::fd::OwnedFd> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(nix::libc::O_NONBLOCK)
+        .open(path)?;
+    f.write_all(format!("some {} {}", stall.as_micros(), window.as_micros()).as_bytes())?;
+    Ok(std::os::fd::OwnedFd::from(f))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

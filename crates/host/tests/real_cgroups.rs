@@ -131,7 +131,7 @@ fn v2_procs_kill_and_events_on_the_real_cgroup2_mount() {
 
 /// A real OOM kill in a v1 cgroup wakes the eventfd registered in cgroup.event_control.
 #[test]
-fn v1_oom_watch_fires_on_a_real_oom_kill() {
+fn serial_v1_oom_watch_fires_on_a_real_oom_kill() {
     use std::os::fd::AsRawFd;
     if !is_root() {
         eprintln!("skipped: needs root for real cgroups");

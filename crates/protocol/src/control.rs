@@ -106,6 +106,13 @@ pub struct StatusReport {
 pub struct HostStatus {
     pub total: u64,
     pub available: u64,
+    /// `normal`, `warning`, `critical`, `emergency` ([pressure]).
+    pub level: String,
+    /// The system's memory PSI `some avg10` (percent), when the kernel has PSI.
+    pub psi_some_avg10: Option<f32>,
+    /// Where `total`/`available` come from: `host` (MemAvailable) or `cgroup` (the tightest
+    /// limited cgroup above belljar's instances, e.g. a container's or pod's).
+    pub source: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -118,8 +125,11 @@ pub struct BudgetStatus {
 pub struct InstanceStatus {
     pub name: String,
     /// `starting`, `loading`, `ready`, `backoff`, `waiting-for-memory`, `failed`, `stopping`,
-    /// `stopped`.
+    /// `stopped`, `shed`.
     pub state: String,
+    /// Its major-fault rate stayed high over `thrash_window`: the limit is too small for the
+    /// model's working set (`reason` says what to raise it to).
+    pub thrashing: bool,
     /// A one-line human explanation of the state.
     pub reason: String,
     pub pid: Option<u32>,

@@ -29,6 +29,15 @@ pub enum SupervisorMsg {
     Welcome(Welcome),
     Prompt(Prompt),
     Shutdown(Shutdown),
+    Pressure(PressureNotice),
+}
+
+/// The host's memory pressure level changed. At `critical` and above an idle worker frees its
+/// context (its session is already on disk) and loads it again on the next prompt.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PressureNotice {
+    /// `normal`, `warning`, `critical` or `emergency`.
+    pub level: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -121,7 +121,19 @@ impl Daemon {
     /// Polls status until `pred` holds; panics with the last status and the log otherwise.
     #[track_caller]
     pub fn wait_status(&mut self, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
-        let deadline = Instant::now() + SETTLE;
+        self.wait_status_for(what, SETTLE, pred)
+    }
+
+    /// [`Daemon::wait_status`] with its own deadline, for states that take long on a loaded
+    /// machine (a thrashing model's first tokens).
+    #[track_caller]
+    pub fn wait_status_for(
+        &mut self,
+        what: &str,
+        timeout: Duration,
+        pred: impl Fn(&Value) -> bool,
+    ) -> Value {
+        let deadline = Instant::now() + timeout;
         let mut last = None;
         loop {
             if let Ok(Some(exit)) = self.child.try_wait() {

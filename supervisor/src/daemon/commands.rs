@@ -5,7 +5,7 @@ use std::time::Instant;
 
 use belljar_budget::{InstanceName, Size, precheck, required};
 use belljar_config::InstanceSection;
-use belljar_host::{cpu_count, probe_model_file, read_host_memory};
+use belljar_host::{cpu_count, probe_model_file};
 use belljar_protocol::control::{AddRequest, AskRequest, Command, OkReply, Response};
 use belljar_protocol::worker::{Prompt, Shutdown, SupervisorMsg};
 
@@ -91,8 +91,16 @@ impl Daemon {
             let _ = reply.send(refused(denied.to_string()));
             return;
         }
-        let reading = match read_host_memory(&self.cfg.proc_root) {
-            Ok(r) => r,
+        if self.level >= belljar_budget::pressure::Level::Critical {
+            self.ledger.release(&name);
+            let _ = reply.send(refused(format!(
+                "memory pressure is {}: nothing new is admitted until it eases; try again later",
+                self.level.as_str()
+            )));
+            return;
+        }
+        let reading = match self.effective_memory() {
+            Ok((r, _)) => r,
             Err(e) => {
                 self.ledger.release(&name);
                 let _ = reply.send(refused(e.to_string()));
@@ -146,7 +154,7 @@ impl Daemon {
                 return;
             }
         }
-        self.stop_then(name, AfterStop::Remove, reply);
+        self.stop_then(name, AfterStop::Remove, Some(reply));
     }
 
     fn restart(&mut self, name: &str, reply: ReplyTx) {
@@ -154,11 +162,11 @@ impl Daemon {
             let _ = reply.send(unknown(name));
             return;
         }
-        self.stop_then(name, AfterStop::Restart, reply);
+        self.stop_then(name, AfterStop::Restart, Some(reply));
     }
 
     /// Stops the worker if one runs and does `after` once it is gone (at once when none runs).
-    fn stop_then(&mut self, name: &str, after: AfterStop, reply: ReplyTx) {
+    pub(super) fn stop_then(&mut self, name: &str, after: AfterStop, reply: Option<ReplyTx>) {
         if self.stop(name) {
             if let Some(i) = self.instances.get_mut(name) {
                 i.after_stop = Some((after, reply));
@@ -183,20 +191,33 @@ impl Daemon {
         true
     }
 
-    /// What a client asked for once the worker is gone.
-    pub(super) fn after_stop(&mut self, name: &str, after: AfterStop, reply: ReplyTx) {
+    /// What a client (or the pressure guard) asked for once the worker is gone.
+    pub(super) fn after_stop(&mut self, name: &str, after: AfterStop, reply: Option<ReplyTx>) {
+        let answer = |r: Response| {
+            if let Some(reply) = &reply {
+                let _ = reply.send(r);
+            }
+        };
+        if after == AfterStop::Shed {
+            self.ledger.release(name);
+            if let Some(inst) = self.instances.get_mut(name) {
+                tracing::warn!(instance = %name, event = "shed", "shed under memory pressure; it comes back when memory does");
+                inst.set(State::Shed, "shed under memory pressure (session saved); back when usage falls below restore");
+            }
+            return;
+        }
         let Some(mut inst) = self.instances.remove(name) else {
             return;
         };
         self.ledger.release(name);
         match after {
-            AfterStop::Remove => {
+            AfterStop::Remove | AfterStop::Shed => {
                 tracing::info!(instance = %name, "removed");
-                let _ = reply.send(ok(format!("{name} removed")));
+                answer(ok(format!("{name} removed")));
             }
             AfterStop::Restart => {
                 if self.stopping {
-                    let _ = reply.send(refused("the supervisor is shutting down".into()));
+                    answer(refused("the supervisor is shutting down".into()));
                     self.instances.insert(name.to_owned(), inst);
                     return;
                 }
@@ -206,7 +227,9 @@ impl Daemon {
                 inst.restart_state.reset();
                 inst.restart_at = None;
                 inst.restarts += 1;
-                inst.waiters.push(reply);
+                if let Some(reply) = reply {
+                    inst.waiters.push(reply);
+                }
                 self.admit(name.to_owned(), inst);
                 if let Some(i) = self
                     .instances

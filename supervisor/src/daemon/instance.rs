@@ -20,6 +20,8 @@ pub enum AfterStop {
     Remove,
     /// `supervisor restart`: start it again.
     Restart,
+    /// The pressure guard: keep it, `shed`, until memory comes back.
+    Shed,
 }
 
 /// The states of `status`, spelled as in `status --json`, logs and docs.
@@ -33,6 +35,8 @@ pub enum State {
     Failed,
     Stopping,
     Stopped,
+    /// Stopped by the pressure guard; comes back when memory does.
+    Shed,
 }
 
 impl State {
@@ -46,13 +50,14 @@ impl State {
             State::Failed => "failed",
             State::Stopping => "stopping",
             State::Stopped => "stopped",
+            State::Shed => "shed",
         }
     }
 
     /// Budget by state: these states hold their ledger allocation; `failed` and `stopped`
     /// release it (docs/operations.md).
     pub fn holds_allocation(self) -> bool {
-        !matches!(self, State::Failed | State::Stopped)
+        !matches!(self, State::Failed | State::Stopped | State::Shed)
     }
 }
 
@@ -106,7 +111,7 @@ pub struct Instance {
     /// Clients waiting for this instance to become ready (add, restart).
     pub waiters: Vec<ReplyTx>,
     /// What a client asked to happen once the worker has stopped.
-    pub after_stop: Option<(AfterStop, ReplyTx)>,
+    pub after_stop: Option<(AfterStop, Option<ReplyTx>)>,
     /// Start history for backoff and the crash-loop breaker.
     pub restart_state: RestartState,
     /// When the current run became ready.
@@ -118,6 +123,9 @@ pub struct Instance {
     pub watchdog_fired: bool,
     /// When a `backoff` instance starts again.
     pub restart_at: Option<Instant>,
+    /// Major faults over time, for thrash detection.
+    pub thrash: belljar_budget::pressure::ThrashDetector,
+    pub thrashing: bool,
 }
 
 impl Instance {
@@ -145,6 +153,8 @@ impl Instance {
             last_progress: Instant::now(),
             watchdog_fired: false,
             restart_at: None,
+            thrash: Default::default(),
+            thrashing: false,
         }
     }
 

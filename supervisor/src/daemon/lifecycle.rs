@@ -8,7 +8,6 @@ use belljar_budget::restart::{Decision, ExitClass, decide, grown_limit, peak_rea
 use belljar_budget::{Size, precheck};
 use belljar_host::cgroup;
 use belljar_host::proc_ctl::Exit;
-use belljar_host::read_host_memory;
 
 use super::instance::State;
 use super::{CGROUP_TIMEOUT, Daemon, refused};
@@ -226,13 +225,20 @@ impl Daemon {
     /// otherwise it waits for memory.
     fn try_restart(&mut self, name: &str) {
         let now = self.now();
-        let reading = read_host_memory(&self.cfg.proc_root);
+        let reading = self.effective_memory();
+        let critical = self.level >= belljar_budget::pressure::Level::Critical;
         let Some(mut inst) = self.instances.remove(name) else {
             return;
         };
         inst.restart_at = None;
-        let check = reading.map(|r| precheck(inst.required, self.cfg.headroom, r));
+        let check = reading.map(|(r, _)| precheck(inst.required, self.cfg.headroom, r));
         match check {
+            Ok(_) if critical => {
+                inst.set(
+                    State::WaitingForMemory,
+                    "memory pressure is critical: nothing new starts until it eases",
+                );
+            }
             Ok(c) if c.ok => {
                 inst.restart_state.record_start(now);
                 inst.restarts += 1;
@@ -298,6 +304,7 @@ impl Daemon {
             .flat_map(|i| [i.stop_deadline, i.restart_at, i.watchdog_deadline()])
             .flatten()
             .chain(waiting)
+            .chain(self.pressure_at)
             .min()
     }
 
@@ -336,6 +343,9 @@ impl Daemon {
             if inst.restart_at.is_some_and(|d| d <= now) && !self.stopping {
                 self.try_restart(name);
             }
+        }
+        if self.pressure_at.is_some_and(|t| t <= now) && !self.stopping {
+            self.pressure_tick();
         }
         if self.memory_recheck_at.is_some_and(|t| t <= now) {
             self.memory_recheck_at = None;

@@ -9,6 +9,7 @@ mod control;
 mod instance;
 mod lifecycle;
 mod persist;
+mod pressure;
 mod spawn;
 
 use std::collections::BTreeMap;
@@ -17,9 +18,9 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use belljar_budget::Ledger;
+use belljar_host::ProcRoot;
 use belljar_host::cgroup::{self, CgroupBackend};
 use belljar_host::proc_ctl;
-use belljar_host::{ProcRoot, read_host_memory};
 use belljar_protocol::control::{
     AskDone, BudgetStatus, ControlError, HostStatus, InstanceStatus, MemoryStatus, OkReply,
     Response, StatusReport, TokenText,
@@ -86,6 +87,8 @@ enum Event {
         name: String,
         generation: u64,
     },
+    /// A PSI trigger fired: tasks are stalling on memory, read the pressure now.
+    PressureWake,
 }
 
 struct Daemon {
@@ -102,6 +105,10 @@ struct Daemon {
     epoch: Instant,
     /// When instances waiting for memory are checked again.
     memory_recheck_at: Option<Instant>,
+    /// The pressure guard's level, next tick and last shedding.
+    level: belljar_budget::pressure::Level,
+    pressure_at: Option<Instant>,
+    last_shed: Option<Instant>,
 }
 
 /// Runs the daemon until `shutdown` resolves and every worker has stopped.
@@ -127,10 +134,14 @@ pub async fn serve(
         next_ask: 0,
         epoch: Instant::now(),
         memory_recheck_at: None,
+        level: belljar_budget::pressure::Level::Normal,
+        pressure_at: Some(Instant::now()),
+        last_shed: None,
         cfg,
     };
     daemon.admit_all();
     daemon.restore_added();
+    daemon.watch_psi();
     tokio::pin!(shutdown);
     loop {
         let deadline = daemon.next_deadline();
@@ -355,6 +366,11 @@ impl Daemon {
             }
             Event::Control(cmd, reply) => self.on_control(cmd, reply),
             Event::Oom { name, generation } => self.on_oom_event(&name, generation),
+            Event::PressureWake => {
+                if self.cfg.config.pressure.enabled && !self.stopping {
+                    self.pressure_tick();
+                }
+            }
         }
     }
 
@@ -478,10 +494,13 @@ impl Daemon {
     }
 
     fn status(&self) -> StatusReport {
-        let host = read_host_memory(&self.cfg.proc_root).unwrap_or(belljar_budget::HostMemory {
-            total: 0,
-            available: 0,
-        });
+        let (host, source) = self.effective_memory().unwrap_or((
+            belljar_budget::HostMemory {
+                total: 0,
+                available: 0,
+            },
+            belljar_host::pressure::Source::Host,
+        ));
         let instances = self
             .instances
             .iter()
@@ -493,6 +512,7 @@ impl Daemon {
                 InstanceStatus {
                     name: name.clone(),
                     state: i.state.as_str().to_owned(),
+                    thrashing: i.thrashing,
                     reason: i.reason.clone(),
                     pid: i.worker.as_ref().map(|w| w.pid),
                     restarts: i.restarts,
@@ -516,6 +536,9 @@ impl Daemon {
             host: HostStatus {
                 total: host.total,
                 available: host.available,
+                level: self.level.as_str().to_owned(),
+                psi_some_avg10: belljar_host::pressure::psi_some_avg10(&self.cfg.proc_root),
+                source: source.as_str().to_owned(),
             },
             budget: BudgetStatus {
                 usable: self.ledger.capacity(),
