@@ -279,6 +279,7 @@ impl Daemon {
     pub(super) fn begin_stop(&mut self) {
         tracing::info!("stopping: sending Shutdown to every worker");
         self.stopping = true;
+        self.notify_stopping();
         let names: Vec<String> = self.instances.keys().cloned().collect();
         for name in names {
             if !self.stop(&name) {
@@ -305,6 +306,7 @@ impl Daemon {
             .flatten()
             .chain(waiting)
             .chain(self.pressure_at)
+            .chain(self.watchdog_at)
             .min()
     }
 
@@ -343,6 +345,9 @@ impl Daemon {
             if inst.restart_at.is_some_and(|d| d <= now) && !self.stopping {
                 self.try_restart(name);
             }
+        }
+        if self.watchdog_at.is_some_and(|t| t <= now) {
+            self.notify_watchdog();
         }
         if self.pressure_at.is_some_and(|t| t <= now) && !self.stopping {
             self.pressure_tick();

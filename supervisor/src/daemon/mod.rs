@@ -8,6 +8,7 @@ mod commands;
 mod control;
 mod instance;
 mod lifecycle;
+mod notify;
 mod persist;
 mod pressure;
 mod spawn;
@@ -109,6 +110,10 @@ struct Daemon {
     level: belljar_budget::pressure::Level,
     pressure_at: Option<Instant>,
     last_shed: Option<Instant>,
+    /// sd_notify: half the watchdog period, the next ping, the last STATUS= sent.
+    watchdog: Option<Duration>,
+    watchdog_at: Option<Instant>,
+    last_status: String,
 }
 
 /// Runs the daemon until `shutdown` resolves and every worker has stopped.
@@ -137,11 +142,15 @@ pub async fn serve(
         level: belljar_budget::pressure::Level::Normal,
         pressure_at: Some(Instant::now()),
         last_shed: None,
+        watchdog: None,
+        watchdog_at: None,
+        last_status: String::new(),
         cfg,
     };
     daemon.admit_all();
     daemon.restore_added();
     daemon.watch_psi();
+    daemon.notify_ready();
     tokio::pin!(shutdown);
     loop {
         let deadline = daemon.next_deadline();
@@ -158,6 +167,7 @@ pub async fn serve(
         if daemon.next_deadline().is_some_and(|d| d <= Instant::now()) {
             daemon.deadlines();
         }
+        daemon.notify_status();
         // Timers already due (a zero backoff) run now: the timer wheel's 1 ms tick would
         // otherwise add up to a millisecond to every immediate restart.
         if daemon.next_deadline().is_some_and(|d| d <= Instant::now()) {
