@@ -44,6 +44,20 @@ pub enum Command {
     Restart(NameArgs),
     Ask(AskArgs),
     Validate(ValidateArgs),
+    Completions(CompletionsArgs),
+    /// Print the man page (roff) to stdout.
+    #[command(after_help = "Example:\n  supervisor man > /usr/local/share/man/man1/supervisor.1")]
+    Man,
+}
+
+/// Print shell completions to stdout.
+#[derive(Debug, Args)]
+#[command(
+    after_help = "Examples:\n  supervisor completions bash > /etc/bash_completion.d/supervisor\n  supervisor completions zsh > \"${fpath[1]}/_supervisor\""
+)]
+pub struct CompletionsArgs {
+    /// bash, zsh, fish, elvish or powershell.
+    pub shell: clap_complete::Shell,
 }
 
 /// Add an instance to the running supervisor (kept across supervisor restarts); returns when

@@ -413,3 +413,19 @@ fn bad_cli_size() {
         .expect_code(2)
         .expect_says(&["larger than the total memory"]);
 }
+
+#[test]
+fn completions_and_man_page_are_generated_from_the_cli() {
+    run("supervisor", &["completions", "bash"])
+        .expect_code(0)
+        .expect_says(&["_supervisor", "validate", "--cgroup-parent"]);
+    run("supervisor", &["completions", "zsh"])
+        .expect_code(0)
+        .expect_says(&["#compdef supervisor"]);
+    run("supervisor", &["man"])
+        .expect_code(0)
+        .expect_says(&[".TH supervisor", "belljar"]);
+    run("supervisor", &["completions", "tcsh"])
+        .expect_code(2)
+        .expect_says(&["possible values"]);
+}

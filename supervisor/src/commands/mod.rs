@@ -2,6 +2,7 @@
 
 pub mod add;
 pub mod ask;
+pub mod completions;
 pub mod remove;
 pub mod restart;
 pub mod run;
@@ -20,6 +21,8 @@ pub fn dispatch(cli: Cli) -> Result<Exit, CliError> {
         Command::Remove(args) => remove::run(&cli.global, &args),
         Command::Restart(args) => restart::run(&cli.global, &args),
         Command::Ask(args) => ask::run(&cli.global, &args),
+        Command::Completions(args) => completions::completions(&args),
+        Command::Man => completions::man(),
     }
 }
 

@@ -30,41 +30,137 @@ pub fn run(global: &GlobalArgs, args: &StatusArgs) -> Result<Exit, CliError> {
             serde_json::to_string_pretty(&report).map_err(|e| CliError::Refused(e.to_string()))?;
         println!("{text}");
     } else {
-        print!("{}", table(&report));
+        use std::io::IsTerminal;
+        print!("{}", table(&report, std::io::stdout().is_terminal()));
     }
     Ok(Exit::Ok)
 }
 
-fn table(r: &StatusReport) -> String {
+/// The table fits 100 columns: one row per instance, sorted by name, and its reason on an
+/// indented line below (cut to fit). States are coloured only on a terminal.
+const WIDTH: usize = 100;
+
+fn table(r: &StatusReport, color: bool) -> String {
     let s = |b: Option<u64>| b.map_or_else(|| "-".to_owned(), |b| Size(b).to_string());
     let mut out = format!(
-        "host: {} available of {}; budget: {} allocated of {}\n",
+        "memory: {} free of {} ({}, pressure {}); budget: {} of {}\n",
         Size(r.host.available),
         Size(r.host.total),
+        r.host.source,
+        r.host.level,
         Size(r.budget.allocated),
         Size(r.budget.usable)
     );
     out.push_str(&format!(
-        "{:<16} {:<19} {:>8} {:>11} {:>11} {:>11} {:<16} {}\n",
-        "NAME", "STATE", "PID", "MEMORY", "LIMIT", "PEAK", "LAST EXIT", "REASON"
+        "{:<16} {:<18} {:>7} {:>11} {:>11} {:>11} {:>3} {:<12}\n",
+        "NAME", "STATE", "PID", "MEMORY", "LIMIT", "PEAK", "RST", "LAST EXIT"
     ));
-    for i in &r.instances {
-        let state = if i.state == "loading" {
-            format!("loading {:.0}%", i.load_progress * 100.0)
+    let mut rows: Vec<_> = r.instances.iter().collect();
+    rows.sort_by(|a, b| a.name.cmp(&b.name));
+    for i in rows {
+        let mut state = match i.state.as_str() {
+            "loading" => format!("loading {:.0}%", i.load_progress * 100.0),
+            _ => i.state.clone(),
+        };
+        if i.thrashing {
+            state.push('!');
+        }
+        let padded = format!("{state:<18}");
+        let state = if color {
+            paint(&i.state, &padded)
         } else {
-            i.state.clone()
+            padded
         };
         out.push_str(&format!(
-            "{:<16} {:<19} {:>8} {:>11} {:>11} {:>11} {:<16} {}\n",
+            "{:<16} {} {:>7} {:>11} {:>11} {:>11} {:>3} {:<12}\n",
             i.name,
             state,
             i.pid.map_or_else(|| "-".to_owned(), |p| p.to_string()),
             s(i.memory.current),
             s(i.memory.limit),
             s(i.memory.peak),
-            i.last_exit.as_deref().unwrap_or("-"),
-            i.reason
+            i.restarts,
+            i.last_exit.as_deref().unwrap_or("-")
         ));
+        let reason: String = i.reason.chars().take(WIDTH - 4).collect();
+        out.push_str(&format!("    {reason}\n"));
     }
     out
+}
+
+/// ANSI colour by state: green serving, yellow on the way, red failed, dim stopped or shed.
+fn paint(state: &str, text: &str) -> String {
+    let code = match state {
+        "ready" => "32",
+        "failed" => "31",
+        "stopped" | "shed" => "2",
+        _ => "33",
+    };
+    format!("\x1b[{code}m{text}\x1b[0m")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use belljar_protocol::control::{BudgetStatus, HostStatus, InstanceStatus, MemoryStatus};
+
+    #[test]
+    fn the_table_fits_100_columns() {
+        let inst = |name: &str, state: &str| InstanceStatus {
+            name: name.into(),
+            state: state.into(),
+            thrashing: state == "loading",
+            reason: "x".repeat(300),
+            pid: Some(4_194_304),
+            restarts: 12,
+            oom_kills: 0,
+            last_exit: Some("precheck-refused".into()),
+            load_progress: 0.5,
+            allocated: 1 << 40,
+            estimate_source: "file".into(),
+            memory: MemoryStatus {
+                current: Some(1023 << 30),
+                limit: Some(1023 << 30),
+                reservation: None,
+                peak: Some(1023 << 30),
+                last_peak: None,
+            },
+            uptime_s: Some(1),
+        };
+        let r = StatusReport {
+            host: HostStatus {
+                total: 1 << 40,
+                available: 1 << 39,
+                level: "emergency".into(),
+                psi_some_avg10: None,
+                source: "cgroup".into(),
+            },
+            budget: BudgetStatus {
+                usable: 1 << 40,
+                allocated: 1 << 39,
+            },
+            instances: vec![
+                inst("zeta", "waiting-for-memory"),
+                inst(&"a".repeat(16), "loading"),
+            ],
+        };
+        let text = table(&r, false);
+        for line in text.lines() {
+            assert!(
+                line.chars().count() <= WIDTH,
+                "{} columns: {line}",
+                line.chars().count()
+            );
+        }
+        assert!(text.contains("loading 50%!"), "{text}");
+        let names: Vec<&str> = text
+            .lines()
+            .skip(2)
+            .step_by(2)
+            .map(|l| l.split(' ').next().unwrap())
+            .collect();
+        assert_eq!(names, [&"a".repeat(16), "zeta"], "sorted by name");
+        assert!(!text.contains('\x1b'), "no colour off a terminal");
+        assert!(table(&r, true).contains("\x1b[33m"));
+    }
 }
