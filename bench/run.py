@@ -217,6 +217,16 @@ class Belljar(Sut):
     def services(self):
         return [p for p in children(self.proc.pid) if "worker serve" in cmdline(p)]
 
+    def stop(self):
+        # A clean shutdown removes the instance cgroups; SIGKILL would leave them behind.
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                pass
+        super().stop()
+
 
 PEERS = [Belljar, CLoop, Daemontools, Runit, S6, Pm2, Supervisord]
 
