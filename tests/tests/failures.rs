@@ -204,21 +204,10 @@ instances = ["subject"]
     )
 }
 
-fn kernel_oom_kills() -> u64 {
-    std::fs::read_to_string("/proc/vmstat")
-        .unwrap()
-        .lines()
-        .find_map(|l| {
-            l.strip_prefix("oom_kill ")
-                .map(|v| v.trim().parse().unwrap())
-        })
-        .unwrap()
-}
-
 #[test]
 fn serial_oom_kills_are_classified_and_the_limit_grows_until_it_fits() {
     let t = TestDir::new();
-    let before = kernel_oom_kills();
+    let before = belljar_testkit::kernel_oom_kills();
     let mut d = Daemon::start(&t, &oom_config(&t, "", 12), "single", &[]);
     let s = d.wait_status("ready after OOM kills", |s| {
         instance(s, "subject")["state"] == "ready"
@@ -231,7 +220,7 @@ fn serial_oom_kills_are_classified_and_the_limit_grows_until_it_fits() {
         "each OOM kill was followed by one restart"
     );
     assert_eq!(
-        kernel_oom_kills() - before,
+        belljar_testkit::kernel_oom_kills() - before,
         ooms,
         "consistent with the kernel's count"
     );
@@ -253,7 +242,7 @@ fn serial_oom_kills_are_classified_and_the_limit_grows_until_it_fits() {
 #[test]
 fn serial_without_budget_room_the_breaker_trips_after_exactly_the_burst() {
     let t = TestDir::new();
-    let before = kernel_oom_kills();
+    let before = belljar_testkit::kernel_oom_kills();
     let mut d = Daemon::start(&t, &oom_config(&t, "total = \"40MiB\"", 3), "single", &[]);
     let s = d.wait_status("failed by the breaker", |s| {
         instance(s, "subject")["state"] == "failed"
@@ -264,7 +253,7 @@ fn serial_without_budget_room_the_breaker_trips_after_exactly_the_burst() {
     assert_eq!(i["last_exit"], "oom-kill");
     assert!(i["reason"].as_str().unwrap().contains("crash loop"), "{i}");
     assert_eq!(i["allocated"], 0, "budget released");
-    assert_eq!(kernel_oom_kills() - before, 3);
+    assert_eq!(belljar_testkit::kernel_oom_kills() - before, 3);
     // None follow.
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(instance(&d.status().unwrap(), "subject")["restarts"], 2);

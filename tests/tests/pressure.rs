@@ -71,17 +71,6 @@ restore = 50
     )
 }
 
-/// The kernel's OOM kills so far, machine-wide (v1 counts a kill in the victim's own cgroup,
-/// not in the parent whose limit was hit; these tests are serial, so the global count is theirs).
-fn oom_kills() -> u64 {
-    std::fs::read_to_string("/proc/vmstat")
-        .unwrap()
-        .lines()
-        .find_map(|l| l.strip_prefix("oom_kill "))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap()
-}
-
 /// A hog in `dir` that grows by 32 MiB every 100 ms up to `target` bytes and holds.
 fn hog(dir: &Path, target: u64) -> std::process::Child {
     let script = format!(
@@ -181,13 +170,13 @@ fn run_guard(enabled: bool) -> (u64, serde_json::Value, String) {
     };
     let target = limit.saturating_sub(instances_usage) + 200 * MIB;
     let mut h = hog(&outer.dir().join("hog"), target);
-    let before = oom_kills();
+    let before = belljar_testkit::kernel_oom_kills();
     use std::io::Write;
     h.stdin.as_mut().unwrap().write_all(b"go\n").unwrap();
     // Until the hog is full (or killed).
     let mut line = String::new();
     let _ = BufReader::new(h.stdout.as_mut().unwrap()).read_line(&mut line);
-    let after = oom_kills();
+    let after = belljar_testkit::kernel_oom_kills();
     let read = |f: &str| {
         std::fs::read_to_string(outer.dir().join(f))
             .unwrap_or_default()

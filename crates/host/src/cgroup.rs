@@ -121,7 +121,7 @@ fn write(dir: &Path, file: &str, value: &str) -> Result<(), CgroupError> {
     fs::write(&path, value).map_err(io_err("write", &path))
 }
 
-fn read_u64(dir: &Path, file: &str) -> Result<Option<u64>, CgroupError> {
+pub(crate) fn read_u64(dir: &Path, file: &str) -> Result<Option<u64>, CgroupError> {
     let path = dir.join(file);
     match fs::read_to_string(&path) {
         Ok(s) => Ok(s.trim().parse().ok()),
@@ -131,7 +131,7 @@ fn read_u64(dir: &Path, file: &str) -> Result<Option<u64>, CgroupError> {
 }
 
 /// A `key value` line from a flat-keyed file (`memory.events`, `memory.oom_control`).
-fn read_key(dir: &Path, file: &str, key: &str) -> Result<Option<u64>, CgroupError> {
+pub(crate) fn read_key(dir: &Path, file: &str, key: &str) -> Result<Option<u64>, CgroupError> {
     let path = dir.join(file);
     match fs::read_to_string(&path) {
         Ok(s) => Ok(s.lines().find_map(|l| {
@@ -198,7 +198,7 @@ impl CgroupBackend for V2 {
 }
 
 /// v1 reports "no limit" as a huge number (PAGE_COUNTER_MAX pages).
-const V1_UNLIMITED: u64 = 1 << 62;
+pub(crate) const V1_UNLIMITED: u64 = 1 << 62;
 
 impl CgroupBackend for V1 {
     fn version(&self) -> Version {

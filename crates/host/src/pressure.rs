@@ -29,38 +29,35 @@ impl Source {
     }
 }
 
-/// v1 writes "no limit" as a huge number.
-const UNLIMITED: u64 = 1 << 62;
-
-fn read_u64(path: &Path) -> Option<u64> {
-    std::fs::read_to_string(path).ok()?.trim().parse().ok()
+/// A number file of `dir`; `None` when missing or not a number ("max").
+fn read_u64(dir: &Path, file: &str) -> Option<u64> {
+    crate::cgroup::read_u64(dir, file).ok().flatten()
 }
 
+/// A key of `dir`'s memory.stat.
 fn stat_key(dir: &Path, key: &str) -> Option<u64> {
-    let text = std::fs::read_to_string(dir.join("memory.stat")).ok()?;
-    text.lines().find_map(|l| {
-        let (k, v) = l.split_once(' ')?;
-        (k == key).then(|| v.trim().parse().ok()).flatten()
-    })
+    crate::cgroup::read_key(dir, "memory.stat", key)
+        .ok()
+        .flatten()
 }
 
 /// The memory reading of one cgroup with a limit, as `HostMemory` (total = its limit).
 pub fn cgroup_memory(version: Version, dir: &Path) -> Option<HostMemory> {
     let (limit, usage, inactive) = match version {
         Version::V1 => (
-            read_u64(&dir.join("memory.limit_in_bytes"))?,
-            read_u64(&dir.join("memory.usage_in_bytes"))?,
+            read_u64(dir, "memory.limit_in_bytes")?,
+            read_u64(dir, "memory.usage_in_bytes")?,
             stat_key(dir, "total_inactive_file")
                 .or_else(|| stat_key(dir, "inactive_file"))
                 .unwrap_or(0),
         ),
         Version::V2 => (
-            read_u64(&dir.join("memory.max"))?, // "max" does not parse: unlimited
-            read_u64(&dir.join("memory.current"))?,
+            read_u64(dir, "memory.max")?, // "max" does not parse: unlimited
+            read_u64(dir, "memory.current")?,
             stat_key(dir, "inactive_file").unwrap_or(0),
         ),
     };
-    if limit >= UNLIMITED {
+    if limit >= crate::cgroup::V1_UNLIMITED {
         return None;
     }
     Some(HostMemory {

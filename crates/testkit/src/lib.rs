@@ -174,3 +174,15 @@ pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<
         std::thread::sleep(Duration::from_millis(10));
     }
 }
+
+/// The kernel's OOM kills so far, machine-wide (`oom_kill` in /proc/vmstat). On cgroup v1 a kill
+/// is counted in the victim's own cgroup only, so tests that must see every kill compare this
+/// (and run in the `serial_` group, so the count is theirs).
+pub fn kernel_oom_kills() -> u64 {
+    std::fs::read_to_string("/proc/vmstat")
+        .expect("/proc/vmstat")
+        .lines()
+        .find_map(|l| l.strip_prefix("oom_kill "))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("an oom_kill line in /proc/vmstat")
+}
