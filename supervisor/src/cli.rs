@@ -137,6 +137,20 @@ pub struct RunArgs {
     /// The worker binary [default: `worker` beside this binary].
     #[arg(long, value_name = "PATH")]
     pub worker: Option<PathBuf>,
+    /// Where logs go: journald (structured entries), text or json lines on stderr; auto picks
+    /// journald when it is reachable (JOURNAL_STREAM set or its socket present).
+    #[arg(
+        long,
+        value_name = "FORMAT",
+        value_enum,
+        default_value = "auto",
+        env = "BELLJAR_LOG_FORMAT"
+    )]
+    pub log_format: crate::logging::LogFormat,
+    /// Serve Prometheus metrics over HTTP at ADDR (off by default; port 0 picks a free port,
+    /// shown in the log and as `metrics_addr` in `status --json`).
+    #[arg(long, value_name = "ADDR", env = "BELLJAR_METRICS")]
+    pub metrics: Option<std::net::SocketAddr>,
 }
 
 /// Show the running supervisor's instances, memory and budget.

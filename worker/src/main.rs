@@ -70,13 +70,21 @@ fn backend() -> Result<llama_cpp_2::llama_backend::LlamaBackend, serve::Failure>
 }
 
 /// Everything (llama.cpp's own logs included) goes through `tracing` to stderr, filtered by
-/// RUST_LOG (default: warnings).
+/// RUST_LOG (default: warnings). When stderr is not a terminal (under the supervisor, which
+/// forwards it to the journal line by line) lines carry no time and no colour: the journal
+/// stamps them and the supervisor reads the level from the line's start.
 fn init_logging() {
+    use std::io::IsTerminal;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+        .with_writer(std::io::stderr);
+    if std::io::stderr().is_terminal() {
+        builder.init();
+    } else {
+        builder.without_time().with_ansi(false).init();
+    }
+
     llama_cpp_2::send_logs_to_tracing(llama_cpp_2::LogOptions::default());
 }

@@ -8,6 +8,7 @@ pub mod ledger;
 pub mod precheck;
 pub mod pressure;
 pub mod priority;
+pub mod ratelimit;
 pub mod restart;
 pub mod validate;
 

@@ -11,8 +11,8 @@ use belljar_budget::{BudgetPolicy, EstimateRule, HumanDuration, InstanceName, Si
 use serde::Serialize;
 
 pub use schema::{
-    BudgetSection, ControlSection, EstimateSource, InstanceSection, PressureSection, RawConfig,
-    RestartPolicy,
+    BudgetSection, ControlSection, EstimateSource, InstanceSection, LoggingSection,
+    PressureSection, RawConfig, RestartPolicy,
 };
 
 /// The default config path, relative to the working directory.
@@ -43,6 +43,7 @@ pub struct Config {
     pub modes: BTreeMap<String, Vec<InstanceName>>,
     pub pressure: Pressure,
     pub control: ControlSection,
+    pub logging: LoggingSection,
 }
 
 /// An instance with every key resolved: what the supervisor starts and the worker loads.
@@ -179,6 +180,7 @@ impl Config {
             modes,
             pressure,
             control: raw.control,
+            logging: raw.logging,
         })
     }
 

@@ -25,6 +25,8 @@ pub struct RawConfig {
     pub pressure: PressureSection,
     #[serde(default)]
     pub control: ControlSection,
+    #[serde(default)]
+    pub logging: LoggingSection,
 }
 
 /// How an instance's memory need is estimated (`[budget] estimate`).
@@ -173,6 +175,24 @@ impl Default for PressureSection {
 #[serde(deny_unknown_fields)]
 pub struct ControlSection {
     pub group: Option<String>,
+}
+
+/// `[logging]`: how much of each instance's worker output reaches the log, as journald's
+/// `RateLimitBurst=` per `RateLimitIntervalSec=` (0 turns the limit off).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LoggingSection {
+    pub worker_output_burst: u32,
+    pub worker_output_interval: HumanDuration,
+}
+
+impl Default for LoggingSection {
+    fn default() -> Self {
+        LoggingSection {
+            worker_output_burst: 1000,
+            worker_output_interval: secs(30),
+        }
+    }
 }
 
 pub(crate) const fn secs(s: u64) -> HumanDuration {

@@ -61,7 +61,7 @@ pub struct AskRequest {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type")]
 pub enum Response {
-    Status(StatusReport),
+    Status(Box<StatusReport>),
     /// A command that changed something (or found it already so) succeeded.
     Ok(OkReply),
     /// One generated token of an `ask`.
@@ -100,6 +100,9 @@ pub struct StatusReport {
     pub host: HostStatus,
     pub budget: BudgetStatus,
     pub instances: Vec<InstanceStatus>,
+    /// Where Prometheus metrics are served (`run --metrics`), or null.
+    #[serde(default)]
+    pub metrics_addr: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -51,6 +51,19 @@ impl Daemon {
         env: &[(&str, &str)],
         parent_rel: String,
     ) -> Daemon {
+        Self::start_wrapped(t, config, mode, env, parent_rel, &[])
+    }
+
+    /// As [`Daemon::start_with_parent`], with the supervisor started through `wrapper` (for
+    /// example `nsenter -m -t PID --`).
+    pub fn start_wrapped(
+        t: &TestDir,
+        config: &str,
+        mode: &str,
+        env: &[(&str, &str)],
+        parent_rel: String,
+        wrapper: &[&str],
+    ) -> Daemon {
         let config_path = t.write("budgets.toml", config);
         let runtime = t.join("run");
         let state = t.join("state");
@@ -59,7 +72,14 @@ impl Daemon {
             COUNTER.fetch_add(1, Ordering::Relaxed)
         ));
         let stderr = std::fs::File::create(&stderr_path).expect("stderr file");
-        let mut cmd = Command::new(bin("supervisor"));
+        let mut cmd = match wrapper.split_first() {
+            Some((first, rest)) => {
+                let mut c = Command::new(first);
+                c.args(rest).arg(bin("supervisor"));
+                c
+            }
+            None => Command::new(bin("supervisor")),
+        };
         cmd.args([
             "run",
             "--mode",
@@ -76,10 +96,13 @@ impl Daemon {
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(stderr);
+        // Tests read the log from stderr, also on machines where journald is reachable.
+        cmd.env("BELLJAR_LOG_FORMAT", "text");
         for (k, v) in env {
             cmd.env(k, v);
         }
         let child = cmd.spawn().expect("spawn supervisor");
+
         Daemon {
             child,
             runtime,

@@ -11,6 +11,7 @@ use belljar_host::proc_ctl::{self, LockError, MAX_SOCKET_PATH};
 use belljar_host::{ProcRoot, cpu_count, read_host_memory};
 
 use crate::cli::{GlobalArgs, RunArgs};
+use crate::daemon::events::{Entry, Event};
 use crate::daemon::{self, DaemonConfig, SUPERVISOR_LEAF};
 use crate::error::{CliError, Exit};
 use crate::paths;
@@ -24,7 +25,8 @@ pub const SUPERVISOR_OOM_SCORE_ADJ: i32 = -900;
 pub const DEFAULT_PARENT: &str = "belljar";
 
 pub fn run(global: &GlobalArgs, args: &RunArgs) -> Result<Exit, CliError> {
-    crate::logging::init();
+    crate::logging::init(args.log_format);
+
     let config = super::validate::load_config(&global.config)?;
     let specs = config.mode(&args.mode, cpu_count())?;
     let planned = super::validate::plan(&config, &specs)?;
@@ -143,14 +145,29 @@ pub fn run(global: &GlobalArgs, args: &RunArgs) -> Result<Exit, CliError> {
         cgroup::destroy(&*cgroups, &leftover, std::time::Duration::from_secs(5))
             .map_err(|e| CliError::Refused(e.to_string()))?;
     }
-    tracing::info!(
-        version = ?cgroups.version(),
-        parent = %parent.display(),
-        mode = %args.mode,
-        "starting {} instance(s)",
-        specs.len()
-    );
+    Entry::new(Event::Started).log(format_args!(
+        "starting mode {} with {} instance(s) in {} (cgroup {:?})",
+        args.mode,
+        specs.len(),
+        parent.display(),
+        cgroups.version()
+    ));
 
+    let metrics = match args.metrics {
+        Some(addr) => {
+            let l = std::net::TcpListener::bind(addr).map_err(|e| {
+                CliError::Refused(format!(
+                    "cannot serve metrics at {addr}: {e}; pick another port (0 picks a free one)"
+                ))
+            })?;
+            let bound = l
+                .local_addr()
+                .map_err(|e| CliError::Refused(e.to_string()))?;
+            tracing::info!(addr = %bound, "serving Prometheus metrics at http://{bound}/metrics");
+            Some((l, bound))
+        }
+        None => None,
+    };
     let instances = specs
         .into_iter()
         .zip(&report.instances)
@@ -171,6 +188,7 @@ pub fn run(global: &GlobalArgs, args: &RunArgs) -> Result<Exit, CliError> {
             own_uid: nix::unistd::geteuid(),
             group,
         },
+        metrics,
     };
     let _ = std::fs::remove_file(&socket); // stale: we hold the lock, so nobody serves it
     let listener = std::os::unix::net::UnixListener::bind(&socket)

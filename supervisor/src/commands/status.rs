@@ -143,7 +143,9 @@ mod tests {
                 inst("zeta", "waiting-for-memory"),
                 inst(&"a".repeat(16), "loading"),
             ],
+            metrics_addr: None,
         };
+
         let text = table(&r, false);
         for line in text.lines() {
             assert!(

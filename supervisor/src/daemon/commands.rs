@@ -9,6 +9,7 @@ use belljar_host::{cpu_count, probe_model_file};
 use belljar_protocol::control::{AddRequest, AskRequest, Command, OkReply, Response};
 use belljar_protocol::worker::{Prompt, Shutdown, SupervisorMsg};
 
+use super::events::{Entry, Event};
 use super::instance::{AfterStop, Instance, ReplyTx, State};
 use super::{Daemon, persist, refused, usage};
 
@@ -24,7 +25,7 @@ impl Daemon {
         }
         match cmd {
             Command::Status(_) => {
-                let _ = reply.send(Response::Status(self.status()));
+                let _ = reply.send(Response::Status(Box::new(self.status())));
             }
             Command::Add(req) => self.add(req, reply),
             Command::Remove(r) => self.remove(&r.name, reply),
@@ -118,7 +119,11 @@ impl Daemon {
             let _ = reply.send(refused(format!("cannot persist {name}: {e}")));
             return;
         }
-        tracing::info!(instance = %name, required = inst.required, "added");
+        Entry::of(Event::Added, &name, &inst).log(format_args!(
+            "added (reservation {})",
+            belljar_budget::Size(inst.required)
+        ));
+
         inst.waiters.push(reply);
         self.start(&mut inst);
         if inst.state == State::Failed {
@@ -201,8 +206,10 @@ impl Daemon {
         if after == AfterStop::Shed {
             self.ledger.release(name);
             if let Some(inst) = self.instances.get_mut(name) {
-                tracing::warn!(instance = %name, event = "shed", "shed under memory pressure; it comes back when memory does");
                 inst.set(State::Shed, "shed under memory pressure (session saved); back when usage falls below restore");
+                Entry::of(Event::Shed, name, inst).log(format_args!(
+                    "shed under memory pressure; it comes back when memory does"
+                ));
             }
             return;
         }
@@ -212,7 +219,7 @@ impl Daemon {
         self.ledger.release(name);
         match after {
             AfterStop::Remove | AfterStop::Shed => {
-                tracing::info!(instance = %name, "removed");
+                Entry::of(Event::Removed, name, &inst).log(format_args!("removed"));
                 answer(ok(format!("{name} removed")));
             }
             AfterStop::Restart => {
@@ -221,7 +228,8 @@ impl Daemon {
                     self.instances.insert(name.to_owned(), inst);
                     return;
                 }
-                tracing::info!(instance = %name, "restarting on request");
+                Entry::of(Event::RestartRequested, name, &inst)
+                    .log(format_args!("restarting on request"));
                 // A manual restart clears `failed` and the crash-loop history; it counts as a
                 // restart like any other start after the first.
                 inst.restart_state.reset();

@@ -126,6 +126,8 @@ pub struct Instance {
     /// Major faults over time, for thrash detection.
     pub thrash: belljar_budget::pressure::ThrashDetector,
     pub thrashing: bool,
+    /// The rate limit on this instance's forwarded output, kept across its runs.
+    pub output_limiter: Option<super::output::SharedLimiter>,
 }
 
 impl Instance {
@@ -155,6 +157,7 @@ impl Instance {
             restart_at: None,
             thrash: Default::default(),
             thrashing: false,
+            output_limiter: None,
         }
     }
 

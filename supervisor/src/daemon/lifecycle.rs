@@ -9,7 +9,9 @@ use belljar_budget::{Size, precheck};
 use belljar_host::cgroup;
 use belljar_host::proc_ctl::Exit;
 
-use super::instance::State;
+use super::events::{Entry, Event};
+use super::instance::{Instance, State, Worker};
+
 use super::{CGROUP_TIMEOUT, Daemon, refused};
 
 /// The worker's documented exit codes (docs/protocol.md).
@@ -46,7 +48,7 @@ impl Daemon {
         let oom = stats.is_some_and(|s| s.oom_kill > 0) && exit == Exit::Signal(9);
         // Logged once per kill: by the OOM watch when it came first, else here.
         if let Some(st) = stats.filter(|s| s.oom_kill > worker.oom_seen) {
-            log_oom(name, worker.pid, &st);
+            log_oom(name, inst, &worker, &st);
         }
         // The cgroup goes with the worker: anything it left behind dies here.
         if let Err(e) = cgroup::destroy(&*self.cfg.cgroups, &worker.cgroup, CGROUP_TIMEOUT) {
@@ -100,8 +102,11 @@ impl Daemon {
         if oom {
             inst.oom_kills += 1;
         }
-        tracing::info!(instance = %name, pid = worker.pid, exit = %last_exit, peak = ?inst.last_peak, "exited");
         inst.last_exit = Some(last_exit.clone());
+        Entry::of(Event::Exited, name, inst)
+            .worker(worker.pid, &worker.cgroup)
+            .exit_reason(Some(&last_exit))
+            .log(format_args!("{what}"));
         inst.stop_deadline = None;
         for w in inst.waiters.drain(..) {
             let _ = w.send(refused(format!("{name} did not become ready: {what}")));
@@ -133,7 +138,11 @@ impl Daemon {
                         if self.ledger.allocate(name, grown).is_ok() {
                             inst.required = grown;
                             note = format!("; limit raised from {} to {}", Size(old), Size(grown));
-                            tracing::warn!(instance = %name, from = old, to = grown, "OOM at the limit: raising the limit");
+                            Entry::of(Event::LimitRaised, name, inst).log(format_args!(
+                                "OOM at the limit: raising the limit from {} to {}",
+                                Size(old),
+                                Size(grown)
+                            ));
                         } else {
                             let _ = self.ledger.allocate(name, old);
                             note = format!("; OOM at limit {}; budget full", Size(old));
@@ -149,23 +158,27 @@ impl Daemon {
         match decision {
             Decision::Stay => inst.set(State::Stopped, format!("the worker {what}")),
             Decision::Fail(reason) => {
-                tracing::error!(instance = %name, "failed: {reason}");
                 inst.set(State::Failed, format!("{what}: {reason}"));
+                Entry::of(Event::Failed, name, inst)
+                    .exit_reason(Some(&last_exit))
+                    .log(format_args!("failed: {reason}"));
             }
             Decision::WaitForMemory => {
                 inst.set(
                     State::WaitingForMemory,
                     format!("waiting for memory: {what}"),
                 );
+                Entry::of(Event::WaitingForMemory, name, inst)
+                    .exit_reason(Some(&last_exit))
+                    .log(format_args!("waiting for memory before restarting: {what}"));
             }
             Decision::Restart { delay, attempt } => {
-                tracing::info!(
-                    instance = %name,
-                    event = "restart-scheduled",
-                    delay_ms = delay.as_millis() as u64,
-                    attempt,
-                    "restart scheduled after {last_exit}"
-                );
+                Entry::of(Event::RestartScheduled, name, inst)
+                    .exit_reason(Some(&last_exit))
+                    .log(format_args!(
+                        "restart {attempt} in {} ms after {last_exit}",
+                        delay.as_millis()
+                    ));
                 inst.restart_at = Some(Instant::now() + delay);
                 inst.set(
                     State::Backoff,
@@ -216,8 +229,12 @@ impl Daemon {
             return;
         };
         if stats.oom_kill > w.oom_seen {
-            w.oom_seen = stats.oom_kill;
-            log_oom(name, w.pid, &stats);
+            let inst = &self.instances[name];
+            let Some(w) = &inst.worker else { return };
+            log_oom(name, inst, w, &stats);
+            if let Some(w) = self.instances.get_mut(name).and_then(|i| i.worker.as_mut()) {
+                w.oom_seen = stats.oom_kill;
+            }
         }
     }
 
@@ -246,7 +263,8 @@ impl Daemon {
             }
             Ok(c) => {
                 if inst.state != State::WaitingForMemory {
-                    tracing::warn!(instance = %name, event = "waiting-for-memory", "{}", c.summary());
+                    Entry::of(Event::WaitingForMemory, name, &inst)
+                        .log(format_args!("{}", c.summary()));
                 }
                 inst.set(State::WaitingForMemory, c.summary());
             }
@@ -335,7 +353,8 @@ impl Daemon {
                     } else {
                         "no load progress"
                     };
-                    tracing::error!(instance = %name, event = "watchdog", pid = w.pid, "{why}: killing its cgroup");
+                    Entry::of(Event::Watchdog, name, inst)
+                        .log(format_args!("{why}: killing its cgroup"));
                     // Through the cgroup, never a bare pid that may have been recycled.
                     if let Err(e) = self.cfg.cgroups.kill_all(&w.cgroup) {
                         tracing::error!(instance = %name, "cannot kill: {e}");
@@ -361,14 +380,15 @@ impl Daemon {
     }
 }
 
-/// The one journal entry per OOM kill.
-fn log_oom(name: &str, pid: u32, stats: &cgroup::MemoryStats) {
-    tracing::warn!(
-        instance = %name,
-        event = "oom-kill",
-        pid,
-        limit = ?stats.limit,
-        peak = ?stats.peak,
-        "the kernel OOM-killed in this instance's cgroup"
-    );
+/// The one journal entry per OOM kill; OOM_KILLS counts it already (the exit that follows is
+/// classified as `oom-kill` and counted then).
+fn log_oom(name: &str, inst: &Instance, w: &Worker, stats: &cgroup::MemoryStats) {
+    Entry::of(Event::OomKill, name, inst)
+        .worker(w.pid, &w.cgroup)
+        .memory(stats.limit, stats.peak)
+        .exit_reason(Some("oom-kill"))
+        .oom_kills(inst.oom_kills + stats.oom_kill.saturating_sub(w.oom_seen))
+        .log(format_args!(
+            "the kernel OOM-killed in this instance's cgroup"
+        ));
 }

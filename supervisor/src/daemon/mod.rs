@@ -6,9 +6,14 @@
 
 mod commands;
 mod control;
+pub mod events;
 mod instance;
 mod lifecycle;
+mod metrics;
 mod notify;
+
+mod output;
+
 mod persist;
 mod pressure;
 mod spawn;
@@ -19,6 +24,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use belljar_budget::Ledger;
+use belljar_budget::ratelimit::LineLimiter;
 use belljar_host::ProcRoot;
 use belljar_host::cgroup::{self, CgroupBackend};
 use belljar_host::proc_ctl;
@@ -34,6 +40,7 @@ use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::mpsc;
 
 pub use control::Access;
+use events::{Entry, Event as Lifecycle};
 pub use instance::State;
 use instance::{Instance, ReplyTx, Worker};
 
@@ -62,6 +69,8 @@ pub struct DaemonConfig {
     pub config: belljar_config::Config,
     /// Who may use the control socket.
     pub access: Access,
+    /// The bound `--metrics` listener and its address.
+    pub metrics: Option<(std::net::TcpListener, std::net::SocketAddr)>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -129,6 +138,17 @@ pub async fn serve(
         tx.clone(),
         cfg.access.clone(),
     ));
+    if let Some((l, _)) = &cfg.metrics {
+        let l = l
+            .try_clone()
+            .and_then(|l| {
+                l.set_nonblocking(true)?;
+                tokio::net::TcpListener::from_std(l)
+            })
+            .map_err(DaemonError::Setup)?;
+        tokio::spawn(metrics::serve(l, tx.clone()));
+    }
+
     let mut daemon = Daemon {
         ledger: Ledger::new(cfg.usable),
         instances: BTreeMap::new(),
@@ -168,11 +188,6 @@ pub async fn serve(
             daemon.deadlines();
         }
         daemon.notify_status();
-        // Timers already due (a zero backoff) run now: the timer wheel's 1 ms tick would
-        // otherwise add up to a millisecond to every immediate restart.
-        if daemon.next_deadline().is_some_and(|d| d <= Instant::now()) {
-            daemon.deadlines();
-        }
         if daemon.stopping && daemon.instances.values().all(|i| i.worker.is_none()) {
             break;
         }
@@ -206,8 +221,9 @@ impl Daemon {
                 self.start(&mut inst);
             }
             Err(denied) => {
-                tracing::error!(instance = %name, "not admitted: {denied}");
                 inst.set(State::Failed, denied.to_string());
+                Entry::of(Lifecycle::NotAdmitted, &name, &inst)
+                    .log(format_args!("not admitted: {denied}"));
             }
         }
         self.instances.insert(name, inst);
@@ -230,7 +246,31 @@ impl Daemon {
                 if let Err(e) = self.attach_link(&name, generation, s.link, rx) {
                     tracing::error!(instance = %name, "cannot watch the worker's link: {e}");
                 }
-                tracing::info!(instance = %name, pid = s.pid, cgroup = %s.cgroup.display(), "spawned");
+                Entry::of(Lifecycle::Spawned, &name, inst)
+                    .worker(s.pid, &s.cgroup)
+                    .log(format_args!("spawned"));
+                let logging = &self.cfg.config.logging;
+                let limiter = inst
+                    .output_limiter
+                    .get_or_insert_with(|| {
+                        std::sync::Arc::new(std::sync::Mutex::new(LineLimiter::new(
+                            logging.worker_output_burst,
+                            logging.worker_output_interval.0,
+                        )))
+                    })
+                    .clone();
+                for (stream, pipe) in [
+                    (output::Stream::Stdout, s.stdout),
+                    (output::Stream::Stderr, s.stderr),
+                ] {
+                    let Some(pipe) = pipe else { continue };
+                    if let Err(e) =
+                        output::forward(&name, stream, pipe, limiter.clone(), self.epoch)
+                    {
+                        tracing::warn!(instance = %name, "cannot forward the worker's {stream:?}: {e}");
+                    }
+                }
+
                 let oom_watch = self.watch_oom(&name, generation, &s.cgroup);
                 inst.worker = Some(Worker {
                     pid: s.pid,
@@ -252,9 +292,9 @@ impl Daemon {
                 inst.set(State::Starting, "worker started, waiting for its hello");
             }
             Err(e) => {
-                tracing::error!(instance = %name, "cannot start: {e}");
                 self.ledger.release(&name);
                 inst.set(State::Failed, format!("cannot start: {e}"));
+                Entry::of(Lifecycle::Failed, &name, inst).log(format_args!("cannot start: {e}"));
             }
         }
     }
@@ -415,6 +455,10 @@ impl Daemon {
                     inst.last_progress = Instant::now();
                 }
                 inst.load_progress = l.fraction;
+                if inst.state == State::Starting {
+                    Entry::of(Lifecycle::Loading, name, inst)
+                        .log(format_args!("loading the model"));
+                }
                 if inst.state == State::Starting || inst.state == State::Loading {
                     inst.set(
                         State::Loading,
@@ -431,7 +475,11 @@ impl Daemon {
                         message: format!("{name} is ready"),
                     }));
                 }
-                tracing::info!(instance = %name, load_ms = r.load_ms, turns = r.session.turns, "ready");
+                Entry::of(Lifecycle::Ready, name, inst).log(format_args!(
+                    "ready (loaded in {} ms; session of {} turns)",
+                    r.load_ms, r.session.turns
+                ));
+
                 if inst.state != State::Stopping {
                     inst.set(
                         State::Ready,
@@ -500,7 +548,7 @@ impl Daemon {
         }
         // Whatever died in the clean-up is ours to reap.
         let _ = proc_ctl::reap_all();
-        tracing::info!("stopped");
+        Entry::new(Lifecycle::Stopped).log(format_args!("stopped"));
     }
 
     fn status(&self) -> StatusReport {
@@ -555,6 +603,7 @@ impl Daemon {
                 allocated: self.ledger.allocated(),
             },
             instances,
+            metrics_addr: self.cfg.metrics.as_ref().map(|(_, a)| a.to_string()),
         }
     }
 }

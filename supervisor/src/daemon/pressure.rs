@@ -12,6 +12,7 @@ use belljar_host::pressure::{Source, effective_memory, major_faults};
 use belljar_protocol::worker::{PressureNotice, SupervisorMsg};
 
 use super::Daemon;
+use super::events::{Entry, Event};
 use super::instance::{AfterStop, State};
 
 fn threshold(t: belljar_config::Threshold) -> Threshold {
@@ -102,15 +103,13 @@ impl Daemon {
         let levels = self.levels();
         let new = levels.next(self.level, reading);
         if new != self.level {
-            tracing::warn!(
-                event = "pressure-level",
-                from = self.level.as_str(),
-                to = new.as_str(),
-                usage_percent = format!("{:.1}", reading.usage_percent()),
-                available = reading.available,
-                "memory pressure {}",
-                new.as_str()
-            );
+            Entry::new(Event::PressureLevel).log(format_args!(
+                "memory pressure {} (was {}): {:.1}% used, {} available",
+                new.as_str(),
+                self.level.as_str(),
+                reading.usage_percent(),
+                Size(reading.available)
+            ));
             self.level = new;
             for inst in self.instances.values() {
                 if let Some(w) = &inst.worker {
@@ -147,7 +146,7 @@ impl Daemon {
         let Some(victim) = shed_victim(&running).map(|c| c.name.clone()) else {
             return;
         };
-        tracing::warn!(instance = %victim, event = "shed", "emergency: shedding the lowest-priority instance");
+        tracing::warn!(instance = %victim, "emergency: stopping the lowest-priority instance to shed it");
         self.last_shed = Some(Instant::now());
         self.stop_then(&victim, AfterStop::Shed, None);
     }
@@ -173,7 +172,8 @@ impl Daemon {
             self.instances.insert(first, inst);
             return;
         }
-        tracing::info!(instance = %first, event = "restored", "memory is back: restarting a shed instance");
+        Entry::of(Event::Restored, &first, &inst)
+            .log(format_args!("memory is back: restarting a shed instance"));
         self.admit(first, inst);
     }
 
@@ -199,20 +199,19 @@ impl Daemon {
                     .map(|m| m.len())
                     .unwrap_or(0);
                 let suggested = inst.required.saturating_add(file);
-                tracing::warn!(
-                    instance = %name,
-                    event = "thrashing",
+                Entry::of(Event::Thrashing, name, inst).log(format_args!(
                     "major faults above {rate}/s for {window:?}: the limit {} is too small for the model's working set; raise ram_limit to at least {}",
                     Size(inst.required),
                     Size(suggested)
-                );
+                ));
                 inst.reason = format!(
                     "thrashing: re-reading its model under the limit {}; raise ram_limit to at least {}",
                     Size(inst.required),
                     Size(suggested)
                 );
             } else {
-                tracing::info!(instance = %name, event = "thrashing-cleared", "no longer thrashing");
+                Entry::of(Event::ThrashingCleared, name, inst)
+                    .log(format_args!("no longer thrashing"));
             }
         }
     }

@@ -1,7 +1,8 @@
 //! Starting a worker: a fresh cgroup with the instance's limits, a private socketpair, and a
 //! process that joins its cgroup (and drops to `worker_user`) between fork and exec.
 
-use std::os::fd::{AsRawFd, BorrowedFd};
+use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
+
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -24,12 +25,14 @@ pub struct SpawnEnv<'a> {
     pub headroom: u64,
 }
 
-/// A started worker: its pid, its cgroup and our end of its link.
+/// A started worker: its pid, its cgroup, our end of its link and its output pipes.
 #[derive(Debug)]
 pub struct Spawned {
     pub pid: u32,
     pub cgroup: PathBuf,
     pub link: UnixStream,
+    pub stdout: Option<OwnedFd>,
+    pub stderr: Option<OwnedFd>,
 }
 
 /// The cgroup settings of an instance: max = the reservation, high = 95% of it (throttle and
@@ -90,7 +93,16 @@ pub fn spawn(env: &SpawnEnv<'_>, inst: &Instance) -> Result<Spawned, String> {
         .args(["--heartbeat-interval", &spec.heartbeat_interval.to_string()])
         .args(["--required", &inst.required.to_string()])
         .args(["--headroom", &env.headroom.to_string()])
-        .stdin(Stdio::null());
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        // The supervisor's RUST_LOG is for the supervisor; workers (llama.cpp included) log
+        // at BELLJAR_WORKER_LOG, warnings by default.
+        .env(
+            "RUST_LOG",
+            std::env::var("BELLJAR_WORKER_LOG").unwrap_or_else(|_| "warn".into()),
+        );
+
     if !spec.use_mmap {
         cmd.arg("--no-mmap");
     }
@@ -103,13 +115,15 @@ pub fn spawn(env: &SpawnEnv<'_>, inst: &Instance) -> Result<Spawned, String> {
     unsafe {
         cmd.pre_exec(move || pre_exec(procs_fd, link_fd, score.as_bytes(), ids));
     }
-    let child = cmd
+    let mut child = cmd
         .spawn()
         .map_err(|e| format!("cannot start {}: {e}", env.worker_bin.display()))?;
     Ok(Spawned {
         pid: child.id(),
         cgroup: dir,
         link: ours,
+        stdout: child.stdout.take().map(OwnedFd::from),
+        stderr: child.stderr.take().map(OwnedFd::from),
     })
 }
 

@@ -1,0 +1,316 @@
+//! `run --metrics ADDR`: Prometheus metrics over HTTP (hyper), encoded by `prometheus-client`
+//! in the OpenMetrics text format that Prometheus scrapes.
+//!
+//! Every scrape asks the event loop for the same report `status --json` prints and renders it,
+//! so the two never disagree and no second copy of the state is kept.
+
+use std::convert::Infallible;
+use std::sync::atomic::AtomicU64;
+
+use belljar_protocol::control::{Command, Response, StatusQuery, StatusReport};
+use http_body_util::Full;
+use hyper::body::Bytes;
+use hyper::{Method, Request, StatusCode};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+
+use super::Event;
+
+/// Every state an instance can be in, so that `belljar_instance_state` has one series per state
+/// (1 for the current one) and `sum by (state)` works without gaps.
+const STATES: [&str; 9] = [
+    "starting",
+    "loading",
+    "ready",
+    "backoff",
+    "waiting-for-memory",
+    "failed",
+    "stopping",
+    "stopped",
+    "shed",
+];
+const LEVELS: [&str; 4] = ["normal", "warning", "critical", "emergency"];
+
+/// How long a scrape waits for the event loop.
+const SCRAPE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+/// Slow or idle HTTP clients are dropped after this long.
+const HEADER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct InstanceLabel {
+    instance: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StateLabel {
+    instance: String,
+    state: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ExitLabel {
+    instance: String,
+    reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct LevelLabel {
+    level: String,
+}
+
+type FloatGauge = Gauge<f64, AtomicU64>;
+
+fn bytes(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+/// Renders a status report as OpenMetrics text.
+pub fn render(report: &StatusReport) -> Result<String, std::fmt::Error> {
+    let mut reg = Registry::with_prefix("belljar");
+    let gauge = |reg: &mut Registry, name: &str, help: &str| {
+        let f = Family::<InstanceLabel, Gauge>::default();
+        reg.register(name, help, f.clone());
+        f
+    };
+    let current = gauge(
+        &mut reg,
+        "instance_memory_current_bytes",
+        "Memory charged to the instance's cgroup now",
+    );
+    let limit = gauge(
+        &mut reg,
+        "instance_memory_limit_bytes",
+        "The instance cgroup's hard limit (memory.max / limit_in_bytes)",
+    );
+    let reservation = gauge(
+        &mut reg,
+        "instance_memory_reservation_bytes",
+        "The instance cgroup's protected reservation (memory.low / soft limit)",
+    );
+    let peak = gauge(
+        &mut reg,
+        "instance_memory_peak_bytes",
+        "The current run's peak memory",
+    );
+    let allocated = gauge(
+        &mut reg,
+        "instance_allocated_bytes",
+        "The budget ledger's allocation held by the instance (0 when none)",
+    );
+    let thrashing = gauge(
+        &mut reg,
+        "instance_thrashing",
+        "1 while the instance's major-fault rate says its limit is too small",
+    );
+    let uptime = gauge(
+        &mut reg,
+        "instance_uptime_seconds",
+        "Seconds since the current worker was spawned",
+    );
+    let progress = Family::<InstanceLabel, FloatGauge>::default();
+    reg.register(
+        "instance_load_progress_ratio",
+        "Model load progress, 0 to 1 (1 once ready)",
+        progress.clone(),
+    );
+    let state = Family::<StateLabel, Gauge>::default();
+    reg.register(
+        "instance_state",
+        "1 for the instance's current state, 0 for the others",
+        state.clone(),
+    );
+    let last_exit = Family::<ExitLabel, Gauge>::default();
+    reg.register(
+        "instance_last_exit",
+        "1, labelled with how the instance's last worker ended (status's last_exit)",
+        last_exit.clone(),
+    );
+    let restarts = Family::<InstanceLabel, Counter>::default();
+    reg.register(
+        "instance_restarts",
+        "Starts of the instance after its first",
+        restarts.clone(),
+    );
+    let ooms = Family::<InstanceLabel, Counter>::default();
+    reg.register(
+        "instance_oom_kills",
+        "OOM kills in the instance's cgroups",
+        ooms.clone(),
+    );
+
+    for i in &report.instances {
+        let l = InstanceLabel {
+            instance: i.name.clone(),
+        };
+        let m = &i.memory;
+        for (family, value) in [
+            (&current, m.current),
+            (&limit, m.limit),
+            (&reservation, m.reservation),
+            (&peak, m.peak),
+            (&allocated, Some(i.allocated)),
+            (&uptime, i.uptime_s),
+        ] {
+            if let Some(v) = value {
+                family.get_or_create(&l).set(bytes(v));
+            }
+        }
+        thrashing.get_or_create(&l).set(i64::from(i.thrashing));
+        progress.get_or_create(&l).set(f64::from(i.load_progress));
+        for s in STATES {
+            let labels = StateLabel {
+                instance: i.name.clone(),
+                state: s.to_owned(),
+            };
+            state.get_or_create(&labels).set(i64::from(i.state == s));
+        }
+        if let Some(reason) = &i.last_exit {
+            let labels = ExitLabel {
+                instance: i.name.clone(),
+                reason: reason.clone(),
+            };
+            last_exit.get_or_create(&labels).set(1);
+        }
+        restarts.get_or_create(&l).inc_by(i.restarts);
+        ooms.get_or_create(&l).inc_by(i.oom_kills);
+    }
+
+    let host_total = Gauge::<i64>::default();
+    reg.register(
+        "host_memory_total_bytes",
+        "Effective memory total (host or the tightest limited ancestor cgroup)",
+        host_total.clone(),
+    );
+    host_total.set(bytes(report.host.total));
+    let host_available = Gauge::<i64>::default();
+    reg.register(
+        "host_memory_available_bytes",
+        "Effective memory available",
+        host_available.clone(),
+    );
+    host_available.set(bytes(report.host.available));
+    let level = Family::<LevelLabel, Gauge>::default();
+    reg.register(
+        "host_pressure_level",
+        "1 for the pressure guard's current level, 0 for the others",
+        level.clone(),
+    );
+    for l in LEVELS {
+        level
+            .get_or_create(&LevelLabel {
+                level: l.to_owned(),
+            })
+            .set(i64::from(report.host.level == l));
+    }
+    if let Some(psi) = report.host.psi_some_avg10 {
+        let g = FloatGauge::default();
+        reg.register(
+            "host_psi_memory_some_avg10",
+            "Memory PSI: percent of the last 10 s in which some task stalled on memory",
+            g.clone(),
+        );
+        g.set(f64::from(psi));
+    }
+    let usable = Gauge::<i64>::default();
+    reg.register(
+        "budget_usable_bytes",
+        "The budget: total x (1 - safety_margin)",
+        usable.clone(),
+    );
+    usable.set(bytes(report.budget.usable));
+    let alloc = Gauge::<i64>::default();
+    reg.register(
+        "budget_allocated_bytes",
+        "The sum of the instances' ledger allocations",
+        alloc.clone(),
+    );
+    alloc.set(bytes(report.budget.allocated));
+
+    let mut out = String::new();
+    prometheus_client::encoding::text::encode(&mut out, &reg)?;
+    Ok(out)
+}
+
+type Reply = hyper::Response<Full<Bytes>>;
+
+fn reply(code: StatusCode, content_type: &str, body: String) -> Reply {
+    let mut r = hyper::Response::new(Full::new(Bytes::from(body)));
+    *r.status_mut() = code;
+    if let Ok(v) = hyper::header::HeaderValue::from_str(content_type) {
+        r.headers_mut().insert(hyper::header::CONTENT_TYPE, v);
+    }
+    r
+}
+
+async fn scrape(events: &mpsc::UnboundedSender<Event>) -> Result<String, String> {
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    events
+        .send(Event::Control(Command::Status(StatusQuery {}), tx))
+        .map_err(|_| "the supervisor is stopping".to_owned())?;
+    match tokio::time::timeout(SCRAPE_TIMEOUT, rx.recv()).await {
+        Ok(Some(Response::Status(report))) => render(&report).map_err(|e| e.to_string()),
+        Ok(_) => Err("the supervisor did not answer".to_owned()),
+        Err(_) => Err(format!(
+            "the event loop did not answer within {SCRAPE_TIMEOUT:?}"
+        )),
+    }
+}
+
+async fn handle(
+    req: Request<hyper::body::Incoming>,
+    events: mpsc::UnboundedSender<Event>,
+) -> Result<Reply, Infallible> {
+    const TEXT: &str = "text/plain; charset=utf-8";
+    if req.uri().path() != "/metrics" {
+        return Ok(reply(
+            StatusCode::NOT_FOUND,
+            TEXT,
+            "belljar serves Prometheus metrics at /metrics\n".into(),
+        ));
+    }
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        return Ok(reply(
+            StatusCode::METHOD_NOT_ALLOWED,
+            TEXT,
+            "use GET\n".into(),
+        ));
+    }
+    Ok(match scrape(&events).await {
+        Ok(body) => reply(
+            StatusCode::OK,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            body,
+        ),
+        Err(e) => reply(StatusCode::SERVICE_UNAVAILABLE, TEXT, format!("{e}\n")),
+    })
+}
+
+/// Serves until the runtime stops; one task per connection, HTTP/1.1.
+pub(super) async fn serve(listener: TcpListener, events: mpsc::UnboundedSender<Event>) {
+    loop {
+        let stream = match listener.accept().await {
+            Ok((s, _)) => s,
+            Err(e) => {
+                tracing::warn!("metrics: accept failed: {e}");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let events = events.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |req| handle(req, events.clone()));
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(HEADER_TIMEOUT)
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+            if let Err(e) = conn.await {
+                tracing::debug!("metrics: connection ended: {e}");
+            }
+        });
+    }
+}
