@@ -226,7 +226,7 @@ fn serial_the_guard_sheds_the_lowest_priority_first_and_nothing_is_oom_killed() 
         .find(|l| l.contains("event=\"shed\""))
         .unwrap_or_default();
     assert!(
-        first_shed.contains("instance=low"),
+        first_shed.contains("instance=\"low\""),
         "lowest priority first: {first_shed}"
     );
     assert!(log.contains("event=\"restored\""), "{log}");

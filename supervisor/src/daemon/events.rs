@@ -163,6 +163,8 @@ pub struct Entry<'a> {
     oom_kills: Option<u64>,
     memory_peak: Option<u64>,
     memory_limit: Option<u64>,
+    attempt: Option<u32>,
+    delay_ms: Option<u64>,
 }
 
 impl<'a> Entry<'a> {
@@ -177,6 +179,8 @@ impl<'a> Entry<'a> {
             oom_kills: None,
             memory_peak: None,
             memory_limit: None,
+            attempt: None,
+            delay_ms: None,
         }
     }
 
@@ -209,6 +213,13 @@ impl<'a> Entry<'a> {
         self
     }
 
+    /// A scheduled restart: its attempt number and delay.
+    pub fn restart(mut self, attempt: u32, delay: std::time::Duration) -> Self {
+        self.attempt = Some(attempt);
+        self.delay_ms = Some(u64::try_from(delay.as_millis()).unwrap_or(u64::MAX));
+        self
+    }
+
     pub fn oom_kills(mut self, n: u64) -> Self {
         self.oom_kills = Some(n);
         self
@@ -237,6 +248,8 @@ impl<'a> Entry<'a> {
                     oom_kills = self.oom_kills,
                     memory_peak = self.memory_peak,
                     memory_limit = self.memory_limit,
+                    attempt = self.attempt,
+                    delay_ms = self.delay_ms,
                     message_id = self.event.message_id(),
                     "{message}"
                 )

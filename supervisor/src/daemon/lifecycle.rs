@@ -175,6 +175,7 @@ impl Daemon {
             Decision::Restart { delay, attempt } => {
                 Entry::of(Event::RestartScheduled, name, inst)
                     .exit_reason(Some(&last_exit))
+                    .restart(attempt, delay)
                     .log(format_args!(
                         "restart {attempt} in {} ms after {last_exit}",
                         delay.as_millis()
