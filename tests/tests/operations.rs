@@ -241,6 +241,67 @@ fn metrics_on_a_taken_port_is_refused_before_anything_starts() {
     assert!(!d.parent().join("subject").exists(), "nothing was started");
 }
 
+#[test]
+fn worker_output_is_rate_limited_per_instance_and_drops_are_counted() {
+    require_root();
+    let t = TestDir::new();
+    let cfg = config(&t).replace(
+        "[defaults]",
+        "[logging]\nworker_output_burst = 5\nworker_output_interval = \"1s\"\n\n[defaults]",
+    );
+    let mut d = Daemon::start(&t, &cfg, "pair", &[("BELLJAR_WORKER_LOG", "info")]);
+    let s = d.wait_status("both ready", |s| all_in(s, "ready"));
+    let lines_of = |log: &str, name: &str| {
+        log.lines()
+            .filter(|l| {
+                l.contains("belljar_worker:") && l.contains(&format!("instance=\"{name}\""))
+            })
+            .count()
+    };
+    // Forwarding is asynchronous: wait for the burst to arrive before counting.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while ["subject", "other"]
+        .iter()
+        .any(|n| lines_of(&d.stderr(), n) < 5)
+        && Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(100));
+    let log = d.stderr();
+    assert_eq!(
+        lines_of(&log, "subject"),
+        5,
+        "a burst of 5, the rest of the load log dropped:\n{log}"
+    );
+
+    assert_eq!(
+        lines_of(&log, "other"),
+        5,
+        "each instance has its own limit:\n{log}"
+    );
+    // A second run after the interval: its first line is preceded by the count of drops.
+    std::thread::sleep(Duration::from_millis(1200));
+    let pid = instance(&s, "subject")["pid"].as_u64().unwrap();
+    kill(Pid::from_raw(pid as i32), Signal::SIGKILL).unwrap();
+    d.wait_status("subject restarted", |s| {
+        instance(s, "subject")["restarts"] == 1 && all_in(s, "ready")
+    });
+    let log = d.stderr();
+    let note = log
+        .lines()
+        .find(|l| l.contains("event=\"output-suppressed\"") && l.contains("instance=\"subject\""))
+        .unwrap_or_else(|| panic!("no output-suppressed entry:\n{log}"));
+    let dropped: u64 = note
+        .split(" line(s)")
+        .next()
+        .and_then(|head| head.rsplit(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no count in: {note}"));
+    assert!(dropped >= 20, "the load log is longer than 5 lines: {note}");
+    d.terminate();
+}
+
 /// A journald of our own: a private mount namespace with tmpfs on /run/systemd and /run/log and
 /// a volatile journald.conf bound over the system's. Killed (with its namespace) on drop.
 struct Journal {
