@@ -85,6 +85,9 @@ pub struct AddArgs {
     /// Layers offloaded to a GPU.
     #[arg(long)]
     pub gpu_layers: Option<u32>,
+    /// The GPU for the offloaded layers (NVML/CUDA index) [default: [defaults] or 0].
+    #[arg(long, value_name = "N")]
+    pub gpu_device: Option<u32>,
     /// Higher is more important; the lowest is shed first.
     #[arg(long, allow_negative_numbers = true)]
     pub priority: Option<i64>,

@@ -10,6 +10,9 @@ pub const USAGE: u8 = 64;
 pub const BAD_MODEL: u8 = 65;
 /// Permanent: the file is GGUF but llama.cpp cannot load it (unsupported architecture...).
 pub const UNSUPPORTED_MODEL: u8 = 69;
+/// A failure to retry: loading or running with layers on a GPU failed (GPU memory allocation).
+/// The supervisor retries with backoff and, after 3 of these, runs the instance on the CPU.
+pub const GPU_ALLOC: u8 = 71;
 /// Temporary: the pre-load memory check refused (retry when memory is free).
 pub const TEMPORARY: u8 = 75;
 /// Permanent: the supervisor speaks another protocol version (or no protocol at all).

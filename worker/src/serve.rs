@@ -68,6 +68,9 @@ pub struct ServeArgs {
     /// Layers offloaded to a GPU.
     #[arg(long, default_value_t = 0)]
     pub gpu_layers: u32,
+    /// The GPU the offloaded layers go to.
+    #[arg(long, default_value_t = 0)]
+    pub gpu_device: u32,
     /// llama.cpp threads [default: all CPUs].
     #[arg(long)]
     pub threads: Option<u32>,
@@ -126,13 +129,22 @@ pub fn run(args: &ServeArgs, backend: &LlamaBackend) -> Result<(), Failure> {
     spawn_reader(reader, tx)
         .map_err(|e| (exit::USAGE, format!("cannot start the link reader: {e}")))?;
     let fail = |code: u8, reason: String| -> Failure {
-        let permanent = code != exit::TEMPORARY;
+        let permanent = code != exit::TEMPORARY && code != exit::GPU_ALLOC;
         let _ = link.send(&WorkerMsg::Failed(Failed {
             reason: reason.clone(),
             permanent,
             exit_code: code,
+            gpu_alloc: code == exit::GPU_ALLOC,
         }));
         (code, reason)
+    };
+    // With layers on a GPU, a load or context failure is taken for a GPU allocation failure
+    // (llama.cpp does not say more through its API): retried, and counted by the supervisor.
+    let on_gpu = args.gpu_layers > 0 && backend.supports_gpu_offload();
+    let load_code = if on_gpu {
+        exit::GPU_ALLOC
+    } else {
+        exit::UNSUPPORTED_MODEL
     };
     let _ = link.send(&WorkerMsg::Hello(Hello {
         protocol_version: PROTOCOL_VERSION,
@@ -238,6 +250,7 @@ pub fn run(args: &ServeArgs, backend: &LlamaBackend) -> Result<(), Failure> {
     let load_progress = progress.clone();
     let params = LlamaModelParams::default()
         .with_n_gpu_layers(args.gpu_layers)
+        .with_main_gpu(i32::try_from(args.gpu_device).unwrap_or(0))
         .with_use_mmap(!args.no_mmap)
         .with_progress_callback(move |f| {
             load_progress.report(f * LOAD_SHARE);
@@ -245,7 +258,7 @@ pub fn run(args: &ServeArgs, backend: &LlamaBackend) -> Result<(), Failure> {
         });
     let model = LlamaModel::load_from_file(backend, &file.path, &params).map_err(|e| {
         fail(
-            exit::UNSUPPORTED_MODEL,
+            load_code,
             format!(
                 "llama.cpp cannot load {}: {e}; its architecture may be unsupported (the worker's log has llama.cpp's reason)",
                 file.path.display()
@@ -254,7 +267,7 @@ pub fn run(args: &ServeArgs, backend: &LlamaBackend) -> Result<(), Failure> {
     })?;
     let threads = args.threads.unwrap_or_else(belljar_host::cpu_count).max(1);
     let mut engine = Engine::new(backend, &model, args.ctx, threads, files, identity)
-        .map_err(|e| fail(exit::UNSUPPORTED_MODEL, e))?;
+        .map_err(|e| fail(load_code, e))?;
     let restored_from = engine
         .restore(|done, total| {
             progress.report(LOAD_SHARE + (1.0 - LOAD_SHARE) * done as f32 / total.max(1) as f32)

@@ -3,6 +3,7 @@
 //! values, decisions go out as values.
 
 pub mod estimate;
+pub mod gpu;
 pub mod grammar;
 pub mod ledger;
 pub mod precheck;

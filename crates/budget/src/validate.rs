@@ -123,6 +123,46 @@ pub struct ValidationReport {
     pub available_margin: i128,
     pub issues: Vec<String>,
     pub recommendations: Vec<String>,
+    /// VRAM per GPU for instances with `gpu_layers > 0` ([`ValidationReport::apply_vram`]).
+    pub gpus: Vec<crate::gpu::DeviceVerdict>,
+}
+
+impl ValidationReport {
+    /// Adds the VRAM check of the GPUs the mode's instances use: a device that does not hold
+    /// its instances' reservations fails the report like RAM does.
+    pub fn apply_vram(&mut self, verdicts: Vec<crate::gpu::DeviceVerdict>) {
+        for v in verdicts.iter().filter(|v| !v.fits) {
+            let names = v.instances.join(", ");
+            match v.total {
+                None => {
+                    self.issues.push(format!(
+                        "GPU {} does not exist, but {names} offload layers to it",
+                        v.device
+                    ));
+                    self.recommendations.push(format!(
+                        "set gpu_device of {names} to an existing GPU (nvidia-smi -L), or gpu_layers = 0 to run on the CPU"
+                    ));
+                }
+                Some(total) => {
+                    self.issues.push(format!(
+                        "GPU {}: the VRAM reservations of {names} ({}) exceed its usable VRAM ({} of {}) by {}",
+                        v.device,
+                        Size(v.required),
+                        Size(v.usable),
+                        Size(total),
+                        Size(v.required - v.usable)
+                    ));
+                    self.recommendations.push(format!(
+                        "lower gpu_layers or ctx of {names} on GPU {} by at least {} of VRAM, or move one to another GPU (gpu_device)",
+                        v.device,
+                        Size(v.required - v.usable)
+                    ));
+                }
+            }
+        }
+        self.passed = self.passed && verdicts.iter().all(|v| v.fits);
+        self.gpus = verdicts;
+    }
 }
 
 /// Runs layer 1 over a mode's instances.
@@ -252,6 +292,7 @@ pub fn validate(
         available_margin,
         issues,
         recommendations,
+        gpus: Vec::new(),
     }
 }
 
@@ -397,6 +438,17 @@ impl fmt::Display for ValidationReport {
             "  available margin  {:>12}  (available - required)",
             signed(self.available_margin)
         )?;
+        for g in &self.gpus {
+            let total = g.total.map_or_else(|| "missing".to_owned(), s);
+            writeln!(
+                f,
+                "  GPU {}            {:>12} required of {} usable ({total} total): {}",
+                g.device,
+                s(g.required),
+                s(g.usable),
+                if g.fits { "fits" } else { "DOES NOT FIT" }
+            )?;
+        }
         writeln!(f)?;
         if self.passed {
             writeln!(f, "PASSED: the mode fits")?;

@@ -11,7 +11,7 @@ use belljar_budget::{BudgetPolicy, EstimateRule, HumanDuration, InstanceName, Si
 use serde::Serialize;
 
 pub use schema::{
-    BudgetSection, ControlSection, EstimateSource, InstanceSection, LoggingSection,
+    BudgetSection, ControlSection, EstimateSource, GpuSection, InstanceSection, LoggingSection,
     PressureSection, RawConfig, RestartPolicy,
 };
 
@@ -44,6 +44,7 @@ pub struct Config {
     pub pressure: Pressure,
     pub control: ControlSection,
     pub logging: LoggingSection,
+    pub gpu: GpuSection,
 }
 
 /// An instance with every key resolved: what the supervisor starts and the worker loads.
@@ -56,6 +57,7 @@ pub struct InstanceSpec {
     pub ram_limit: Option<Size>,
     pub ctx: u32,
     pub gpu_layers: u32,
+    pub gpu_device: u32,
     pub priority: i64,
     pub use_mmap: bool,
     pub threads: u32,
@@ -172,6 +174,18 @@ impl Config {
 
         let pressure =
             resolve_pressure(&raw.pressure).map_err(|m| ctx.file(format!("[pressure]: {m}")))?;
+        let g = &raw.gpu;
+        if !(0.0 <= g.restore
+            && g.restore < g.warning
+            && g.warning < g.critical
+            && g.critical < g.emergency
+            && g.emergency <= 100.0)
+        {
+            return Err(ctx.file(format!(
+                "[gpu]: the levels must satisfy 0 <= restore < warning < critical < emergency <= 100 (got {}, {}, {}, {} percent used)",
+                g.restore, g.warning, g.critical, g.emergency
+            )));
+        }
         Ok(Config {
             path: path.to_path_buf(),
             budget: raw.budget,
@@ -181,6 +195,7 @@ impl Config {
             pressure,
             control: raw.control,
             logging: raw.logging,
+            gpu: raw.gpu,
         })
     }
 
@@ -237,6 +252,7 @@ impl Config {
             ram_limit: section.ram_limit.or(d.ram_limit),
             ctx: pick!(ctx, 2048),
             gpu_layers: pick!(gpu_layers, 0),
+            gpu_device: pick!(gpu_device, 0),
             priority: pick!(priority, 0),
             use_mmap: pick!(use_mmap, true),
             threads: pick!(threads, default_threads),

@@ -27,6 +27,8 @@ pub struct RawConfig {
     pub control: ControlSection,
     #[serde(default)]
     pub logging: LoggingSection,
+    #[serde(default)]
+    pub gpu: GpuSection,
 }
 
 /// How an instance's memory need is estimated (`[budget] estimate`).
@@ -91,6 +93,8 @@ pub struct InstanceSection {
     #[serde(default, deserialize_with = "opt_positive_u32")]
     pub ctx: Option<u32>,
     pub gpu_layers: Option<u32>,
+    /// The GPU (NVML / CUDA index) the offloaded layers go to.
+    pub gpu_device: Option<u32>,
     pub priority: Option<i64>,
     pub use_mmap: Option<bool>,
     #[serde(default, deserialize_with = "opt_positive_u32")]
@@ -175,6 +179,33 @@ impl Default for PressureSection {
 #[serde(deny_unknown_fields)]
 pub struct ControlSection {
     pub group: Option<String>,
+}
+
+/// `[gpu]`: the GPU guard (NVML). Levels in percent of the GPU's memory used.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GpuSection {
+    pub enabled: bool,
+    pub warning: f64,
+    pub critical: f64,
+    pub emergency: f64,
+    pub restore: f64,
+    pub settle: HumanDuration,
+    pub release_timeout: HumanDuration,
+}
+
+impl Default for GpuSection {
+    fn default() -> Self {
+        GpuSection {
+            enabled: true,
+            warning: 80.0,
+            critical: 90.0,
+            emergency: 95.0,
+            restore: 60.0,
+            settle: secs(10),
+            release_timeout: secs(10),
+        }
+    }
 }
 
 /// `[logging]`: how much of each instance's worker output reaches the log, as journald's

@@ -77,6 +77,25 @@ fn pressure_defaults_and_floors() {
 }
 
 #[test]
+fn gpu_section_defaults_and_level_order() {
+    let c = parse("").unwrap();
+    assert!(c.gpu.enabled);
+    assert_eq!(
+        (
+            c.gpu.warning,
+            c.gpu.critical,
+            c.gpu.emergency,
+            c.gpu.restore
+        ),
+        (80.0, 90.0, 95.0, 60.0)
+    );
+    let e = parse("[gpu]\nemergency = 85\n").unwrap_err().to_string();
+    assert!(e.contains("[gpu]: the levels must satisfy"), "{e}");
+    let e = parse("[gpu]\nemergncy = 85\n").unwrap_err().to_string();
+    assert!(e.contains("emergency"), "did you mean: {e}");
+}
+
+#[test]
 fn unknown_key_suggests_the_nearest() {
     let e = parse("[budget]\nsafty_margin = 0.1\n").unwrap_err();
     let s = e.to_string();

@@ -2,6 +2,7 @@
 //! probes and CPU counts. Every root path is injected; the defaults are consts beside the code.
 
 pub mod cgroup;
+pub mod gpu;
 pub mod meminfo;
 pub mod model_file;
 pub mod pressure;

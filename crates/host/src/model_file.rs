@@ -66,9 +66,62 @@ pub fn probe_model_file(path: &Path) -> Result<ModelFile, ModelFileError> {
     })
 }
 
+/// The model's layer structure from its GGUF header (`{arch}.block_count`, `.embedding_length`,
+/// `.attention.head_count`, `.attention.head_count_kv`). Reads the header only, bounded.
+pub fn layer_shape(path: &Path) -> Result<belljar_budget::gpu::LayerShape, String> {
+    let file = File::open(path).map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+    let header = belljar_gguf::reader::read_header(std::io::BufReader::new(file))
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    let arch = header
+        .get_str("general.architecture")
+        .ok_or_else(|| format!("{}: no general.architecture", path.display()))?
+        .to_owned();
+    let key = |k: &str| {
+        header
+            .get_u64(&format!("{arch}.{k}"))
+            .and_then(|v| u32::try_from(v).ok())
+            .ok_or_else(|| format!("{}: no {arch}.{k}", path.display()))
+    };
+    let heads = key("attention.head_count")?;
+    Ok(belljar_budget::gpu::LayerShape {
+        block_count: key("block_count")?,
+        embedding: key("embedding_length")?,
+        heads,
+        kv_heads: key("attention.head_count_kv").unwrap_or(heads),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn layer_shape_comes_from_the_header() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("gqa.gguf");
+        let shape = belljar_gguf::writer::ModelShape {
+            layers: 3,
+            width: 256,
+            heads: 8,
+            kv_heads: 2,
+            ..Default::default()
+        };
+        shape.write(std::fs::File::create(&path).unwrap()).unwrap();
+        let got = layer_shape(&path).unwrap();
+        assert_eq!(
+            got,
+            belljar_budget::gpu::LayerShape {
+                block_count: 3,
+                embedding: 256,
+                heads: 8,
+                kv_heads: 2
+            }
+        );
+        // f16 K and V, 2 KV heads of 32 at ctx 100.
+        assert_eq!(got.kv_per_layer(100), 2 * 100 * 2 * 32 * 2);
+        std::fs::write(&path, b"GGUF\x03\0\0\0").unwrap();
+        assert!(layer_shape(&path).is_err(), "truncated header");
+    }
 
     #[test]
     fn probes() {

@@ -41,6 +41,8 @@ pub struct AddRequest {
     pub ram_limit: Option<u64>,
     pub ctx: Option<u32>,
     pub gpu_layers: Option<u32>,
+    #[serde(default)]
+    pub gpu_device: Option<u32>,
     pub priority: Option<i64>,
 }
 
@@ -103,6 +105,19 @@ pub struct StatusReport {
     /// Where Prometheus metrics are served (`run --metrics`), or null.
     #[serde(default)]
     pub metrics_addr: Option<String>,
+    /// Every GPU NVML reports; empty without NVML.
+    #[serde(default)]
+    pub gpus: Vec<GpuStatus>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GpuStatus {
+    pub index: u32,
+    pub name: String,
+    pub used: u64,
+    pub total: u64,
+    /// The GPU guard's level for this GPU: `normal`, `warning`, `critical`, `emergency`.
+    pub level: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -149,6 +164,18 @@ pub struct InstanceStatus {
     pub memory: MemoryStatus,
     /// Seconds since the current worker was spawned (null when none runs).
     pub uptime_s: Option<u64>,
+    /// VRAM attributed to the current run (its cgroup's processes as NVML lists them); null
+    /// without NVML or when no worker runs.
+    #[serde(default)]
+    pub gpu_memory: Option<u64>,
+    /// It runs on the CPU although it has gpu_layers (GPU emergency, or 3 GPU allocation
+    /// failures).
+    #[serde(default)]
+    pub cpu_fallback: bool,
+    /// `pending` while NVML still lists the last run's processes, `timed-out` when they did not
+    /// go within `[gpu] release_timeout`; null otherwise.
+    #[serde(default)]
+    pub gpu_release: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

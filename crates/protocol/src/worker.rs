@@ -68,6 +68,9 @@ pub struct Failed {
     pub reason: String,
     pub permanent: bool,
     pub exit_code: u8,
+    /// The failure was allocating GPU memory (the worker exits 71).
+    #[serde(default)]
+    pub gpu_alloc: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -20,6 +20,7 @@ pub fn run(global: &GlobalArgs, args: &AddArgs) -> Result<Exit, CliError> {
         ram_limit: args.ram_limit.map(|s| s.bytes()),
         ctx: args.ctx,
         gpu_layers: args.gpu_layers,
+        gpu_device: args.gpu_device,
         priority: args.priority,
     };
     super::print_ok(request(global, &Command::Add(req), None)?)

@@ -32,7 +32,25 @@ pub fn run(global: &GlobalArgs, args: &RunArgs) -> Result<Exit, CliError> {
     let planned = super::validate::plan(&config, &specs)?;
     let proc_root = ProcRoot::default();
     let host = read_host_memory(&proc_root).map_err(|e| CliError::Refused(e.to_string()))?;
-    let report = validate(&args.mode, &config.budget_policy(), host, &planned);
+    // The GPU guard: NVML or, with one info line, none.
+    let gpus = if config.gpu.enabled {
+        match belljar_host::gpu::Gpus::init() {
+            Ok(g) => Some(g),
+            Err(e) => {
+                tracing::info!("no NVML ({e}): the GPU guard is off");
+                None
+            }
+        }
+    } else {
+        tracing::info!("[gpu] enabled = false: the GPU guard is off");
+        None
+    };
+    let mut report = validate(&args.mode, &config.budget_policy(), host, &planned);
+    report.apply_vram(super::validate::vram_verdicts(
+        &config,
+        &specs,
+        &super::validate::gpu_totals(gpus.as_ref(), &specs),
+    )?);
     if !report.passed {
         print!("{report}");
         return Err(CliError::Refused(format!(
@@ -189,6 +207,7 @@ pub fn run(global: &GlobalArgs, args: &RunArgs) -> Result<Exit, CliError> {
             group,
         },
         metrics,
+        gpus,
     };
     let _ = std::fs::remove_file(&socket); // stale: we hold the lock, so nobody serves it
     let listener = std::os::unix::net::UnixListener::bind(&socket)

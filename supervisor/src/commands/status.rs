@@ -51,6 +51,16 @@ fn table(r: &StatusReport, color: bool) -> String {
         Size(r.budget.allocated),
         Size(r.budget.usable)
     );
+    for g in &r.gpus {
+        let name: String = g.name.chars().take(32).collect();
+        out.push_str(&format!(
+            "gpu {}: {name}: {} used of {} (pressure {})\n",
+            g.index,
+            Size(g.used),
+            Size(g.total),
+            g.level
+        ));
+    }
     out.push_str(&format!(
         "{:<16} {:<18} {:>7} {:>11} {:>11} {:>11} {:>3} {:<12}\n",
         "NAME", "STATE", "PID", "MEMORY", "LIMIT", "PEAK", "RST", "LAST EXIT"
@@ -82,7 +92,14 @@ fn table(r: &StatusReport, color: bool) -> String {
             i.restarts,
             i.last_exit.as_deref().unwrap_or("-")
         ));
-        let reason: String = i.reason.chars().take(WIDTH - 4).collect();
+        let mut reason = i.reason.clone();
+        if let Some(v) = i.gpu_memory.filter(|v| *v > 0) {
+            reason = format!("[VRAM {}] {reason}", Size(v));
+        }
+        if i.cpu_fallback {
+            reason = format!("[CPU fallback] {reason}");
+        }
+        let reason: String = reason.chars().take(WIDTH - 4).collect();
         out.push_str(&format!("    {reason}\n"));
     }
     out
@@ -102,7 +119,9 @@ fn paint(state: &str, text: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use belljar_protocol::control::{BudgetStatus, HostStatus, InstanceStatus, MemoryStatus};
+    use belljar_protocol::control::{
+        BudgetStatus, GpuStatus, HostStatus, InstanceStatus, MemoryStatus,
+    };
 
     #[test]
     fn the_table_fits_100_columns() {
@@ -126,6 +145,9 @@ mod tests {
                 last_peak: None,
             },
             uptime_s: Some(1),
+            gpu_memory: Some(3 << 30),
+            cpu_fallback: state == "loading",
+            gpu_release: None,
         };
         let r = StatusReport {
             host: HostStatus {
@@ -144,6 +166,13 @@ mod tests {
                 inst(&"a".repeat(16), "loading"),
             ],
             metrics_addr: None,
+            gpus: vec![GpuStatus {
+                index: 0,
+                name: "NVIDIA H100 80GB HBM3 with a name longer than any real one".into(),
+                used: 81 << 30,
+                total: 80 << 30,
+                level: "emergency".into(),
+            }],
         };
 
         let text = table(&r, false);
@@ -155,9 +184,11 @@ mod tests {
             );
         }
         assert!(text.contains("loading 50%!"), "{text}");
+        assert!(text.contains("gpu 0: NVIDIA H100"), "{text}");
+        assert!(text.contains("[CPU fallback] [VRAM 3.0 GiB]"), "{text}");
         let names: Vec<&str> = text
             .lines()
-            .skip(2)
+            .skip(3)
             .step_by(2)
             .map(|l| l.split(' ').next().unwrap())
             .collect();

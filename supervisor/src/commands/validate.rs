@@ -3,8 +3,10 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
+use belljar_budget::gpu::{DeviceVerdict, VramDemand, validate_vram, vram_estimate};
 use belljar_budget::{HostMemory, PlannedInstance, ValidationReport, validate};
 use belljar_config::{Config, InstanceSpec};
+use belljar_host::gpu::Gpus;
 use belljar_host::{ProcRoot, cpu_count, probe_model_file, read_host_memory};
 use serde::Serialize;
 
@@ -95,12 +97,76 @@ fn host_memory(args: &ValidateArgs) -> Result<HostMemory, CliError> {
 
 fn report(config: &Config, mode: &str, host: HostMemory) -> Result<ValidationReport, CliError> {
     let specs = config.mode(mode, cpu_count())?;
-    Ok(validate(
-        mode,
-        &config.budget_policy(),
-        host,
-        &plan(config, &specs)?,
-    ))
+    let mut report = validate(mode, &config.budget_policy(), host, &plan(config, &specs)?);
+    if specs.iter().any(|s| s.gpu_layers > 0) {
+        match Gpus::init() {
+            Ok(g) => report.apply_vram(vram_verdicts(
+                config,
+                &specs,
+                &gpu_totals(Some(&g), &specs),
+            )?),
+            Err(e) => eprintln!(
+                "note: no NVML ({e}): VRAM is not checked; llama.cpp runs instances with gpu_layers on the CPU where there is no GPU"
+            ),
+        }
+    }
+    Ok(report)
+}
+
+/// The GPUs' indices and total memory, when some instance offloads layers.
+pub fn gpu_totals(gpus: Option<&Gpus>, specs: &[InstanceSpec]) -> Vec<(u32, u64)> {
+    match gpus {
+        Some(g) if specs.iter().any(|s| s.gpu_layers > 0) => g
+            .read()
+            .map(|r| r.iter().map(|g| (g.index, g.total)).collect())
+            .unwrap_or_default(),
+        _ => Vec::new(),
+    }
+}
+
+/// Layer 1 for VRAM: each instance's VRAM reservation (the offloaded share of its weights and
+/// the KV cache of those layers) per GPU. Empty without GPUs.
+pub fn vram_verdicts(
+    config: &Config,
+    specs: &[InstanceSpec],
+    gpus: &[(u32, u64)],
+) -> Result<Vec<DeviceVerdict>, CliError> {
+    if gpus.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut demands = Vec::new();
+    for spec in specs.iter().filter(|s| s.gpu_layers > 0) {
+        demands.push(VramDemand {
+            name: spec.name.to_string(),
+            device: spec.gpu_device,
+            vram: vram_of(spec).map_err(|e| {
+                CliError::Usage(format!(
+                    "{}: instance {}: {e}",
+                    config.path.display(),
+                    spec.name
+                ))
+            })?,
+        });
+    }
+    Ok(validate_vram(&demands, gpus, config.budget.safety_margin))
+}
+
+/// One instance's VRAM reservation, from its model's header.
+pub fn vram_of(spec: &InstanceSpec) -> Result<u64, String> {
+    if spec.gpu_layers == 0 {
+        return Ok(0);
+    }
+    let size = probe_model_file(&spec.model)
+        .map_err(|e| e.to_string())?
+        .size;
+    let shape = belljar_host::model_file::layer_shape(&spec.model)?;
+    Ok(vram_estimate(
+        size,
+        shape.block_count,
+        spec.gpu_layers,
+        shape.kv_per_layer(spec.ctx),
+    )
+    .total)
 }
 
 /// Probes each distinct model file once and describes the instances for layer 1.

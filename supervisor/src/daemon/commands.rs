@@ -44,6 +44,7 @@ impl Daemon {
             ram_limit: req.ram_limit.map(Size),
             ctx: req.ctx,
             gpu_layers: req.gpu_layers,
+            gpu_device: req.gpu_device,
             priority: req.priority,
             ..InstanceSection::default()
         };
@@ -218,6 +219,16 @@ impl Daemon {
         };
         self.ledger.release(name);
         match after {
+            AfterStop::Relaunch => {
+                if self.stopping {
+                    self.instances.insert(name.to_owned(), inst);
+                    return;
+                }
+                // The GPU guard moved it (the new layer count is in `inst.gpu`): a restart that
+                // keeps the crash-loop history.
+                inst.restarts += 1;
+                self.admit(name.to_owned(), inst);
+            }
             AfterStop::Remove | AfterStop::Shed => {
                 Entry::of(Event::Removed, name, &inst).log(format_args!("removed"));
                 answer(ok(format!("{name} removed")));
@@ -230,9 +241,10 @@ impl Daemon {
                 }
                 Entry::of(Event::RestartRequested, name, &inst)
                     .log(format_args!("restarting on request"));
-                // A manual restart clears `failed` and the crash-loop history; it counts as a
-                // restart like any other start after the first.
+                // A manual restart clears `failed`, the crash-loop history and the GPU
+                // fallback; it counts as a restart like any other start after the first.
                 inst.restart_state.reset();
+                inst.gpu.reset();
                 inst.restart_at = None;
                 inst.restarts += 1;
                 if let Some(reply) = reply {

@@ -22,6 +22,8 @@ pub enum AfterStop {
     Restart,
     /// The pressure guard: keep it, `shed`, until memory comes back.
     Shed,
+    /// The GPU guard: start it again with other GPU layers (fallback or restore).
+    Relaunch,
 }
 
 /// The states of `status`, spelled as in `status --json`, logs and docs.
@@ -128,6 +130,40 @@ pub struct Instance {
     pub thrashing: bool,
     /// The rate limit on this instance's forwarded output, kept across its runs.
     pub output_limiter: Option<super::output::SharedLimiter>,
+    /// CPU fallback and GPU allocation failures, kept across runs.
+    pub gpu: belljar_budget::gpu::GpuState,
+    /// VRAM attributed to the current run at the last GPU reading, and its (device, pid)s.
+    pub gpu_memory: Option<u64>,
+    pub gpu_pids: Vec<(u32, u32)>,
+    /// Whether the last run's VRAM is confirmed released.
+    pub gpu_release: GpuRelease,
+    /// The current run reported a GPU allocation failure.
+    pub gpu_alloc_failed: bool,
+}
+
+/// The release of a stopped worker's VRAM, confirmed through NVML before it counts as free.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum GpuRelease {
+    /// Nothing to wait for.
+    #[default]
+    Done,
+    /// Its pids were still on the GPU at the last look.
+    Pending {
+        pids: Vec<(u32, u32)>,
+        since: Instant,
+    },
+    /// They did not go within `[gpu] release_timeout` (logged; shown in status).
+    TimedOut,
+}
+
+impl GpuRelease {
+    pub fn as_str(&self) -> Option<&'static str> {
+        match self {
+            GpuRelease::Done => None,
+            GpuRelease::Pending { .. } => Some("pending"),
+            GpuRelease::TimedOut => Some("timed-out"),
+        }
+    }
 }
 
 impl Instance {
@@ -158,6 +194,11 @@ impl Instance {
             thrash: Default::default(),
             thrashing: false,
             output_limiter: None,
+            gpu: Default::default(),
+            gpu_memory: None,
+            gpu_pids: Vec::new(),
+            gpu_release: GpuRelease::Done,
+            gpu_alloc_failed: false,
         }
     }
 

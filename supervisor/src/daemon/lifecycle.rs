@@ -10,13 +10,17 @@ use belljar_host::cgroup;
 use belljar_host::proc_ctl::Exit;
 
 use super::events::{Entry, Event};
-use super::instance::{Instance, State, Worker};
+use super::instance::{GpuRelease, Instance, State, Worker};
 
 use super::{CGROUP_TIMEOUT, Daemon, refused};
 
 /// The worker's documented exit codes (docs/protocol.md).
 const TEMPORARY: i32 = 75;
 const PERMANENT: [i32; 4] = [64, 65, 69, 76];
+/// How often a restart waiting for a GPU release looks again.
+const GPU_RELEASE_POLL: Duration = Duration::from_millis(250);
+/// A GPU allocation failure: retried, and counted toward the CPU fallback.
+const GPU_ALLOC: i32 = 71;
 /// How often instances waiting for memory are re-checked (also whenever memory is released).
 const MEMORY_RECHECK: Duration = Duration::from_secs(1);
 
@@ -87,6 +91,12 @@ impl Daemon {
                 said.clone()
                     .unwrap_or_else(|| "the pre-load memory check refused".into()),
             ),
+            Exit::Code(GPU_ALLOC) => (
+                ExitClass::Failure,
+                "gpu-alloc".to_owned(),
+                said.clone()
+                    .unwrap_or_else(|| "GPU memory allocation failed".into()),
+            ),
             Exit::Code(c) if PERMANENT.contains(&c) => (
                 ExitClass::Permanent,
                 format!("exit:{c}"),
@@ -101,6 +111,24 @@ impl Daemon {
         };
         if oom {
             inst.oom_kills += 1;
+        }
+        // GPU: count allocation failures (3 move it to the CPU for good) and wait for NVML to
+        // show the run's VRAM released before it counts as free.
+        let gpu_failed =
+            std::mem::take(&mut inst.gpu_alloc_failed) || exit == Exit::Code(GPU_ALLOC);
+        if gpu_failed && inst.gpu.alloc_failed() {
+            Entry::of(Event::GpuFallback, name, inst).log(format_args!(
+                "{} GPU allocation failures: running on the CPU until `supervisor restart {name}`",
+                inst.gpu.failures
+            ));
+        }
+        inst.gpu_memory = None;
+        let pids = std::mem::take(&mut inst.gpu_pids);
+        if !pids.is_empty() {
+            inst.gpu_release = GpuRelease::Pending {
+                pids,
+                since: Instant::now(),
+            };
         }
         inst.last_exit = Some(last_exit.clone());
         Entry::of(Event::Exited, name, inst)
@@ -249,6 +277,16 @@ impl Daemon {
             return;
         };
         inst.restart_at = None;
+        // A GPU run's VRAM must be confirmed released before the next one counts on it.
+        if matches!(inst.gpu_release, GpuRelease::Pending { .. }) {
+            let readings = self.read_gpus().unwrap_or_default();
+            if !self.settle_release(name, &mut inst, &readings) {
+                inst.restart_at = Some(Instant::now() + GPU_RELEASE_POLL);
+                inst.reason = "waiting for NVML to confirm the last run's VRAM is released".into();
+                self.instances.insert(name.to_owned(), inst);
+                return;
+            }
+        }
         let check = reading.map(|(r, _)| precheck(inst.required, self.cfg.headroom, r));
         match check {
             Ok(_) if critical => {

@@ -63,6 +63,18 @@ struct LevelLabel {
     level: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct GpuLabel {
+    gpu: String,
+    name: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct GpuLevelLabel {
+    gpu: String,
+    level: String,
+}
+
 type FloatGauge = Gauge<f64, AtomicU64>;
 
 fn bytes(v: u64) -> i64 {
@@ -106,6 +118,16 @@ pub fn render(report: &StatusReport) -> Result<String, std::fmt::Error> {
         &mut reg,
         "instance_thrashing",
         "1 while the instance's major-fault rate says its limit is too small",
+    );
+    let vram = gauge(
+        &mut reg,
+        "instance_gpu_memory_bytes",
+        "VRAM attributed to the instance's processes (NVML)",
+    );
+    let fallback = gauge(
+        &mut reg,
+        "instance_cpu_fallback",
+        "1 while an instance with gpu_layers runs on the CPU",
     );
     let uptime = gauge(
         &mut reg,
@@ -155,12 +177,14 @@ pub fn render(report: &StatusReport) -> Result<String, std::fmt::Error> {
             (&peak, m.peak),
             (&allocated, Some(i.allocated)),
             (&uptime, i.uptime_s),
+            (&vram, i.gpu_memory),
         ] {
             if let Some(v) = value {
                 family.get_or_create(&l).set(bytes(v));
             }
         }
         thrashing.get_or_create(&l).set(i64::from(i.thrashing));
+        fallback.get_or_create(&l).set(i64::from(i.cpu_fallback));
         progress.get_or_create(&l).set(f64::from(i.load_progress));
         for s in STATES {
             let labels = StateLabel {
@@ -230,6 +254,41 @@ pub fn render(report: &StatusReport) -> Result<String, std::fmt::Error> {
         alloc.clone(),
     );
     alloc.set(bytes(report.budget.allocated));
+
+    let gpu_used = Family::<GpuLabel, Gauge>::default();
+    reg.register(
+        "gpu_memory_used_bytes",
+        "GPU memory in use (NVML)",
+        gpu_used.clone(),
+    );
+    let gpu_total = Family::<GpuLabel, Gauge>::default();
+    reg.register(
+        "gpu_memory_total_bytes",
+        "GPU memory installed (NVML)",
+        gpu_total.clone(),
+    );
+    let gpu_level = Family::<GpuLevelLabel, Gauge>::default();
+    reg.register(
+        "gpu_pressure_level",
+        "1 for the GPU guard's current level of the GPU, 0 for the others",
+        gpu_level.clone(),
+    );
+    for g in &report.gpus {
+        let l = GpuLabel {
+            gpu: g.index.to_string(),
+            name: g.name.clone(),
+        };
+        gpu_used.get_or_create(&l).set(bytes(g.used));
+        gpu_total.get_or_create(&l).set(bytes(g.total));
+        for lv in LEVELS {
+            gpu_level
+                .get_or_create(&GpuLevelLabel {
+                    gpu: g.index.to_string(),
+                    level: lv.to_owned(),
+                })
+                .set(i64::from(g.level == lv));
+        }
+    }
 
     let mut out = String::new();
     prometheus_client::encoding::text::encode(&mut out, &reg)?;

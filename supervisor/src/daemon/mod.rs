@@ -7,6 +7,7 @@
 mod commands;
 mod control;
 pub mod events;
+mod gpu;
 mod instance;
 mod lifecycle;
 mod metrics;
@@ -29,8 +30,8 @@ use belljar_host::ProcRoot;
 use belljar_host::cgroup::{self, CgroupBackend};
 use belljar_host::proc_ctl;
 use belljar_protocol::control::{
-    AskDone, BudgetStatus, ControlError, HostStatus, InstanceStatus, MemoryStatus, OkReply,
-    Response, StatusReport, TokenText,
+    AskDone, BudgetStatus, ControlError, GpuStatus, HostStatus, InstanceStatus, MemoryStatus,
+    OkReply, Response, StatusReport, TokenText,
 };
 use belljar_protocol::tokio_io::{read_frame, write_frame};
 use belljar_protocol::worker::{SupervisorMsg, Welcome, WorkerMsg};
@@ -71,6 +72,8 @@ pub struct DaemonConfig {
     pub access: Access,
     /// The bound `--metrics` listener and its address.
     pub metrics: Option<(std::net::TcpListener, std::net::SocketAddr)>,
+    /// NVML, when the GPU guard is on.
+    pub gpus: Option<belljar_host::gpu::Gpus>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -123,6 +126,10 @@ struct Daemon {
     watchdog: Option<Duration>,
     watchdog_at: Option<Instant>,
     last_status: String,
+    /// The GPU guard: the last readings, each GPU's level and last fallback or restore.
+    gpu_readings: Vec<belljar_budget::gpu::GpuReading>,
+    gpu_level: BTreeMap<u32, belljar_budget::pressure::Level>,
+    gpu_last_action: BTreeMap<u32, Instant>,
 }
 
 /// Runs the daemon until `shutdown` resolves and every worker has stopped.
@@ -165,6 +172,9 @@ pub async fn serve(
         watchdog: None,
         watchdog_at: None,
         last_status: String::new(),
+        gpu_readings: Vec::new(),
+        gpu_level: BTreeMap::new(),
+        gpu_last_action: BTreeMap::new(),
         cfg,
     };
     daemon.admit_all();
@@ -284,6 +294,7 @@ impl Daemon {
                 });
                 inst.load_progress = 0.0;
                 inst.worker_said = None;
+                inst.gpu_alloc_failed = false;
                 inst.ready_since = None;
                 inst.last_heartbeat = None;
                 inst.last_progress = Instant::now();
@@ -493,7 +504,10 @@ impl Daemon {
                 }
             }
             WorkerMsg::Refused(r) => inst.worker_said = Some(r.reason),
-            WorkerMsg::Failed(f) => inst.worker_said = Some(f.reason),
+            WorkerMsg::Failed(f) => {
+                inst.gpu_alloc_failed |= f.gpu_alloc;
+                inst.worker_said = Some(f.reason);
+            }
             WorkerMsg::Token(t) => {
                 if let Some((_, client)) = self.asks.get(&t.id) {
                     let _ = client.send(Response::Token(TokenText { text: t.text }));
@@ -587,6 +601,10 @@ impl Daemon {
                         last_peak: i.last_peak,
                     },
                     uptime_s: i.worker.as_ref().map(|w| w.started.elapsed().as_secs()),
+                    gpu_memory: i.worker.as_ref().and(i.gpu_memory),
+                    cpu_fallback: i.spec.gpu_layers > 0
+                        && i.gpu.fallback != belljar_budget::gpu::Fallback::None,
+                    gpu_release: i.gpu_release.as_str().map(str::to_owned),
                 }
             })
             .collect();
@@ -604,6 +622,23 @@ impl Daemon {
             },
             instances,
             metrics_addr: self.cfg.metrics.as_ref().map(|(_, a)| a.to_string()),
+            gpus: self
+                .gpu_readings
+                .iter()
+                .map(|g| GpuStatus {
+                    index: g.index,
+                    name: g.name.clone(),
+                    used: g.used,
+                    total: g.total,
+                    level: self
+                        .gpu_level
+                        .get(&g.index)
+                        .copied()
+                        .unwrap_or(belljar_budget::pressure::Level::Normal)
+                        .as_str()
+                        .to_owned(),
+                })
+                .collect(),
         }
     }
 }

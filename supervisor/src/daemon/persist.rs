@@ -59,6 +59,7 @@ mod tests {
             ram_limit: Some(5),
             ctx: None,
             gpu_layers: None,
+            gpu_device: None,
             priority: Some(-1),
         };
         save(dir.path(), std::slice::from_ref(&req)).unwrap();

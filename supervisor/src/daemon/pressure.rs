@@ -94,6 +94,7 @@ impl Daemon {
         let p = self.cfg.config.pressure.clone();
         self.pressure_at = Some(Instant::now() + p.interval.0);
         self.detect_thrashing(p.thrash_window.0, p.thrash_majflt_rate);
+        self.gpu_tick();
         if !p.enabled {
             return;
         }

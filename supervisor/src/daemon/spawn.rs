@@ -88,7 +88,11 @@ pub fn spawn(env: &SpawnEnv<'_>, inst: &Instance) -> Result<Spawned, String> {
         .arg("--state-dir")
         .arg(&state_dir)
         .args(["--ctx", &spec.ctx.to_string()])
-        .args(["--gpu-layers", &spec.gpu_layers.to_string()])
+        .args([
+            "--gpu-layers",
+            &inst.gpu.layers(spec.gpu_layers).to_string(),
+        ])
+        .args(["--gpu-device", &spec.gpu_device.to_string()])
         .args(["--threads", &spec.threads.to_string()])
         .args(["--heartbeat-interval", &spec.heartbeat_interval.to_string()])
         .args(["--required", &inst.required.to_string()])
