@@ -373,3 +373,74 @@ pub(super) async fn serve(listener: TcpListener, events: mpsc::UnboundedSender<E
         });
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use belljar_protocol::control::{
+        BudgetStatus, GpuStatus, HostStatus, InstanceStatus, MemoryStatus, StatusReport,
+    };
+
+    #[test]
+    fn renders_gpus_and_an_instances_vram_and_fallback() {
+        let r = StatusReport {
+            host: HostStatus {
+                total: 100,
+                available: 50,
+                level: "warning".into(),
+                psi_some_avg10: Some(1.5),
+                source: "host".into(),
+            },
+            budget: BudgetStatus {
+                usable: 90,
+                allocated: 10,
+            },
+            instances: vec![InstanceStatus {
+                name: "a".into(),
+                state: "ready".into(),
+                thrashing: false,
+                reason: String::new(),
+                pid: Some(1),
+                restarts: 2,
+                oom_kills: 1,
+                last_exit: Some("oom-kill".into()),
+                load_progress: 1.0,
+                allocated: 10,
+                estimate_source: "file".into(),
+                memory: MemoryStatus {
+                    current: Some(5),
+                    limit: Some(10),
+                    reservation: Some(8),
+                    peak: Some(9),
+                    last_peak: None,
+                },
+                uptime_s: Some(3),
+                gpu_memory: Some(4 << 30),
+                cpu_fallback: true,
+                gpu_release: None,
+            }],
+            metrics_addr: None,
+            gpus: vec![GpuStatus {
+                index: 0,
+                name: "NVIDIA H100 80GB HBM3".into(),
+                used: 5 << 30,
+                total: 80 << 30,
+                level: "normal".into(),
+            }],
+        };
+        let text = super::render(&r).unwrap();
+        for line in [
+            "belljar_gpu_memory_used_bytes{gpu=\"0\",name=\"NVIDIA H100 80GB HBM3\"} 5368709120",
+            "belljar_gpu_memory_total_bytes{gpu=\"0\",name=\"NVIDIA H100 80GB HBM3\"} 85899345920",
+            "belljar_gpu_pressure_level{gpu=\"0\",level=\"normal\"} 1",
+            "belljar_instance_gpu_memory_bytes{instance=\"a\"} 4294967296",
+            "belljar_instance_cpu_fallback{instance=\"a\"} 1",
+            "belljar_instance_restarts_total{instance=\"a\"} 2",
+            "belljar_instance_last_exit{instance=\"a\",reason=\"oom-kill\"} 1",
+            "belljar_host_pressure_level{level=\"warning\"} 1",
+            "belljar_host_psi_memory_some_avg10 1.5",
+        ] {
+            assert!(text.contains(line), "{line}\n{text}");
+        }
+        assert!(text.ends_with("# EOF\n"), "OpenMetrics ends with # EOF");
+    }
+}
