@@ -44,6 +44,7 @@ pub enum Command {
     Restart(NameArgs),
     Ask(AskArgs),
     Validate(ValidateArgs),
+    Estimate(EstimateArgs),
     Completions(CompletionsArgs),
     /// Print the man page (roff) to stdout.
     #[command(after_help = "Example:\n  supervisor man > /usr/local/share/man/man1/supervisor.1")]
@@ -154,6 +155,30 @@ pub struct RunArgs {
     /// shown in the log and as `metrics_addr` in `status --json`).
     #[arg(long, value_name = "ADDR", env = "BELLJAR_METRICS")]
     pub metrics: Option<std::net::SocketAddr>,
+}
+
+/// Estimate a model's memory from its GGUF header: weights, KV cache at the context length,
+/// compute, the worker's baseline, and the file-size rule beside it. Reads the header only.
+#[derive(Debug, Args)]
+#[command(after_help = "Examples:\n  supervisor estimate models/demo.gguf\n  \
+supervisor estimate /srv/models/q4.gguf --ctx 16384 --no-mmap\n  \
+supervisor estimate model.gguf --ctx 8192 --json | jq .total\n\n\
+Exits 2 when the file is missing or not a readable GGUF model.")]
+pub struct EstimateArgs {
+    /// The GGUF model file.
+    pub model: PathBuf,
+    /// Context length in tokens.
+    #[arg(long, default_value_t = 2048, value_parser = clap::value_parser!(u32).range(1..))]
+    pub ctx: u32,
+    /// The model is mapped (the default, as `use_mmap = true`).
+    #[arg(long, overrides_with = "no_mmap")]
+    pub mmap: bool,
+    /// The model is read into memory (`use_mmap = false`).
+    #[arg(long)]
+    pub no_mmap: bool,
+    /// Print JSON (every term in bytes, and `total`).
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// Show the running supervisor's instances, memory and budget.

@@ -6,6 +6,8 @@ pub mod client;
 pub mod commands;
 pub mod daemon;
 pub mod error;
+pub mod estimating;
+pub mod learn;
 pub mod logging;
 pub mod paths;
 

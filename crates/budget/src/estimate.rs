@@ -1,6 +1,8 @@
 //! How much memory an instance needs: the estimate from its model file, and the reservation
 //! (`required`) that the budget, the ledger and the cgroup limit all use.
 
+use serde::{Deserialize, Serialize};
+
 use crate::grammar::Size;
 
 /// The knobs of the file-size rule (`[budget] estimate_factor`, `min_required`).
@@ -18,6 +20,136 @@ impl EstimateRule {
         // f64 -> u64 saturates, so an absurd factor cannot wrap around to a small number.
         (scaled as u64).max(self.min_required.bytes())
     }
+}
+
+/// How an instance's estimate is made (`[budget] estimate`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum EstimateSource {
+    /// `max(file size x estimate_factor, min_required)`.
+    File,
+    /// From the model's GGUF header: weights + KV cache + compute + baseline ([`gguf`]).
+    #[default]
+    Gguf,
+    /// The larger of the two: never below the file-size rule.
+    Max,
+}
+
+impl EstimateSource {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EstimateSource::File => "file",
+            EstimateSource::Gguf => "gguf",
+            EstimateSource::Max => "max",
+        }
+    }
+}
+
+/// What the GGUF-aware estimate reads from a model's header (no tensor data).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct ModelFacts {
+    pub file_size: u64,
+    /// The sum of every tensor's bytes.
+    pub tensor_bytes: u64,
+    pub block_count: u32,
+    pub embedding: u32,
+    pub heads: u32,
+    pub kv_heads: u32,
+    /// Per-head K and V widths (`attention.key_length` / `value_length`, else embedding / heads).
+    pub key_length: u32,
+    pub value_length: u32,
+}
+
+/// llama.cpp's default micro-batch (`n_ubatch`): the compute buffers are sized for it.
+pub const UBATCH: u64 = 512;
+/// Bytes of KV cache element (llama.cpp's default K and V type, f16).
+pub const KV_ELEMENT: u64 = 2;
+/// The worker process itself in its cgroup: binary and shared libraries (page cache, as a fresh
+/// start reads them), heap, llama.cpp's and the tokenizer's tables. Fitted (bench/estimate.py).
+pub const BASELINE: u64 = 14_836_000;
+/// Compute and scratch per unit of embedding width (activations of a micro-batch). Fitted.
+pub const COMPUTE_PER_WIDTH: u64 = 9_103;
+/// Compute and scratch per context cell (masks and views that grow with the context). Measured.
+pub const COMPUTE_PER_CTX: u64 = 64;
+/// Headroom on top of the sum, in percent: the fitted terms are within about 3% of the
+/// measured peaks, so this keeps the estimate above them.
+pub const MARGIN_PERCENT: u64 = 3;
+
+/// The GGUF-aware estimate, term by term (bytes). `total` is the reservation before `ram_limit`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Breakdown {
+    pub ctx: u32,
+    pub mmap: bool,
+    /// The weights: file pages with mmap (reclaimable but the working set), anonymous memory
+    /// without.
+    pub weights: u64,
+    /// Without mmap, reading the file also fills the page cache, charged to the same cgroup
+    /// (cgroup v1 and v2): one file's worth, reclaimable.
+    pub page_cache: u64,
+    /// `2 x layers x ctx x kv_heads x head_dim x 2 bytes` (K and V, f16).
+    pub kv: u64,
+    /// One micro-batch's K/V plus activations, and per-context-cell scratch.
+    pub compute: u64,
+    pub baseline: u64,
+    pub margin: u64,
+    pub total: u64,
+    /// What may be reclaimed without hurting the worker (the page-cache copy without mmap):
+    /// the cgroup's `memory.low` protects `total - reclaimable`.
+    pub reclaimable: u64,
+}
+
+/// The KV cache of a model at `ctx` cells (K and V, every layer, f16).
+pub fn kv_cache(m: &ModelFacts, ctx: u32) -> u64 {
+    let per_cell = u64::from(m.block_count)
+        * u64::from(m.kv_heads)
+        * (u64::from(m.key_length) + u64::from(m.value_length))
+        * KV_ELEMENT;
+    per_cell.saturating_mul(u64::from(ctx))
+}
+
+/// The GGUF-aware estimate of a worker's peak in its cgroup at `ctx`, with or without mmap.
+pub fn gguf(m: &ModelFacts, ctx: u32, mmap: bool) -> Breakdown {
+    let (weights, page_cache) = if mmap {
+        (m.file_size, 0)
+    } else {
+        (m.tensor_bytes, m.file_size)
+    };
+    let kv = kv_cache(m, ctx);
+    let compute = kv_cache(m, 1)
+        .saturating_mul(UBATCH)
+        .saturating_add(COMPUTE_PER_WIDTH.saturating_mul(u64::from(m.embedding)))
+        .saturating_add(COMPUTE_PER_CTX * u64::from(ctx));
+    let sum = weights
+        .saturating_add(page_cache)
+        .saturating_add(kv)
+        .saturating_add(compute)
+        .saturating_add(BASELINE);
+    let margin = sum / 100 * MARGIN_PERCENT;
+    Breakdown {
+        ctx,
+        mmap,
+        weights,
+        page_cache,
+        kv,
+        compute,
+        baseline: BASELINE,
+        margin,
+        total: align_up(sum.saturating_add(margin)),
+        reclaimable: page_cache,
+    }
+}
+
+/// Observed peaks of earlier runs of the same model at the same ctx and mmap: the estimate is
+/// raised to the 95th percentile x 1.1 (nearest rank). None without observations.
+pub fn learned(peaks: &[u64]) -> Option<u64> {
+    if peaks.is_empty() {
+        return None;
+    }
+    let mut v = peaks.to_vec();
+    v.sort_unstable();
+    let rank = (v.len() * 95).div_ceil(100).max(1);
+    let p95 = v[rank - 1];
+    Some(align_up(p95.saturating_add(p95 / 10)))
 }
 
 /// Reservations are whole multiples of this: the kernel keeps cgroup limits in pages (rounding
@@ -64,6 +196,81 @@ mod tests {
         assert_eq!(RULE.estimate(3), 64 << 20);
     }
 
+    const MIB: u64 = 1 << 20;
+
+    /// The 290M bench model: 6 layers, width 896, 14 heads of 64.
+    fn facts() -> ModelFacts {
+        ModelFacts {
+            file_size: 292_902_240,
+            tensor_bytes: 292_800_000,
+            block_count: 6,
+            embedding: 896,
+            heads: 14,
+            kv_heads: 14,
+            key_length: 64,
+            value_length: 64,
+        }
+    }
+
+    #[test]
+    fn kv_is_two_x_layers_x_ctx_x_kv_heads_x_head_dim_x_f16() {
+        assert_eq!(kv_cache(&facts(), 16384), 2 * 6 * 16384 * 14 * 64 * 2);
+        assert_eq!(
+            kv_cache(&facts(), 16384),
+            336 * MIB,
+            "llama.cpp's reported KV buffer"
+        );
+        let gqa = ModelFacts {
+            kv_heads: 2,
+            ..facts()
+        };
+        assert_eq!(kv_cache(&gqa, 16384), 48 * MIB);
+    }
+
+    #[test]
+    fn every_term_of_the_breakdown() {
+        let m = facts();
+        let b = gguf(&m, 4096, true);
+        assert_eq!(b.weights, m.file_size, "mmap: the file's pages");
+        assert_eq!(b.page_cache, 0);
+        assert_eq!(b.reclaimable, 0);
+        assert_eq!(b.kv, 84 * MIB);
+        assert_eq!(
+            b.compute,
+            kv_cache(&m, 1) * UBATCH + COMPUTE_PER_WIDTH * 896 + COMPUTE_PER_CTX * 4096
+        );
+        assert_eq!(b.baseline, BASELINE);
+        let sum = b.weights + b.kv + b.compute + b.baseline;
+        assert_eq!(b.margin, sum / 100 * MARGIN_PERCENT);
+        assert_eq!(b.total, align_up(sum + b.margin));
+        assert_eq!(b.total % GRANULE, 0);
+        let n = gguf(&m, 4096, false);
+        assert_eq!(n.weights, m.tensor_bytes, "no mmap: an anonymous copy");
+        assert_eq!(
+            n.page_cache, m.file_size,
+            "and the page cache of reading it"
+        );
+        assert_eq!(n.reclaimable, m.file_size);
+        assert!(n.total > b.total);
+    }
+
+    #[test]
+    fn the_estimate_tracks_the_measured_peaks() {
+        // bench/estimate.py on this machine: 290M at ctx 16384, mmap, peaked at 680341504.
+        let b = gguf(&facts(), 16384, true);
+        let err = (b.total as f64 - 680_341_504.0) / 680_341_504.0;
+        assert!((0.0..0.10).contains(&err), "{err}");
+    }
+
+    #[test]
+    fn learned_is_p95_times_1_1() {
+        assert_eq!(learned(&[]), None);
+        assert_eq!(learned(&[100 * MIB]), Some(align_up(110 * MIB)));
+        let peaks: Vec<u64> = (1..=20).map(|i| i * MIB).collect();
+        // Nearest rank: the 19th of 20.
+        assert_eq!(learned(&peaks), Some(align_up(19 * MIB + 19 * MIB / 10)));
+    }
+
     #[test]
     fn ram_limit_raises_but_never_lowers() {
         assert_eq!(required(None, 100), GRANULE);
@@ -77,6 +284,33 @@ mod tests {
     }
 
     proptest! {
+        #[test]
+        fn gguf_grows_with_ctx_and_layers(
+            ctx in 1u32..200_000, more_ctx in 0u32..100_000,
+            layers in 1u32..200, more_layers in 0u32..50,
+            width in 1u32..16_384, mmap in any::<bool>(),
+        ) {
+            let m = ModelFacts {
+                file_size: u64::from(layers) * 1_000_000,
+                tensor_bytes: u64::from(layers) * 990_000,
+                block_count: layers,
+                embedding: width,
+                heads: 8,
+                kv_heads: 8,
+                key_length: 64,
+                value_length: 64,
+            };
+            let bigger = ModelFacts {
+                block_count: layers + more_layers,
+                file_size: u64::from(layers + more_layers) * 1_000_000,
+                tensor_bytes: u64::from(layers + more_layers) * 990_000,
+                ..m
+            };
+            prop_assert!(gguf(&m, ctx, mmap).total <= gguf(&m, ctx + more_ctx, mmap).total);
+            prop_assert!(gguf(&m, ctx, mmap).total <= gguf(&bigger, ctx, mmap).total);
+            prop_assert!(gguf(&m, ctx, mmap).total >= BASELINE);
+        }
+
         #[test]
         fn estimate_is_monotonic_and_floored(a in 0u64..1 << 42, b in 0u64..1 << 42) {
             let (lo, hi) = if a <= b { (a, b) } else { (b, a) };

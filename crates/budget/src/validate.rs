@@ -42,6 +42,7 @@ pub struct BudgetPolicy {
     pub per_instance_max: f64,
     pub total: Option<Size>,
     pub rule: EstimateRule,
+    pub source: crate::estimate::EstimateSource,
 }
 
 impl BudgetPolicy {
@@ -67,6 +68,30 @@ pub struct PlannedInstance {
     pub file_size: u64,
     pub ram_limit: Option<Size>,
     pub priority: i64,
+    /// The GGUF-aware estimate at the instance's ctx and mmap; None when the header could not
+    /// be read (the file rule is used then).
+    pub gguf: Option<u64>,
+    /// p95 of the observed peaks x 1.1, when earlier runs of this model+ctx+mmap were recorded.
+    pub learned: Option<u64>,
+}
+
+impl PlannedInstance {
+    /// The estimate under `policy` and the rule it came from (`file`, `gguf`, `max`, or
+    /// `learned` when observations raised it).
+    pub fn estimate(&self, policy: &BudgetPolicy) -> (u64, &'static str) {
+        use crate::estimate::EstimateSource as S;
+        let file = policy.rule.estimate(self.file_size);
+        let (base, source) = match (policy.source, self.gguf) {
+            (S::File, _) | (_, None) => (file, "file"),
+            (S::Gguf, Some(g)) => (g, "gguf"),
+            (S::Max, Some(g)) if g >= file => (g, "gguf"),
+            (S::Max, Some(_)) => (file, "file"),
+        };
+        match self.learned {
+            Some(l) if l > base => (l, "learned"),
+            _ => (base, source),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -92,6 +117,11 @@ pub struct InstanceRow {
     pub ram_limit: Option<u64>,
     pub estimate: u64,
     pub required: u64,
+    /// Both rules side by side, and what the estimate came from.
+    pub file_rule: u64,
+    pub gguf: Option<u64>,
+    pub learned: Option<u64>,
+    pub estimate_source: String,
 }
 
 /// Where `usable` came from.
@@ -178,11 +208,12 @@ pub fn validate(
     let instances: Vec<InstanceRow> = planned
         .iter()
         .map(|p| {
-            let estimate = policy.rule.estimate(p.file_size);
+            let (estimate, source) = p.estimate(policy);
+            let file_rule = policy.rule.estimate(p.file_size);
             models.entry(p.model.clone()).or_insert(ModelRow {
                 path: p.model.clone(),
                 file_size: p.file_size,
-                estimate,
+                estimate: file_rule,
             });
             InstanceRow {
                 name: p.name.clone(),
@@ -191,6 +222,10 @@ pub fn validate(
                 ram_limit: p.ram_limit.map(Size::bytes),
                 estimate,
                 required: required(p.ram_limit, estimate),
+                file_rule,
+                gguf: p.gguf,
+                learned: p.learned,
+                estimate_source: source.to_owned(),
             }
         })
         .collect();
@@ -305,6 +340,15 @@ fn cap_recommendation(i: &InstanceRow, cap: u64, policy: &BudgetPolicy) -> Strin
             Size(cap)
         )
     } else {
+        if i.estimate_source != "file" {
+            return format!(
+                "instance {}'s model needs {} at its ctx ({} estimate): lower its ctx, use a smaller model, or raise [budget] per_instance_max (now {})",
+                i.name,
+                Size(i.estimate),
+                i.estimate_source,
+                policy.per_instance_max
+            );
+        }
         let largest_model = (cap as f64 / policy.rule.factor).floor() as u64;
         format!(
             "instance {}'s model alone needs {} (file size x {}): use a model of at most {}, or raise [budget] per_instance_max (now {})",
@@ -398,18 +442,23 @@ impl fmt::Display for ValidationReport {
         writeln!(f)?;
         writeln!(
             f,
-            "  {:<20} {:>8} {:>12} {:>12} {:>12}",
-            "instance", "priority", "ram_limit", "estimate", "required"
+            "  {:<16} {:>4} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10}",
+            "instance", "prio", "ram_limit", "file rule", "gguf", "learned", "estimate", "required"
         )?;
+        let opt = |v: Option<u64>| v.map_or_else(|| "-".to_owned(), s);
         for i in &self.instances {
             writeln!(
                 f,
-                "  {:<20} {:>8} {:>12} {:>12} {:>12}",
+                "  {:<16} {:>4} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10}  ({})",
                 i.name,
                 i.priority,
-                i.ram_limit.map_or_else(|| "-".to_owned(), s),
+                opt(i.ram_limit),
+                s(i.file_rule),
+                opt(i.gguf),
+                opt(i.learned),
                 s(i.estimate),
-                s(i.required)
+                s(i.required),
+                i.estimate_source
             )?;
         }
         writeln!(f)?;
@@ -484,6 +533,7 @@ mod tests {
                 factor: 1.5,
                 min_required: Size(64 * MIB),
             },
+            source: crate::estimate::EstimateSource::File,
         }
     }
 
@@ -494,7 +544,57 @@ mod tests {
             file_size: file,
             ram_limit: limit.map(Size),
             priority,
+            gguf: None,
+            learned: None,
         }
+    }
+
+    #[test]
+    fn the_estimate_follows_the_source_and_learned_peaks_raise_it() {
+        use crate::estimate::EstimateSource as S;
+        let mut p = inst("a", GIB, None, 0);
+        let with = |s: S| BudgetPolicy {
+            source: s,
+            ..policy()
+        };
+        assert_eq!(
+            p.estimate(&with(S::Gguf)),
+            (3 * GIB / 2, "file"),
+            "no header: file rule"
+        );
+        p.gguf = Some(4 * GIB);
+        assert_eq!(p.estimate(&with(S::File)), (3 * GIB / 2, "file"));
+        assert_eq!(p.estimate(&with(S::Gguf)), (4 * GIB, "gguf"));
+        assert_eq!(p.estimate(&with(S::Max)), (4 * GIB, "gguf"));
+        p.gguf = Some(GIB + MIB);
+        assert_eq!(p.estimate(&with(S::Gguf)), (GIB + MIB, "gguf"));
+        assert_eq!(
+            p.estimate(&with(S::Max)),
+            (3 * GIB / 2, "file"),
+            "never below x1.5"
+        );
+        p.learned = Some(2 * GIB);
+        assert_eq!(p.estimate(&with(S::Gguf)), (2 * GIB, "learned"));
+        p.learned = Some(GIB);
+        assert_eq!(
+            p.estimate(&with(S::Gguf)),
+            (GIB + MIB, "gguf"),
+            "learned only raises"
+        );
+        let r = validate(
+            "m",
+            &with(S::Gguf),
+            HostMemory {
+                total: 64 * GIB,
+                available: 60 * GIB,
+            },
+            &[p],
+        );
+        let row = &r.instances[0];
+        assert_eq!(
+            (row.file_rule, row.gguf, row.estimate_source.as_str()),
+            (3 * GIB / 2, Some(GIB + MIB), "gguf")
+        );
     }
 
     /// The predecessor's example: 31.24 GB machine, limits 8/10/12 GB. It printed PASSED with a

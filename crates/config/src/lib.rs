@@ -209,6 +209,7 @@ impl Config {
                 factor: self.budget.estimate_factor,
                 min_required: self.budget.min_required,
             },
+            source: self.budget.estimate,
         }
     }
 

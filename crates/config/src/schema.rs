@@ -31,14 +31,9 @@ pub struct RawConfig {
     pub gpu: GpuSection,
 }
 
-/// How an instance's memory need is estimated (`[budget] estimate`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum EstimateSource {
-    /// `max(file size x estimate_factor, min_required)`.
-    #[default]
-    File,
-}
+/// How an instance's memory need is estimated (`[budget] estimate`): `file`, `gguf` (default)
+/// or `max`.
+pub use belljar_budget::estimate::EstimateSource;
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -67,7 +62,7 @@ impl Default for BudgetSection {
             estimate_factor: 1.5,
             min_required: Size(64 << 20),
             total: None,
-            estimate: EstimateSource::File,
+            estimate: EstimateSource::Gguf,
         }
     }
 }

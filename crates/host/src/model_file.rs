@@ -66,12 +66,70 @@ pub fn probe_model_file(path: &Path) -> Result<ModelFile, ModelFileError> {
     })
 }
 
+/// What the GGUF-aware estimate needs from a model, read from its header only (bounded: never
+/// the tensor data), and a checksum of the header bytes that identifies the model without
+/// hashing a multi-GB file.
+pub fn model_facts(path: &Path) -> Result<(belljar_budget::estimate::ModelFacts, u32), String> {
+    use std::io::Read;
+    let file_size = std::fs::metadata(path)
+        .map_err(|e| format!("cannot read {}: {e}", path.display()))?
+        .len();
+    let file = File::open(path).map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+    let header = belljar_gguf::reader::read_header(std::io::BufReader::new(file))
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    let mut tensor_bytes: u64 = 0;
+    for t in &header.tensors {
+        let b = t.bytes().ok_or_else(|| {
+            format!(
+                "{}: tensor {} has a type ({}) whose size is unknown",
+                path.display(),
+                t.name,
+                t.ggml_type
+            )
+        })?;
+        tensor_bytes = tensor_bytes.saturating_add(b);
+    }
+    let shape = layer_shape_of(&header, path)?;
+    let arch = header.get_str("general.architecture").unwrap_or_default();
+    let head_dim = shape.embedding / shape.heads.max(1);
+    let len = |k: &str| {
+        header
+            .get_u64(&format!("{arch}.attention.{k}"))
+            .and_then(|v| u32::try_from(v).ok())
+            .unwrap_or(head_dim)
+    };
+    let mut raw = Vec::new();
+    File::open(path)
+        .and_then(|f| f.take(header.header_len).read_to_end(&mut raw))
+        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    Ok((
+        belljar_budget::estimate::ModelFacts {
+            file_size,
+            tensor_bytes,
+            block_count: shape.block_count,
+            embedding: shape.embedding,
+            heads: shape.heads,
+            kv_heads: shape.kv_heads,
+            key_length: len("key_length"),
+            value_length: len("value_length"),
+        },
+        crc32fast::hash(&raw),
+    ))
+}
+
 /// The model's layer structure from its GGUF header (`{arch}.block_count`, `.embedding_length`,
 /// `.attention.head_count`, `.attention.head_count_kv`). Reads the header only, bounded.
 pub fn layer_shape(path: &Path) -> Result<belljar_budget::gpu::LayerShape, String> {
     let file = File::open(path).map_err(|e| format!("cannot open {}: {e}", path.display()))?;
     let header = belljar_gguf::reader::read_header(std::io::BufReader::new(file))
         .map_err(|e| format!("{}: {e}", path.display()))?;
+    layer_shape_of(&header, path)
+}
+
+fn layer_shape_of(
+    header: &belljar_gguf::reader::Header,
+    path: &Path,
+) -> Result<belljar_budget::gpu::LayerShape, String> {
     let arch = header
         .get_str("general.architecture")
         .ok_or_else(|| format!("{}: no general.architecture", path.display()))?

@@ -3,6 +3,7 @@
 pub mod add;
 pub mod ask;
 pub mod completions;
+pub mod estimate;
 pub mod remove;
 pub mod restart;
 pub mod run;
@@ -15,6 +16,7 @@ use crate::error::{CliError, Exit};
 pub fn dispatch(cli: Cli) -> Result<Exit, CliError> {
     match cli.command {
         Command::Validate(args) => validate::run(&cli.global, &args),
+        Command::Estimate(args) => estimate::run(&cli.global, &args),
         Command::Run(args) => run::run(&cli.global, &args),
         Command::Status(args) => status::run(&cli.global, &args),
         Command::Add(args) => add::run(&cli.global, &args),

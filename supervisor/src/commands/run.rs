@@ -29,7 +29,14 @@ pub fn run(global: &GlobalArgs, args: &RunArgs) -> Result<Exit, CliError> {
 
     let config = super::validate::load_config(&global.config)?;
     let specs = config.mode(&args.mode, cpu_count())?;
-    let planned = super::validate::plan(&config, &specs)?;
+    let state_dir = paths::resolve(
+        global.state_dir.clone(),
+        std::env::var("STATE_DIRECTORY").ok(),
+        true,
+        paths::DEFAULT_STATE_DIR,
+    );
+    let estimated = super::validate::plan(&config, &specs, &crate::learn::load(&state_dir))?;
+    let planned: Vec<_> = estimated.iter().map(|e| e.planned.clone()).collect();
     let proc_root = ProcRoot::default();
     let host = read_host_memory(&proc_root).map_err(|e| CliError::Refused(e.to_string()))?;
     // The GPU guard: NVML or, with one info line, none.
@@ -64,12 +71,6 @@ pub fn run(global: &GlobalArgs, args: &RunArgs) -> Result<Exit, CliError> {
         std::env::var("RUNTIME_DIRECTORY").ok(),
         true,
         paths::DEFAULT_RUNTIME_DIR,
-    );
-    let state_dir = paths::resolve(
-        global.state_dir.clone(),
-        std::env::var("STATE_DIRECTORY").ok(),
-        true,
-        paths::DEFAULT_STATE_DIR,
     );
     let socket = runtime_dir.join(CONTROL_SOCKET);
     if socket.as_os_str().len() >= MAX_SOCKET_PATH {
@@ -189,7 +190,24 @@ pub fn run(global: &GlobalArgs, args: &RunArgs) -> Result<Exit, CliError> {
     let instances = specs
         .into_iter()
         .zip(&report.instances)
-        .map(|(spec, row)| (spec, row.estimate, row.required))
+        .zip(estimated)
+        .map(|((spec, row), e)| {
+            let protected = crate::estimating::protected(
+                row.estimate,
+                &row.estimate_source,
+                e.breakdown.as_ref(),
+            );
+            (
+                spec,
+                daemon::Admitted {
+                    estimate: row.estimate,
+                    required: row.required,
+                    source: row.estimate_source.clone(),
+                    protected,
+                    identity: e.identity,
+                },
+            )
+        })
         .collect();
     let cfg = DaemonConfig {
         cgroups,

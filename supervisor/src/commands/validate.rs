@@ -32,9 +32,17 @@ pub fn run(global: &GlobalArgs, args: &ValidateArgs) -> Result<Exit, CliError> {
         None => config.modes.keys().cloned().collect(),
     };
     let host = host_memory(args)?;
+    // Learned corrections from the state directory `run` uses (none when it does not exist).
+    let state_dir = crate::paths::resolve(
+        global.state_dir.clone(),
+        None,
+        false,
+        crate::paths::DEFAULT_STATE_DIR,
+    );
+    let observations = crate::learn::load(&state_dir);
     let reports = modes
         .iter()
-        .map(|m| report(&config, m, host))
+        .map(|m| report(&config, m, host, &observations))
         .collect::<Result<Vec<_>, _>>()?;
     let passed = reports.iter().all(|r| r.passed);
     if args.json {
@@ -95,9 +103,18 @@ fn host_memory(args: &ValidateArgs) -> Result<HostMemory, CliError> {
     Ok(host)
 }
 
-fn report(config: &Config, mode: &str, host: HostMemory) -> Result<ValidationReport, CliError> {
+fn report(
+    config: &Config,
+    mode: &str,
+    host: HostMemory,
+    observations: &[crate::learn::Observation],
+) -> Result<ValidationReport, CliError> {
     let specs = config.mode(mode, cpu_count())?;
-    let mut report = validate(mode, &config.budget_policy(), host, &plan(config, &specs)?);
+    let planned: Vec<PlannedInstance> = plan(config, &specs, observations)?
+        .into_iter()
+        .map(|e| e.planned)
+        .collect();
+    let mut report = validate(mode, &config.budget_policy(), host, &planned);
     if specs.iter().any(|s| s.gpu_layers > 0) {
         match Gpus::init() {
             Ok(g) => report.apply_vram(vram_verdicts(
@@ -170,7 +187,11 @@ pub fn vram_of(spec: &InstanceSpec) -> Result<u64, String> {
 }
 
 /// Probes each distinct model file once and describes the instances for layer 1.
-pub fn plan(config: &Config, specs: &[InstanceSpec]) -> Result<Vec<PlannedInstance>, CliError> {
+pub fn plan(
+    config: &Config,
+    specs: &[InstanceSpec],
+    observations: &[crate::learn::Observation],
+) -> Result<Vec<crate::estimating::Estimated>, CliError> {
     let mut sizes = BTreeMap::new();
     let mut planned = Vec::with_capacity(specs.len());
     for spec in specs {
@@ -188,13 +209,16 @@ pub fn plan(config: &Config, specs: &[InstanceSpec]) -> Result<Vec<PlannedInstan
                 probe.size
             }
         };
-        planned.push(PlannedInstance {
-            name: spec.name.to_string(),
-            model: spec.model.display().to_string(),
-            file_size: size,
-            ram_limit: spec.ram_limit,
-            priority: spec.priority,
-        });
+        let e = crate::estimating::estimate(spec, size, observations);
+        if let (
+            Some(err),
+            belljar_budget::estimate::EstimateSource::Gguf
+            | belljar_budget::estimate::EstimateSource::Max,
+        ) = (&e.gguf_error, config.budget.estimate)
+        {
+            tracing::warn!(instance = %spec.name, "no GGUF estimate ({err}); using the file-size rule");
+        }
+        planned.push(e);
     }
     Ok(planned)
 }

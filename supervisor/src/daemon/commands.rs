@@ -51,7 +51,9 @@ impl Daemon {
         let threads = (cpu_count() / (self.instances.len() as u32 + 1)).max(1);
         let spec = self.cfg.config.spec(&name, &section, threads);
         let policy = self.cfg.config.budget_policy();
-        let estimate = policy.rule.estimate(file.size);
+        let e =
+            crate::estimating::estimate(&spec, file.size, &crate::learn::load(&self.cfg.state_dir));
+        let (estimate, source) = e.planned.estimate(&policy);
         let required = required(spec.ram_limit, estimate);
         let cap = policy.per_instance_cap(self.ledger.capacity());
         if required > cap {
@@ -63,7 +65,14 @@ impl Daemon {
                 Size(self.ledger.capacity())
             )));
         }
-        let mut inst = Instance::new(spec, estimate, required);
+        let admitted = super::Admitted {
+            estimate,
+            required,
+            source: source.to_owned(),
+            protected: crate::estimating::protected(estimate, source, e.breakdown.as_ref()),
+            identity: e.identity,
+        };
+        let mut inst = Instance::new(spec, admitted);
         inst.added = Some(req.clone());
         Ok(inst)
     }

@@ -94,8 +94,12 @@ pub struct Instance {
     pub spec: InstanceSpec,
     /// The ledger reservation: max(ram_limit, estimate).
     pub required: u64,
-    /// The file-size estimate (the cgroup's protected reservation, `memory.low`).
+    /// The estimate, where it came from (`file`, `gguf`, `learned`), and what `memory.low`
+    /// protects.
     pub estimate: u64,
+    pub estimate_source: String,
+    pub protected: u64,
+    pub identity: Option<crate::learn::ModelIdentity>,
     pub state: State,
     pub reason: String,
     pub worker: Option<Worker>,
@@ -167,11 +171,14 @@ impl GpuRelease {
 }
 
 impl Instance {
-    pub fn new(spec: InstanceSpec, estimate: u64, required: u64) -> Instance {
+    pub fn new(spec: InstanceSpec, a: super::Admitted) -> Instance {
         Instance {
             spec,
-            required,
-            estimate,
+            required: a.required,
+            estimate: a.estimate,
+            estimate_source: a.source,
+            protected: a.protected,
+            identity: a.identity,
             state: State::Starting,
             reason: "waiting to start".into(),
             worker: None,

@@ -49,6 +49,23 @@ impl Daemon {
         let stats = self.cfg.cgroups.memory(&worker.cgroup).ok();
         let limit = stats.and_then(|s| s.limit).unwrap_or(inst.required);
         inst.last_peak = stats.and_then(|s| s.peak);
+        // Learned corrections: a run that got as far as serving records its peak.
+        if let (Some(peak), Some(model), true) = (
+            inst.last_peak,
+            inst.identity.clone(),
+            inst.ready_since.is_some(),
+        ) {
+            let obs = crate::learn::Observation {
+                model,
+                ctx: inst.spec.ctx,
+                mmap: inst.spec.use_mmap,
+                estimate: inst.estimate,
+                peak,
+            };
+            if let Err(e) = crate::learn::record(&self.cfg.state_dir, obs) {
+                tracing::warn!(instance = %name, "cannot record the run's peak: {e}");
+            }
+        }
         let oom = stats.is_some_and(|s| s.oom_kill > 0) && exit == Exit::Signal(9);
         // Logged once per kill: by the OOM watch when it came first, else here.
         if let Some(st) = stats.filter(|s| s.oom_kill > worker.oom_seen) {

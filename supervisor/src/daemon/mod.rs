@@ -15,7 +15,7 @@ mod notify;
 
 mod output;
 
-mod persist;
+pub(crate) mod persist;
 mod pressure;
 mod spawn;
 
@@ -64,8 +64,8 @@ pub struct DaemonConfig {
     pub headroom: u64,
     pub usable: u64,
     pub proc_root: ProcRoot,
-    /// The mode's instances with their (estimate, required).
-    pub instances: Vec<(belljar_config::InstanceSpec, u64, u64)>,
+    /// The mode's instances with their estimates.
+    pub instances: Vec<(belljar_config::InstanceSpec, Admitted)>,
     /// The config, for `[defaults]` of instances added at run time.
     pub config: belljar_config::Config,
     /// Who may use the control socket.
@@ -80,6 +80,20 @@ pub struct DaemonConfig {
 pub enum DaemonError {
     #[error("cannot set up the event loop: {0}")]
     Setup(std::io::Error),
+}
+
+/// How an instance was admitted: its estimate, where it came from, and what the cgroup
+/// protects.
+#[derive(Debug, Clone)]
+pub struct Admitted {
+    pub estimate: u64,
+    pub required: u64,
+    /// `file`, `gguf` or `learned`.
+    pub source: String,
+    /// `memory.low`: the estimate less what is reclaimable.
+    pub protected: u64,
+    /// The model's identity, for recording this instance's observed peaks.
+    pub identity: Option<crate::learn::ModelIdentity>,
 }
 
 /// Events into the loop.
@@ -216,9 +230,9 @@ async fn sleep_until(deadline: Option<Instant>) {
 impl Daemon {
     /// Layer 2 and the first start of every instance of the mode.
     fn admit_all(&mut self) {
-        for (spec, estimate, required) in std::mem::take(&mut self.cfg.instances) {
+        for (spec, a) in std::mem::take(&mut self.cfg.instances) {
             let name = spec.name.to_string();
-            let inst = Instance::new(spec, estimate, required);
+            let inst = Instance::new(spec, a);
             self.admit(name, inst);
         }
     }
@@ -592,7 +606,7 @@ impl Daemon {
                     last_exit: i.last_exit.clone(),
                     load_progress: i.load_progress,
                     allocated: self.ledger.get(name).unwrap_or(0),
-                    estimate_source: "file".to_owned(),
+                    estimate_source: i.estimate_source.clone(),
                     memory: MemoryStatus {
                         current: stats.map(|s| s.current),
                         limit: stats.and_then(|s| s.limit),

@@ -34,15 +34,24 @@ pub fn load(state_dir: &Path) -> Result<Vec<AddRequest>, String> {
 }
 
 pub fn save(state_dir: &Path, added: &[AddRequest]) -> std::io::Result<()> {
-    let file = path(state_dir);
-    let tmp = state_dir.join(format!(".{ADDED_FILE}.tmp"));
+    write_atomic(
+        state_dir,
+        ADDED_FILE,
+        &serde_json::to_vec_pretty(added).map_err(std::io::Error::other)?,
+    )
+}
+
+/// Replaces `dir/name` with `bytes` so that a crash leaves the old or the new file, never half
+/// of one: temp file, fsync, rename, fsync of the directory.
+pub fn write_atomic(dir: &Path, name: &str, bytes: &[u8]) -> std::io::Result<()> {
+    let tmp = dir.join(format!(".{name}.tmp"));
     {
         let mut f = File::create(&tmp)?;
-        f.write_all(&serde_json::to_vec_pretty(added).map_err(std::io::Error::other)?)?;
+        f.write_all(bytes)?;
         f.sync_all()?;
     }
-    std::fs::rename(&tmp, &file)?;
-    File::open(state_dir)?.sync_all()
+    std::fs::rename(&tmp, dir.join(name))?;
+    File::open(dir)?.sync_all()
 }
 
 #[cfg(test)]

@@ -36,12 +36,12 @@ pub struct Spawned {
 }
 
 /// The cgroup settings of an instance: max = the reservation, high = 95% of it (throttle and
-/// early warning before a kill), low = the file-size estimate, swap as configured.
+/// early warning before a kill), low = the estimate less its reclaimable page cache, swap as configured.
 pub fn limits(inst: &Instance) -> Limits {
     Limits {
         max: inst.required,
         high: inst.required / 100 * 95,
-        low: inst.estimate.min(inst.required),
+        low: inst.protected.min(inst.required),
         swap_max: inst.spec.swap_max.bytes(),
     }
 }

@@ -1,0 +1,111 @@
+//! `supervisor estimate MODEL`: the GGUF-aware estimate, term by term, beside the file rule.
+
+use belljar_budget::Size;
+use belljar_budget::estimate::{Breakdown, EstimateRule, ModelFacts, gguf};
+use belljar_host::model_file::model_facts;
+use belljar_host::probe_model_file;
+use serde::Serialize;
+
+use crate::cli::{EstimateArgs, GlobalArgs};
+use crate::error::{CliError, Exit};
+
+#[derive(Serialize)]
+struct Output<'a> {
+    model: String,
+    facts: ModelFacts,
+    #[serde(flatten)]
+    breakdown: &'a Breakdown,
+    /// `max(file x estimate_factor, min_required)` with the config's (or built-in) values.
+    file_rule: u64,
+}
+
+pub fn run(global: &GlobalArgs, args: &EstimateArgs) -> Result<Exit, CliError> {
+    probe_model_file(&args.model).map_err(|e| CliError::Usage(e.to_string()))?;
+    let (facts, _) = model_facts(&args.model).map_err(|e| {
+        CliError::Usage(format!(
+            "cannot estimate {}: {e}; the file rule still applies (estimate = \"file\")",
+            args.model.display()
+        ))
+    })?;
+    // The file rule's knobs from the config when there is one, else the defaults.
+    let rule = match std::fs::metadata(&global.config) {
+        Ok(_) => {
+            super::validate::load_config(&global.config)?
+                .budget_policy()
+                .rule
+        }
+        Err(_) => EstimateRule {
+            factor: 1.5,
+            min_required: Size(64 << 20),
+        },
+    };
+    let b = gguf(&facts, args.ctx, !args.no_mmap);
+    let out = Output {
+        model: args.model.display().to_string(),
+        facts,
+        breakdown: &b,
+        file_rule: rule.estimate(facts.file_size),
+    };
+    if args.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&out).map_err(|e| CliError::Refused(e.to_string()))?
+        );
+        return Ok(Exit::Ok);
+    }
+    let s = |v: u64| Size(v).to_string();
+    println!(
+        "{}: {} layers, width {}, {} heads ({} KV), ctx {}, {}",
+        out.model,
+        facts.block_count,
+        facts.embedding,
+        facts.heads,
+        facts.kv_heads,
+        args.ctx,
+        if b.mmap { "mmap" } else { "no mmap" }
+    );
+    let rows = [
+        (
+            "weights",
+            b.weights,
+            if b.mmap {
+                "file pages (mapped)"
+            } else {
+                "anonymous copy of the tensors"
+            },
+        ),
+        (
+            "page cache",
+            b.page_cache,
+            "reading the file without mmap (reclaimable)",
+        ),
+        (
+            "kv cache",
+            b.kv,
+            "2 x layers x ctx x kv_heads x head_dim x 2 bytes (f16)",
+        ),
+        (
+            "compute",
+            b.compute,
+            "a 512-token micro-batch's K/V and activations, per-cell scratch",
+        ),
+        ("baseline", b.baseline, "the worker process itself"),
+        ("margin", b.margin, "3%"),
+    ];
+    for (name, v, what) in rows {
+        println!("  {name:<11} {:>11}  {what}", s(v));
+    }
+    println!(
+        "  {:<11} {:>11}  (memory.low protects {})",
+        "total",
+        s(b.total),
+        s(b.total - b.reclaimable)
+    );
+    println!(
+        "  {:<11} {:>11}  (file size x {})",
+        "file rule",
+        s(out.file_rule),
+        rule.factor
+    );
+    Ok(Exit::Ok)
+}

@@ -1,0 +1,58 @@
+//! Planning one instance's estimate: the file-size rule, the GGUF-aware estimate from its
+//! header at its ctx and mmap, and the learned correction from earlier runs. Shared by
+//! `validate`, `run` and `add` so that all three admit with the same numbers.
+
+use belljar_budget::PlannedInstance;
+use belljar_budget::estimate::{Breakdown, gguf, learned};
+use belljar_config::InstanceSpec;
+use belljar_host::model_file::model_facts;
+
+use crate::learn::{self, ModelIdentity, Observation};
+
+/// Everything about an instance's estimate besides the policy's choice.
+#[derive(Debug, Clone)]
+pub struct Estimated {
+    pub planned: PlannedInstance,
+    pub breakdown: Option<Breakdown>,
+    pub identity: Option<ModelIdentity>,
+    /// Why there is no GGUF estimate (the header could not be read).
+    pub gguf_error: Option<String>,
+}
+
+/// Reads the model's header (never its tensors) and the observations for this model+ctx+mmap.
+pub fn estimate(spec: &InstanceSpec, file_size: u64, observations: &[Observation]) -> Estimated {
+    let (breakdown, identity, gguf_error) = match model_facts(&spec.model) {
+        Ok((facts, crc)) => (
+            Some(gguf(&facts, spec.ctx, spec.use_mmap)),
+            learn::identity(&spec.model, crc),
+            None,
+        ),
+        Err(e) => (None, None, Some(e)),
+    };
+    let learned = identity
+        .as_ref()
+        .and_then(|id| learned(&learn::peaks(observations, id, spec.ctx, spec.use_mmap)));
+    Estimated {
+        planned: PlannedInstance {
+            name: spec.name.to_string(),
+            model: spec.model.display().to_string(),
+            file_size,
+            ram_limit: spec.ram_limit,
+            priority: spec.priority,
+            gguf: breakdown.map(|b| b.total),
+            learned,
+        },
+        breakdown,
+        identity,
+        gguf_error,
+    }
+}
+
+/// What the cgroup's `memory.low` protects: the estimate less what may be reclaimed without
+/// hurting the worker (the page-cache copy of a model read without mmap).
+pub fn protected(estimate: u64, source: &str, breakdown: Option<&Breakdown>) -> u64 {
+    match (source, breakdown) {
+        ("gguf" | "learned", Some(b)) => estimate.saturating_sub(b.reclaimable),
+        _ => estimate,
+    }
+}
