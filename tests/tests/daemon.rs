@@ -74,11 +74,24 @@ fn matrix_mode_runs_each_worker_in_its_own_cgroup_and_stops_cleanly() {
     let mut d = Daemon::start(&t, &matrix_config(&t), "matrix", &[]);
     let status = d.wait_status("all instances ready", |s| all_in(s, "ready"));
     let v1 = d.cgroups.version() == belljar_host::cgroup::Version::V1;
-    let expected = [
-        ("subject", 96 * MIB),
-        ("observer", 128 * MIB),
-        ("god", 32 * MIB),
-    ];
+    // god has no ram_limit: it reserves the GGUF-aware estimate (the default), the same number
+    // `supervisor estimate` prints for its model at its ctx.
+    let est = belljar_testkit::run(
+        "supervisor",
+        &[
+            "estimate",
+            t.join("models/a.gguf").to_str().unwrap(),
+            "--ctx",
+            "256",
+            "--json",
+        ],
+    );
+    assert_eq!(est.code, Some(0), "{}", est.stderr);
+    let god: u64 = serde_json::from_str::<serde_json::Value>(&est.stdout).unwrap()["total"]
+        .as_u64()
+        .unwrap();
+    assert!(god > 8 * MIB && god < 32 * MIB, "a tiny model: {god}");
+    let expected = [("subject", 96 * MIB), ("observer", 128 * MIB), ("god", god)];
     let mut pids = Vec::new();
     for (name, required) in expected {
         let i = instance(&status, name);
@@ -119,10 +132,10 @@ fn matrix_mode_runs_each_worker_in_its_own_cgroup_and_stops_cleanly() {
         assert_eq!(i["memory"]["reservation"], low);
         assert!(i["memory"]["current"].as_u64().unwrap() > 0);
         assert_eq!(i["last_exit"], serde_json::Value::Null);
-        assert_eq!(i["estimate_source"], "file");
+        assert_eq!(i["estimate_source"], "gguf");
         assert_eq!(i["load_progress"], 1.0);
     }
-    assert_eq!(status["budget"]["allocated"], (96 + 128 + 32) * MIB);
+    assert_eq!(status["budget"]["allocated"], (96 + 128) * MIB + god);
     // The kernel's OOM killer takes the lowest priority first and never the supervisor.
     let adj = |pid: u32| {
         read(Path::new(&format!("/proc/{pid}")), "oom_score_adj")

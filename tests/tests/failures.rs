@@ -183,6 +183,7 @@ fn oom_config(t: &TestDir, budget: &str, burst: u32) -> String {
     format!(
         r#"
 [budget]
+estimate = "file"
 estimate_factor = 1.0
 min_required = "8MiB"
 headroom = "64MiB"

@@ -35,6 +35,7 @@ fn config(t: &TestDir) -> String {
     );
     r#"
 [budget]
+estimate = "file"
 estimate_factor = 1.0
 min_required = "8MiB"
 

@@ -268,6 +268,7 @@ fn serial_an_mmapped_model_under_a_too_small_limit_is_flagged_thrashing() {
     let config = format!(
         r#"
 [budget]
+estimate = "file"
 estimate_factor = 0.3
 min_required = "8MiB"
 headroom = "64MiB"

@@ -1,0 +1,164 @@
+//! The GGUF-aware estimate for real: a model whose KV cache at a large ctx dwarfs its file.
+//! Under the file rule (x1.5) it is OOM-killed and the adaptive limit grows until it fits; under
+//! "gguf" and "max" it is admitted with a sufficient limit and never OOM-killed; a second
+//! admission uses what the first run measured. Root, real cgroups, the real worker.
+
+#![allow(clippy::unwrap_used)] // tests unwrap: a panic is the failure report
+
+use belljar_testkit::daemon::{Daemon, instance};
+use belljar_testkit::{ModelShape, TestDir, kernel_oom_kills, run};
+
+const MIB: u64 = 1 << 20;
+
+/// 4 layers of width 256: a ~16 MiB file with a 64 MiB KV cache at ctx 16384.
+fn config(t: &TestDir, estimate: &str) -> String {
+    t.model(
+        "models/kv.gguf",
+        &ModelShape {
+            layers: 4,
+            width: 256,
+            ff: 768,
+            heads: 4,
+            kv_heads: 4,
+            vocab: 1024,
+            context_length: 16384,
+            f16: false,
+            seed: 11,
+        },
+    );
+    format!(
+        r#"
+[budget]
+estimate = "{estimate}"
+min_required = "8MiB"
+headroom = "64MiB"
+
+[defaults]
+model = "models/kv.gguf"
+ctx = 16384
+backoff_initial = "0s"
+start_limit_burst = 15
+stop_timeout = "5s"
+
+[instances.long]
+
+[modes.single]
+instances = ["long"]
+"#
+    )
+}
+
+fn ask(d: &Daemon) {
+    let out = d.cli(&["ask", "long", "tell me a long story", "--max-tokens", "16"]);
+    assert_eq!(out.code, Some(0), "{}{}", out.stdout, out.stderr);
+}
+
+#[test]
+fn serial_a_large_ctx_fits_under_gguf_and_max_without_an_oom_kill() {
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "this test creates real cgroups: run it as root"
+    );
+    for rule in ["gguf", "max"] {
+        let t = TestDir::new();
+        let before = kernel_oom_kills();
+        let mut d = Daemon::start(&t, &config(&t, rule), "single", &[]);
+        let s = d.wait_status("ready", |s| instance(s, "long")["state"] == "ready");
+        let i = instance(&s, "long");
+        assert_eq!(i["estimate_source"], "gguf", "{rule}: {i}");
+        let limit = i["memory"]["limit"].as_u64().unwrap();
+        assert!(
+            limit > 64 * MIB,
+            "{rule}: the KV cache alone is 64 MiB: {i}"
+        );
+        ask(&d);
+        let s = d.status().unwrap();
+        let i = instance(&s, "long");
+        assert_eq!(i["oom_kills"], 0, "{rule}: {i}");
+        assert_eq!(i["restarts"], 0, "{rule}: {i}");
+        let peak = i["memory"]["peak"].as_u64().unwrap();
+        assert!(peak < limit, "{rule}: peak {peak} under the limit {limit}");
+        assert_eq!(kernel_oom_kills(), before, "{rule}: no OOM kill anywhere");
+        assert!(d.terminate().success());
+
+        let v = run(
+            "supervisor",
+            &[
+                "validate",
+                "--mode",
+                "single",
+                "--config",
+                d.config.to_str().unwrap(),
+                "--state-dir",
+                d.state.to_str().unwrap(),
+            ],
+        );
+        assert_eq!(v.code, Some(0), "{}{}", v.stdout, v.stderr);
+        assert!(
+            v.stdout.contains("file rule") && v.stdout.contains("(gguf)"),
+            "both rules side by side: {}",
+            v.stdout
+        );
+    }
+}
+
+#[test]
+fn serial_under_the_file_rule_it_oom_kills_until_the_adaptive_limit_fits_then_learns() {
+    let t = TestDir::new();
+    let before = kernel_oom_kills();
+    // Written once: rewriting the model would change its identity (mtime) and start afresh.
+    let cfg = config(&t, "file");
+    let mut d = Daemon::start(&t, &cfg, "single", &[]);
+    let s = d.wait_status("ready after OOM kills", |s| {
+        instance(s, "long")["state"] == "ready"
+    });
+    let i = instance(&s, "long");
+    assert_eq!(i["estimate_source"], "file");
+    let ooms = i["oom_kills"].as_u64().unwrap();
+    assert!(
+        ooms >= 1,
+        "x1.5 of a 16 MiB file cannot hold a 64 MiB KV cache: {i}"
+    );
+    assert_eq!(kernel_oom_kills() - before, ooms);
+    assert!(i["memory"]["limit"].as_u64().unwrap() > 64 * MIB, "{i}");
+    ask(&d);
+    let peak = instance(&d.status().unwrap(), "long")["memory"]["peak"]
+        .as_u64()
+        .unwrap();
+    assert!(d.terminate().success());
+
+    // The run's peak was recorded: the next admission uses p95 x 1.1 of it, says "learned", and
+    // starts without a single OOM kill.
+    let before = kernel_oom_kills();
+    let mut d = Daemon::start(&t, &cfg, "single", &[]);
+    let s = d.wait_status("ready again", |s| instance(s, "long")["state"] == "ready");
+    let i = instance(&s, "long");
+    assert_eq!(i["estimate_source"], "learned", "{i}");
+    assert_eq!(i["oom_kills"], 0, "{i}");
+    let learned = i["allocated"].as_u64().unwrap();
+    assert!(
+        learned >= peak + peak / 10 && learned < peak + peak / 10 + MIB,
+        "{learned} is the observed peak {peak} x 1.1"
+    );
+    ask(&d);
+    assert_eq!(kernel_oom_kills(), before);
+    assert!(d.terminate().success());
+    let v = run(
+        "supervisor",
+        &[
+            "validate",
+            "--mode",
+            "single",
+            "--config",
+            d.config.to_str().unwrap(),
+            "--state-dir",
+            d.state.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(v.code, Some(0), "{}{}", v.stdout, v.stderr);
+    assert!(
+        v.stdout.contains("(learned)"),
+        "validate says so: {}",
+        v.stdout
+    );
+}
