@@ -14,7 +14,7 @@ use crate::exit;
 /// Write a deterministic llama-architecture GGUF with random weights (no download needed).
 #[derive(Debug, Args)]
 #[command(after_help = "Examples:\n  worker make-model models/demo.gguf\n  \
-worker make-model /tmp/big.gguf --layers 12 --width 1024 --ff 2816 --vocab 32000   # ~270 MB\n  \
+worker make-model /tmp/big.gguf --layers 6 --width 896 --ff 2432 --heads 14 --vocab 8192   # ~290 MB\n  \
 worker make-model /tmp/gqa.gguf --heads 8 --kv-heads 2 --f16 --seed 3")]
 pub struct MakeModelArgs {
     /// Where to write the model.

@@ -177,6 +177,24 @@ mod tests {
         );
         // f16 K and V, 2 KV heads of 32 at ctx 100.
         assert_eq!(got.kv_per_layer(100), 2 * 100 * 2 * 32 * 2);
+        let (facts, crc) = model_facts(&path).unwrap();
+        let size = std::fs::metadata(&path).unwrap().len();
+        assert_eq!(facts.file_size, size);
+        assert!(
+            facts.tensor_bytes < size && facts.tensor_bytes > size * 9 / 10,
+            "{facts:?}"
+        );
+        assert_eq!(
+            (facts.key_length, facts.value_length),
+            (32, 32),
+            "embedding / heads"
+        );
+        assert_eq!((facts.heads, facts.kv_heads), (8, 2));
+        assert_eq!(
+            model_facts(&path).unwrap().1,
+            crc,
+            "the header checksum is stable"
+        );
         std::fs::write(&path, b"GGUF\x03\0\0\0").unwrap();
         assert!(layer_shape(&path).is_err(), "truncated header");
     }
