@@ -162,3 +162,67 @@ fn serial_under_the_file_rule_it_oom_kills_until_the_adaptive_limit_fits_then_le
         v.stdout
     );
 }
+
+#[test]
+fn estimate_prints_every_term_and_refuses_bad_files_clearly() {
+    let t = TestDir::new();
+    let _ = config(&t, "gguf");
+    let model = t.join("models/kv.gguf");
+    let out = run(
+        "supervisor",
+        &["estimate", model.to_str().unwrap(), "--ctx", "16384"],
+    );
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    for term in [
+        "weights",
+        "page cache",
+        "kv cache",
+        "compute",
+        "baseline",
+        "margin",
+        "total",
+        "file rule",
+    ] {
+        assert!(out.stdout.contains(term), "{term}: {}", out.stdout);
+    }
+    let json = |args: &[&str]| -> serde_json::Value {
+        let mut a = vec!["estimate", model.to_str().unwrap(), "--json"];
+        a.extend_from_slice(args);
+        let o = run("supervisor", &a);
+        assert_eq!(o.code, Some(0), "{}", o.stderr);
+        serde_json::from_str(&o.stdout).unwrap()
+    };
+    let short = json(&["--ctx", "512"]);
+    let long = json(&["--ctx", "16384"]);
+    let no_mmap = json(&["--ctx", "16384", "--no-mmap"]);
+    assert_eq!(long["kv"].as_u64().unwrap(), 64 * MIB);
+    assert!(long["total"].as_u64() > short["total"].as_u64());
+    assert_eq!(
+        no_mmap["page_cache"].as_u64().unwrap(),
+        std::fs::metadata(&model).unwrap().len()
+    );
+
+    // Truncated, not GGUF, missing, a zero ctx: exit 2 with the problem and the fix.
+    let bytes = std::fs::read(&model).unwrap();
+    let cut = t.join("cut.gguf");
+    std::fs::write(&cut, &bytes[..bytes.len() / 2]).unwrap();
+    let o = run("supervisor", &["estimate", cut.to_str().unwrap()]);
+    assert_eq!(o.code, Some(2));
+    assert!(
+        o.stderr.contains("truncated") && o.stderr.contains("download it again"),
+        "{}",
+        o.stderr
+    );
+    let text = t.write("notes.gguf", "hello");
+    let o = run("supervisor", &["estimate", text.to_str().unwrap()]);
+    assert_eq!(o.code, Some(2));
+    assert!(o.stderr.contains("not a GGUF file"), "{}", o.stderr);
+    let o = run("supervisor", &["estimate", "/nonexistent.gguf"]);
+    assert_eq!(o.code, Some(2));
+    assert!(o.stderr.contains("does not exist"), "{}", o.stderr);
+    let o = run(
+        "supervisor",
+        &["estimate", model.to_str().unwrap(), "--ctx", "0"],
+    );
+    assert_eq!(o.code, Some(2), "{}", o.stderr);
+}

@@ -124,7 +124,32 @@ fn bad_headers_are_errors() {
     ));
 }
 
+#[test]
+fn a_length_past_the_end_is_truncated_not_allocated() {
+    // One metadata pair whose key claims 1 GiB (under no limit but the file's end).
+    let mut h = b"GGUF\x03\0\0\0".to_vec();
+    h.extend(0u64.to_le_bytes()); // tensors
+    h.extend(1u64.to_le_bytes()); // metadata pairs
+    h.extend((1u64 << 30).to_le_bytes()); // key length
+    h.extend(b"abc");
+    assert!(read_header(&h[..]).is_err());
+}
+
 proptest! {
+    /// A real header with a few bytes changed: every outcome is a value or an error.
+    #[test]
+    fn mutated_headers_never_panic(
+        flips in proptest::collection::vec((any::<usize>(), any::<u8>()), 1..8),
+    ) {
+        let mut data = bytes(&small());
+        data.truncate(4096);
+        for (at, b) in flips {
+            let i = at % data.len();
+            data[i] = b;
+        }
+        let _ = read_header(&data[..]);
+    }
+
     #[test]
     fn reader_never_panics(data in proptest::collection::vec(any::<u8>(), 0..512)) {
         let mut with_magic = b"GGUF\x03\0\0\0".to_vec();

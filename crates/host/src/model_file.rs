@@ -77,6 +77,14 @@ pub fn model_facts(path: &Path) -> Result<(belljar_budget::estimate::ModelFacts,
     let file = File::open(path).map_err(|e| format!("cannot open {}: {e}", path.display()))?;
     let header = belljar_gguf::reader::read_header(std::io::BufReader::new(file))
         .map_err(|e| format!("{}: {e}", path.display()))?;
+    if let Some(expected) = header.expected_file_size()
+        && expected > file_size
+    {
+        return Err(format!(
+            "{} is truncated: its header describes {expected} bytes but the file has {file_size}; download it again",
+            path.display()
+        ));
+    }
     let mut tensor_bytes: u64 = 0;
     for t in &header.tensors {
         let b = t.bytes().ok_or_else(|| {
