@@ -176,6 +176,9 @@ pub struct EstimateArgs {
     /// The model is read into memory (`use_mmap = false`).
     #[arg(long)]
     pub no_mmap: bool,
+    /// Also estimate the VRAM that many offloaded layers reserve.
+    #[arg(long, default_value_t = 0)]
+    pub gpu_layers: u32,
     /// Print JSON (every term in bytes, and `total`).
     #[arg(long)]
     pub json: bool,

@@ -2,6 +2,8 @@
 
 use belljar_budget::Size;
 use belljar_budget::estimate::{Breakdown, EstimateRule, ModelFacts, gguf};
+use belljar_budget::gpu::{LayerShape, VramEstimate, vram_estimate};
+use belljar_budget::gpu::{LayerShape, VramEstimate, vram_estimate};
 use belljar_host::model_file::model_facts;
 use belljar_host::probe_model_file;
 use serde::Serialize;
@@ -17,6 +19,8 @@ struct Output<'a> {
     breakdown: &'a Breakdown,
     /// `max(file x estimate_factor, min_required)` with the config's (or built-in) values.
     file_rule: u64,
+    /// With `--gpu-layers`: the VRAM those layers reserve.
+    vram: Option<VramEstimate>,
 }
 
 pub fn run(global: &GlobalArgs, args: &EstimateArgs) -> Result<Exit, CliError> {
@@ -40,11 +44,25 @@ pub fn run(global: &GlobalArgs, args: &EstimateArgs) -> Result<Exit, CliError> {
         },
     };
     let b = gguf(&facts, args.ctx, !args.no_mmap);
+    let shape = LayerShape {
+        block_count: facts.block_count,
+        embedding: facts.embedding,
+        heads: facts.heads,
+        kv_heads: facts.kv_heads,
+    };
     let out = Output {
         model: args.model.display().to_string(),
         facts,
         breakdown: &b,
         file_rule: rule.estimate(facts.file_size),
+        vram: (args.gpu_layers > 0).then(|| {
+            vram_estimate(
+                facts.file_size,
+                facts.block_count,
+                args.gpu_layers,
+                shape.kv_per_layer(args.ctx),
+            )
+        }),
     };
     if args.json {
         println!(
@@ -107,5 +125,15 @@ pub fn run(global: &GlobalArgs, args: &EstimateArgs) -> Result<Exit, CliError> {
         s(out.file_rule),
         rule.factor
     );
+    if let Some(v) = out.vram {
+        println!(
+            "  {:<11} {:>11}  ({} layers offloaded: {} of weights, {} of KV cache)",
+            "vram",
+            s(v.total),
+            v.offloaded_layers,
+            s(v.weights),
+            s(v.kv)
+        );
+    }
     Ok(Exit::Ok)
 }

@@ -35,12 +35,16 @@ pub struct Spawned {
     pub stderr: Option<OwnedFd>,
 }
 
-/// The cgroup settings of an instance: max = the reservation, high = 95% of it (throttle and
-/// early warning before a kill), low = the estimate less its reclaimable page cache, swap as configured.
+/// The cgroup settings of an instance: max = the reservation; high = 95% of it (throttle and
+/// early warning before a kill) but never below the estimate, since throttling below what the
+/// model is known to need only makes it re-read its weights; low = the estimate less its
+/// reclaimable page cache; swap as configured.
 pub fn limits(inst: &Instance) -> Limits {
     Limits {
         max: inst.required,
-        high: inst.required / 100 * 95,
+        high: (inst.required / 100 * 95)
+            .max(inst.estimate)
+            .min(inst.required),
         low: inst.protected.min(inst.required),
         swap_max: inst.spec.swap_max.bytes(),
     }
