@@ -199,7 +199,11 @@ fn estimate_prints_every_term_and_refuses_bad_files_clearly() {
     assert!(long["vram"].is_null());
     let half = json(&["--ctx", "16384", "--gpu-layers", "2"]);
     assert_eq!(half["vram"]["offloaded_layers"], 2);
-    assert_eq!(half["vram"]["kv"].as_u64().unwrap(), 32 * MIB, "the KV of 2 of 4 layers");
+    assert_eq!(
+        half["vram"]["kv"].as_u64().unwrap(),
+        32 * MIB,
+        "the KV of 2 of 4 layers"
+    );
     assert!(long["total"].as_u64() > short["total"].as_u64());
     assert_eq!(
         no_mmap["page_cache"].as_u64().unwrap(),

@@ -3,7 +3,6 @@
 use belljar_budget::Size;
 use belljar_budget::estimate::{Breakdown, EstimateRule, ModelFacts, gguf};
 use belljar_budget::gpu::{LayerShape, VramEstimate, vram_estimate};
-use belljar_budget::gpu::{LayerShape, VramEstimate, vram_estimate};
 use belljar_host::model_file::model_facts;
 use belljar_host::probe_model_file;
 use serde::Serialize;
