@@ -6,7 +6,7 @@
 #![allow(clippy::unwrap_used)] // tests unwrap: a panic is the failure report
 
 use belljar_testkit::daemon::{Daemon, instance};
-use belljar_testkit::{ModelShape, TestDir, kernel_oom_kills, run};
+use belljar_testkit::{TestDir, kernel_oom_kills, run};
 
 const MIB: u64 = 1 << 20;
 
@@ -14,17 +14,7 @@ const MIB: u64 = 1 << 20;
 fn config(t: &TestDir, estimate: &str) -> String {
     t.model(
         "models/kv.gguf",
-        &ModelShape {
-            layers: 4,
-            width: 256,
-            ff: 768,
-            heads: 4,
-            kv_heads: 4,
-            vocab: 1024,
-            context_length: 16384,
-            f16: false,
-            seed: 11,
-        },
+        &belljar_testkit::kv_heavy_shape(16384, 11),
     );
     format!(
         r#"
@@ -45,6 +35,22 @@ stop_timeout = "5s"
 [modes.single]
 instances = ["long"]
 "#
+    )
+}
+
+/// `supervisor validate` on the daemon's config and state directory (its learned peaks).
+fn validate(d: &Daemon) -> belljar_testkit::Run {
+    run(
+        "supervisor",
+        &[
+            "validate",
+            "--mode",
+            "single",
+            "--config",
+            d.config.to_str().unwrap(),
+            "--state-dir",
+            d.state.to_str().unwrap(),
+        ],
     )
 }
 
@@ -81,18 +87,7 @@ fn serial_a_large_ctx_fits_under_gguf_and_max_without_an_oom_kill() {
         assert_eq!(kernel_oom_kills(), before, "{rule}: no OOM kill anywhere");
         assert!(d.terminate().success());
 
-        let v = run(
-            "supervisor",
-            &[
-                "validate",
-                "--mode",
-                "single",
-                "--config",
-                d.config.to_str().unwrap(),
-                "--state-dir",
-                d.state.to_str().unwrap(),
-            ],
-        );
+        let v = validate(&d);
         assert_eq!(v.code, Some(0), "{}{}", v.stdout, v.stderr);
         assert!(
             v.stdout.contains("file rule") && v.stdout.contains("(gguf)"),
@@ -143,18 +138,7 @@ fn serial_under_the_file_rule_it_oom_kills_until_the_adaptive_limit_fits_then_le
     ask(&d);
     assert_eq!(kernel_oom_kills(), before);
     assert!(d.terminate().success());
-    let v = run(
-        "supervisor",
-        &[
-            "validate",
-            "--mode",
-            "single",
-            "--config",
-            d.config.to_str().unwrap(),
-            "--state-dir",
-            d.state.to_str().unwrap(),
-        ],
-    );
+    let v = validate(&d);
     assert_eq!(v.code, Some(0), "{}{}", v.stdout, v.stderr);
     assert!(
         v.stdout.contains("(learned)"),

@@ -9,7 +9,7 @@ use std::time::Duration;
 use belljar_testkit::daemon::{
     Daemon, all_in, assert_ledger_matches_cgroups, instance, zombies_of,
 };
-use belljar_testkit::{ModelShape, TestDir, tiny_shape, wait_for};
+use belljar_testkit::{TestDir, tiny_shape, wait_for};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
@@ -168,17 +168,7 @@ fn backoff_delays_follow_the_policy() {
 /// A model whose KV cache at this ctx is about the size of its file, without mmap, under a limit
 /// of file x 1.0: OOM-killed on load.
 fn oom_config(t: &TestDir, budget: &str, burst: u32) -> String {
-    let shape = ModelShape {
-        layers: 4,
-        width: 256,
-        ff: 768,
-        heads: 4,
-        kv_heads: 4,
-        vocab: 1024,
-        context_length: 4096,
-        f16: false,
-        seed: 5,
-    };
+    let shape = belljar_testkit::kv_heavy_shape(4096, 5);
     t.model("models/kv.gguf", &shape);
     format!(
         r#"

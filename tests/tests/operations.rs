@@ -9,7 +9,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use belljar_testkit::daemon::{Daemon, all_in, instance, unique_parent};
-use belljar_testkit::{ModelShape, TestDir, tiny_shape};
+use belljar_testkit::{TestDir, tiny_shape};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use serde_json::Value;
@@ -19,20 +19,7 @@ use serde_json::Value;
 /// trips (no budget room to grow: `per_instance_max`).
 fn config(t: &TestDir) -> String {
     t.model("models/a.gguf", &tiny_shape());
-    t.model(
-        "models/kv.gguf",
-        &ModelShape {
-            layers: 4,
-            width: 256,
-            ff: 768,
-            heads: 4,
-            kv_heads: 4,
-            vocab: 1024,
-            context_length: 4096,
-            f16: false,
-            seed: 5,
-        },
-    );
+    t.model("models/kv.gguf", &belljar_testkit::kv_heavy_shape(4096, 5));
     r#"
 [budget]
 estimate = "file"

@@ -433,7 +433,7 @@ impl fmt::Display for ValidationReport {
         for m in &self.models {
             writeln!(
                 f,
-                "  {}  file {}, estimate {}",
+                "  {}  file {}, file rule {}",
                 m.path,
                 s(m.file_size),
                 s(m.estimate)

@@ -100,6 +100,22 @@ pub fn tiny_shape() -> ModelShape {
     }
 }
 
+/// A ~16 MiB model whose KV cache outgrows its file at long contexts (4 layers of width 256:
+/// 4 MiB of f16 KV per 1024 cells), for OOM and estimate tests.
+pub fn kv_heavy_shape(context_length: u32, seed: u64) -> ModelShape {
+    ModelShape {
+        layers: 4,
+        width: 256,
+        ff: 768,
+        heads: 4,
+        kv_heads: 4,
+        vocab: 1024,
+        context_length,
+        f16: false,
+        seed,
+    }
+}
+
 /// What a finished process said.
 #[derive(Debug)]
 pub struct Run {

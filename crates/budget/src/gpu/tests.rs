@@ -1,8 +1,9 @@
 //! The GPU policy on readings in NVML's shape. No device was lent to the session that wrote
-//! these, so they are not recordings: they are built from an H100 80GB HBM3's reported total
-//! (81559 MiB) and per-process figures of the size a PyTorch allocation and llama.cpp's CUDA
-//! context show in nvidia-smi. Replace them with recordings from `supervisor status --json`
-//! (`gpus`) on real hardware when one is at hand.
+//! these, so they are not recordings from one: they use an H100 80GB HBM3's total as NVML
+//! reports it (81559 MiB, as published e.g. on modal.com's "Why does an NVIDIA H100 80GB card
+//! offer 85.52 GB?") and per-process figures of the size a PyTorch allocation and llama.cpp's
+//! CUDA context take. Replace them with recordings from `supervisor status --json` (`gpus`) on
+//! real hardware when one is at hand.
 
 use super::*;
 use crate::pressure::Threshold;
