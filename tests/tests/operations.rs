@@ -235,7 +235,7 @@ fn worker_output_is_rate_limited_per_instance_and_drops_are_counted() {
     let t = TestDir::new();
     let cfg = config(&t).replace(
         "[defaults]",
-        "[logging]\nworker_output_burst = 5\nworker_output_interval = \"1s\"\n\n[defaults]",
+        "[logging]\nworker_output_burst = 5\nworker_output_interval = \"10s\"\n\n[defaults]",
     );
     let mut d = Daemon::start(&t, &cfg, "pair", &[("BELLJAR_WORKER_LOG", "info")]);
     let s = d.wait_status("both ready", |s| all_in(s, "ready"));
@@ -268,8 +268,9 @@ fn worker_output_is_rate_limited_per_instance_and_drops_are_counted() {
         5,
         "each instance has its own limit:\n{log}"
     );
-    // A second run after the interval: its first line is preceded by the count of drops.
-    std::thread::sleep(Duration::from_millis(1200));
+    // A second run once a token has come back (5 per 10 s: one every 2 s): its first line is
+    // preceded by the count of drops.
+    std::thread::sleep(Duration::from_millis(2200));
     let pid = instance(&s, "subject")["pid"].as_u64().unwrap();
     kill(Pid::from_raw(pid as i32), Signal::SIGKILL).unwrap();
     d.wait_status("subject restarted", |s| {
