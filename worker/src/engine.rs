@@ -160,9 +160,9 @@ impl<'m> Engine<'m> {
         self.turns = turns;
         match self
             .files
-            .load_state(&self.identity, self.turns.len() as u64)
+            .check_state(&self.identity, self.turns.len() as u64)
         {
-            Ok((meta, state)) => match self.apply_state(&meta, &state) {
+            Ok(meta) => match self.apply_state(&meta) {
                 Ok(()) => return Ok(RestoredFrom::State),
                 Err(e) => {
                     tracing::warn!("session state not usable, re-prefilling from the log: {e}")
@@ -179,17 +179,27 @@ impl<'m> Engine<'m> {
         Ok(RestoredFrom::Log)
     }
 
-    fn apply_state(&mut self, meta: &StateMeta, state: &[u8]) -> Result<(), String> {
+    /// Has llama.cpp stream the checked KV file into the context (one layer's slice in memory
+    /// at a time), then drops the file's pages from the cache.
+    fn apply_state(&mut self, meta: &StateMeta) -> Result<(), String> {
         if meta.tokens.len() > self.n_ctx() as usize || meta.first_turn as usize > self.turns.len()
         {
             return Err("state does not fit this context".into());
         }
-        // SAFETY: `state` is a complete buffer; llama.cpp reads at most `state.len()` bytes.
+        let path = self.files.kv_path();
         let ctx = self.ctx()?;
-        let ok = unsafe { ctx.state_seq_set_data_ext(state, SEQ, LlamaStateSeqFlags::empty()) };
-        if !ok {
+        let loaded = ctx.state_seq_load_file(&path, SEQ, meta.tokens.len());
+        crate::session::drop_cache(&path);
+        let tokens = match loaded {
+            Ok((tokens, _)) => tokens,
+            Err(e) => {
+                ctx.clear_kv_cache();
+                return Err(format!("llama.cpp rejected the saved state: {e}"));
+            }
+        };
+        if tokens.iter().map(|t| t.0).ne(meta.tokens.iter().copied()) {
             ctx.clear_kv_cache();
-            return Err("llama.cpp rejected the saved state".into());
+            return Err("the saved state's tokens differ from its metadata".into());
         }
         self.tokens = meta.tokens.iter().map(|t| LlamaToken(*t)).collect();
         self.first_turn = meta.first_turn as usize;
@@ -330,28 +340,23 @@ impl<'m> Engine<'m> {
             .append(&turn)
             .map_err(|e| format!("cannot append to {}: {e}", self.files.log_path().display()))?;
         self.turns.push(turn);
-        let flags = LlamaStateSeqFlags::empty();
-        let ctx = self.ctx()?;
-        let size = ctx.state_seq_get_size_ext(SEQ, flags);
-        let mut state = vec![0u8; size];
-        // SAFETY: `state` has exactly the size llama.cpp just reported for this sequence, and
-        // nothing runs on this context in between (one thread owns it).
-        let written = unsafe { ctx.state_seq_get_data_ext(state.as_mut_ptr(), SEQ, flags) };
-        if written != size {
-            return Err(format!(
-                "llama.cpp wrote {written} state bytes, expected {size}"
-            ));
-        }
+        // llama.cpp streams the state to the file one layer's slice at a time: a long context is
+        // never copied whole into the worker's memory.
+        let tmp = self.files.kv_tmp_path();
+        let tokens = self.tokens.clone();
+        self.ctx()?
+            .state_seq_save_file(&tmp, SEQ, &tokens)
+            .map_err(|e| format!("cannot save the session state to {}: {e}", tmp.display()))?;
         let meta = StateMeta {
             identity: self.identity.clone(),
             turns: self.turns.len() as u64,
             first_turn: self.first_turn as u64,
             tokens: self.tokens.iter().map(|t| t.0).collect(),
-            state_len: size as u64,
-            state_crc32: crc32fast::hash(&state),
+            state_len: 0,
+            state_crc32: 0,
         };
         self.files
-            .save_state(&meta, &state)
+            .commit_state(meta)
             .map_err(|e| format!("cannot save {}: {e}", self.files.state_path().display()))
     }
 }

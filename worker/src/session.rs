@@ -4,9 +4,12 @@
 //! - `session.log`: one JSON line per turn (prompt, reply and the exact tokens that entered the
 //!   context), appended and fsync'd before `Done` is sent. A torn last line (a crash mid-append)
 //!   is cut off at the next start.
-//! - `session.state`: the context's KV state for sequence 0, written atomically (temp file, fsync,
-//!   rename, fsync of the directory) with a CRC-32 and the identity of what it belongs to (model
-//!   path, size, mtime, a CRC-32 of the model's first MiB, ctx) and the turn count it covers.
+//! - `session.kv`: the context's KV state for sequence 0, streamed to disk by llama.cpp
+//!   (`llama_state_seq_save_file`: one layer's slice in memory at a time, never the whole context).
+//! - `session.state`: its metadata: length and CRC-32 of `session.kv`, the identity of what it
+//!   belongs to (model path, size, mtime, a CRC-32 of the model's first MiB, ctx), the turn count
+//!   it covers and the context's tokens. Both are written atomically (temp file, fsync, rename,
+//!   fsync of the directory), and their pages are dropped from the page cache once on disk.
 //!
 //! At start the state file is used when it is intact, belongs to this model and ctx, and covers
 //! every turn in the log; otherwise the context is re-prefilled from the log.
@@ -15,14 +18,15 @@
 //! new prompt and its `max_tokens`, fit in ctx; older turns stay in the log but leave the context.
 
 use std::fs::{File, OpenOptions};
-use std::io::{BufRead, BufReader, Read, Seek, SeekFrom, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
 const LOG: &str = "session.log";
 const STATE: &str = "session.state";
-const STATE_MAGIC: &[u8; 8] = b"BJSESS01";
+const KV: &str = "session.kv";
+const STATE_MAGIC: &[u8; 8] = b"BJSESS02";
 /// How much of the model file goes into its identity hash.
 const IDENTITY_PREFIX: u64 = 1 << 20;
 /// Largest metadata block accepted in a state file (it holds at most ctx token ids).
@@ -187,28 +191,48 @@ impl SessionFiles {
         f.sync_data()
     }
 
-    /// Writes the state atomically: temp file, fsync, rename, fsync of the directory.
-    pub fn save_state(&self, meta: &StateMeta, state: &[u8]) -> std::io::Result<()> {
-        let meta_json = serde_json::to_vec(meta).map_err(std::io::Error::other)?;
+    /// Where llama.cpp writes the KV state before [`SessionFiles::commit_state`] puts it in place.
+    pub fn kv_tmp_path(&self) -> PathBuf {
+        self.dir.join(format!(".{KV}.tmp"))
+    }
+
+    pub fn kv_path(&self) -> PathBuf {
+        self.dir.join(KV)
+    }
+
+    /// After llama.cpp has streamed the KV state to [`SessionFiles::kv_tmp_path`]: fsyncs it,
+    /// checksums it (dropping its pages from the page cache as it goes, so a long context is never
+    /// held twice in the worker's cgroup), writes the metadata, and renames both into place, then
+    /// fsyncs the directory. A crash between the renames leaves a checksum mismatch: the session
+    /// then comes from the log.
+    pub fn commit_state(&self, mut meta: StateMeta) -> std::io::Result<()> {
+        let tmp_kv = self.kv_tmp_path();
+        File::open(&tmp_kv)?.sync_all()?;
+        let (len, crc) = checksum_dropping_cache(&tmp_kv)?;
+        meta.state_len = len;
+        meta.state_crc32 = crc;
+        let meta_json = serde_json::to_vec(&meta).map_err(std::io::Error::other)?;
         let tmp = self.dir.join(format!(".{STATE}.tmp"));
         {
             let mut f = File::create(&tmp)?;
             f.write_all(STATE_MAGIC)?;
             f.write_all(&(meta_json.len() as u32).to_le_bytes())?;
             f.write_all(&meta_json)?;
-            f.write_all(state)?;
             f.sync_all()?;
         }
+        std::fs::rename(&tmp_kv, self.kv_path())?;
         std::fs::rename(&tmp, self.state_path())?;
         File::open(&self.dir)?.sync_all()
     }
 
-    /// Reads the state if it is intact, belongs to `identity` and covers `log_turns` turns.
-    pub fn load_state(
+    /// The state's metadata if it is intact, belongs to `identity` and covers `log_turns` turns,
+    /// and the KV file it describes has its length and checksum. The caller then has llama.cpp
+    /// read [`SessionFiles::kv_path`].
+    pub fn check_state(
         &self,
         identity: &Identity,
         log_turns: u64,
-    ) -> Result<(StateMeta, Vec<u8>), StateReject> {
+    ) -> Result<StateMeta, StateReject> {
         let mut f = match File::open(self.state_path()) {
             Ok(f) => f,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(StateReject::Missing),
@@ -218,13 +242,13 @@ impl SessionFiles {
         let mut magic = [0u8; 8];
         f.read_exact(&mut magic).map_err(|_| corrupt("too short"))?;
         if &magic != STATE_MAGIC {
-            return Err(corrupt("bad magic"));
+            return Err(corrupt("bad magic (an older format, or not a state file)"));
         }
         let mut len = [0u8; 4];
         f.read_exact(&mut len).map_err(|_| corrupt("too short"))?;
         let len = u32::from_le_bytes(len);
         let file_len = f.metadata()?.len();
-        if len > MAX_META || u64::from(len) + 12 > file_len {
+        if len > MAX_META || u64::from(len) + 12 != file_len {
             return Err(corrupt("metadata length out of range"));
         }
         let mut meta = vec![0u8; len as usize];
@@ -244,18 +268,59 @@ impl SessionFiles {
                 log: log_turns,
             });
         }
-        let offset = 12 + u64::from(len);
-        if file_len - offset != meta.state_len {
+        let kv_len = match std::fs::metadata(self.kv_path()) {
+            Ok(m) => m.len(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(corrupt("the KV file is missing"));
+            }
+            Err(e) => return Err(e.into()),
+        };
+        if kv_len != meta.state_len {
             return Err(corrupt("state length does not match"));
         }
-        f.seek(SeekFrom::Start(offset))?;
-        let mut state = Vec::with_capacity(meta.state_len as usize);
-        f.read_to_end(&mut state)?;
-        if crc32fast::hash(&state) != meta.state_crc32 {
+        if checksum_dropping_cache(&self.kv_path())? != (meta.state_len, meta.state_crc32) {
             return Err(corrupt("checksum mismatch"));
         }
-        Ok((meta, state))
+        Ok(meta)
     }
+}
+
+/// Drops a file's pages from the page cache (clean pages only: call after fsync). The session's
+/// files are read once per start and written once per turn; keeping them cached would charge a
+/// second copy of the context to the worker's cgroup.
+pub fn drop_cache(path: &Path) {
+    if let Ok(f) = File::open(path) {
+        let _ = nix::fcntl::posix_fadvise(
+            &f,
+            0,
+            0,
+            nix::fcntl::PosixFadviseAdvice::POSIX_FADV_DONTNEED,
+        );
+    }
+}
+
+/// Length and CRC-32 of a file, read in 8 MiB pieces whose pages are dropped behind the read.
+fn checksum_dropping_cache(path: &Path) -> std::io::Result<(u64, u32)> {
+    const CHUNK: usize = 8 << 20;
+    let mut f = File::open(path)?;
+    let mut hasher = crc32fast::Hasher::new();
+    let mut buf = vec![0u8; CHUNK];
+    let mut len: u64 = 0;
+    loop {
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+        let _ = nix::fcntl::posix_fadvise(
+            &f,
+            len as i64,
+            n as i64,
+            nix::fcntl::PosixFadviseAdvice::POSIX_FADV_DONTNEED,
+        );
+        len += n as u64;
+    }
+    Ok((len, hasher.finalize()))
 }
 
 fn describe_difference(saved: &Identity, now: &Identity) -> String {
@@ -320,41 +385,66 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let files = SessionFiles::new(dir.path()).unwrap();
         assert!(matches!(
-            files.load_state(&identity(8), 0),
+            files.check_state(&identity(8), 0),
             Err(StateReject::Missing)
         ));
-        let state = vec![7u8; 1000];
+        // What llama.cpp would have streamed to the temp file.
+        let kv = vec![7u8; 100_000];
+        std::fs::write(files.kv_tmp_path(), &kv).unwrap();
         let meta = StateMeta {
             identity: identity(8),
             turns: 2,
             first_turn: 0,
             tokens: vec![1, 2, 3],
-            state_len: 1000,
-            state_crc32: crc32fast::hash(&state),
+            state_len: 0,
+            state_crc32: 0,
         };
-        files.save_state(&meta, &state).unwrap();
-        let (m, s) = files.load_state(&identity(8), 2).unwrap();
-        assert_eq!((m, s), (meta, state));
+        files.commit_state(meta.clone()).unwrap();
+        assert!(!files.kv_tmp_path().exists(), "renamed into place");
+        assert_eq!(std::fs::read(files.kv_path()).unwrap(), kv);
+        let m = files.check_state(&identity(8), 2).unwrap();
+        assert_eq!(
+            m,
+            StateMeta {
+                state_len: kv.len() as u64,
+                state_crc32: crc32fast::hash(&kv),
+                ..meta
+            }
+        );
         assert!(matches!(
-            files.load_state(&identity(9), 2),
+            files.check_state(&identity(9), 2),
             Err(StateReject::OtherModel(_))
         ));
         assert!(matches!(
-            files.load_state(&identity(8), 3),
+            files.check_state(&identity(8), 3),
             Err(StateReject::Stale { .. })
         ));
         // Flip one byte of the KV data.
-        let mut bytes = std::fs::read(files.state_path()).unwrap();
-        let last = bytes.len() - 1;
-        bytes[last] ^= 0xff;
-        std::fs::write(files.state_path(), &bytes).unwrap();
+        let mut bytes = kv.clone();
+        bytes[77_777] ^= 0xff;
+        std::fs::write(files.kv_path(), &bytes).unwrap();
         assert!(matches!(
-            files.load_state(&identity(8), 2),
+            files.check_state(&identity(8), 2),
+            Err(StateReject::Corrupt(m)) if m.contains("checksum")
+        ));
+        std::fs::write(files.kv_path(), &kv[..1000]).unwrap();
+        assert!(matches!(
+            files.check_state(&identity(8), 2),
+            Err(StateReject::Corrupt(m)) if m.contains("length")
+        ));
+        std::fs::remove_file(files.kv_path()).unwrap();
+        assert!(matches!(
+            files.check_state(&identity(8), 2),
+            Err(StateReject::Corrupt(m)) if m.contains("missing")
+        ));
+        std::fs::write(files.state_path(), b"BJSESS01 an older format").unwrap();
+        assert!(matches!(
+            files.check_state(&identity(8), 2),
             Err(StateReject::Corrupt(_))
         ));
         std::fs::write(files.state_path(), b"garbage").unwrap();
         assert!(matches!(
-            files.load_state(&identity(8), 2),
+            files.check_state(&identity(8), 2),
             Err(StateReject::Corrupt(_))
         ));
     }
