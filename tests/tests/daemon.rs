@@ -387,3 +387,39 @@ fn worker_user_runs_the_worker_unprivileged_in_its_cgroup() {
     );
     assert_eq!(d.terminate().code(), Some(0));
 }
+
+/// A Ctrl-C in a terminal signals the whole foreground process group. The workers have their own
+/// session, so only the supervisor gets it and it stops them gracefully (sessions saved), instead
+/// of every worker dying of SIGINT.
+#[test]
+fn ctrl_c_to_the_process_group_stops_the_workers_gracefully() {
+    assert!(
+        is_root(),
+        "daemon tests create real cgroups: run them as root"
+    );
+    let t = TestDir::new();
+    let mut d = Daemon::start(&t, &matrix_config(&t), "matrix", &[]);
+    let status = d.wait_status("all instances ready", |s| all_in(s, "ready"));
+    let sup = d.child.id() as i32;
+    for name in ["subject", "observer", "god"] {
+        let pid = instance(&status, name)["pid"].as_u64().unwrap() as i32;
+        let sid = nix::unistd::getsid(Some(nix::unistd::Pid::from_raw(pid))).unwrap();
+        assert_eq!(sid.as_raw(), pid, "{name} leads its own session");
+    }
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(-sup),
+        nix::sys::signal::Signal::SIGINT,
+    )
+    .unwrap();
+    assert_eq!(d.wait().code(), Some(0), "{}", d.stderr());
+    let log = d.stderr();
+    assert!(
+        !log.contains("signal:2"),
+        "no worker died of the SIGINT: {log}"
+    );
+    assert_eq!(
+        log.matches("exit_reason=\"stopped\"").count(),
+        3,
+        "each worker was stopped by the supervisor: {log}"
+    );
+}

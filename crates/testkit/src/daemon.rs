@@ -98,6 +98,8 @@ impl Daemon {
         .stderr(stderr);
         // Tests read the log from stderr, also on machines where journald is reachable.
         cmd.env("BELLJAR_LOG_FORMAT", "text");
+        // Its own process group, as a shell job is: a test can signal the group like a terminal.
+        std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
         for (k, v) in env {
             cmd.env(k, v);
         }

@@ -119,7 +119,7 @@ pub fn spawn(env: &SpawnEnv<'_>, inst: &Instance) -> Result<Spawned, String> {
     let ids = user.map(|u| (u.uid, u.gid));
     let score = belljar_budget::restart::oom_score_adj(spec.priority).to_string();
     // SAFETY: between fork and exec the closure only makes async-signal-safe system calls
-    // (write, fcntl, setgroups, setgid, setuid) on values prepared before the fork.
+    // (write, setsid, open, fcntl, setgroups, setgid, setuid) on values prepared before the fork.
     unsafe {
         cmd.pre_exec(move || pre_exec(procs_fd, link_fd, score.as_bytes(), ids));
     }
@@ -136,8 +136,8 @@ pub fn spawn(env: &SpawnEnv<'_>, inst: &Instance) -> Result<Spawned, String> {
 }
 
 /// Runs in the child: join the cgroup first (so every instruction of the worker's own is
-/// accounted there), set the OOM score from the priority (lower priority, killed first), keep the
-/// link open across exec, then drop privileges.
+/// accounted there), leave the supervisor's session and terminal, set the OOM score from the
+/// priority (lower priority, killed first), keep the link open across exec, then drop privileges.
 fn pre_exec(
     procs_fd: i32,
     link_fd: i32,
@@ -152,6 +152,9 @@ fn pre_exec(
         )
     };
     nix::unistd::write(procs, b"0")?;
+    // Its own session: a Ctrl-C (or SIGHUP) meant for the supervisor's terminal must not reach
+    // the workers; the supervisor stops them itself, gracefully.
+    nix::unistd::setsid()?;
     let adj = nix::fcntl::open(
         c"/proc/self/oom_score_adj",
         nix::fcntl::OFlag::O_WRONLY | nix::fcntl::OFlag::O_CLOEXEC,
