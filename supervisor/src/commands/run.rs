@@ -197,6 +197,7 @@ pub fn run(global: &GlobalArgs, args: &RunArgs) -> Result<Exit, CliError> {
                 &row.estimate_source,
                 e.breakdown.as_ref(),
             );
+            let vram = super::validate::vram_of(&spec).unwrap_or(0);
             (
                 spec,
                 daemon::Admitted {
@@ -205,6 +206,7 @@ pub fn run(global: &GlobalArgs, args: &RunArgs) -> Result<Exit, CliError> {
                     source: row.estimate_source.clone(),
                     protected,
                     identity: e.identity,
+                    vram,
                 },
             )
         })

@@ -71,10 +71,67 @@ impl Daemon {
             source: source.to_owned(),
             protected: crate::estimating::protected(estimate, source, e.breakdown.as_ref()),
             identity: e.identity,
+            vram: crate::commands::validate::vram_of(&spec).unwrap_or(0),
         };
         let mut inst = Instance::new(spec, admitted);
         inst.added = Some(req.clone());
         Ok(inst)
+    }
+
+    /// VRAM for an instance added with `gpu_layers`: its reservation and those of the instances
+    /// on the same GPU that hold their allocation must fit the GPU's usable VRAM (as layer 1 checks
+    /// at start). Nothing to check without NVML.
+    fn vram_refusal(&self, name: &str, inst: &Instance) -> Option<String> {
+        if inst.vram == 0 {
+            return None;
+        }
+        let device = inst.spec.gpu_device;
+        let total = self
+            .gpu_readings
+            .iter()
+            .find(|g| g.index == device)
+            .map(|g| (g.index, g.total));
+        self.cfg.gpus.as_ref()?;
+        let mut demands: Vec<belljar_budget::gpu::VramDemand> = self
+            .instances
+            .iter()
+            .filter(|(_, i)| {
+                i.spec.gpu_device == device
+                    && i.state.holds_allocation()
+                    && i.gpu.layers(i.spec.gpu_layers) > 0
+            })
+            .map(|(n, i)| belljar_budget::gpu::VramDemand {
+                name: n.clone(),
+                device,
+                vram: i.vram,
+            })
+            .collect();
+        demands.push(belljar_budget::gpu::VramDemand {
+            name: name.to_owned(),
+            device,
+            vram: inst.vram,
+        });
+        let gpus: Vec<(u32, u64)> = total.into_iter().collect();
+        let v = belljar_budget::gpu::validate_vram(
+            &demands,
+            &gpus,
+            self.cfg.config.budget.safety_margin,
+        );
+        let v = v.first()?;
+        if v.fits {
+            return None;
+        }
+        Some(match v.total {
+            None => format!(
+                "{name} offloads layers to GPU {device}, which does not exist; pass --gpu-device of an existing GPU or --gpu-layers 0"
+            ),
+            Some(_) => format!(
+                "{name} needs {} of VRAM on GPU {device}, but only {} of its usable {} is free of other instances' reservations; lower --gpu-layers or --ctx",
+                Size(inst.vram),
+                Size(v.usable.saturating_sub(v.required - inst.vram)),
+                Size(v.usable)
+            ),
+        })
     }
 
     fn add(&mut self, req: AddRequest, reply: ReplyTx) {
@@ -97,6 +154,10 @@ impl Daemon {
             }
         };
         let name = req.name.clone();
+        if let Some(why) = self.vram_refusal(&name, &inst) {
+            let _ = reply.send(refused(why));
+            return;
+        }
         // Layer 2, then layer 3: nothing changes unless both pass.
         if let Err(denied) = self.ledger.allocate(&name, inst.required) {
             let _ = reply.send(refused(denied.to_string()));

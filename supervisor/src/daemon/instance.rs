@@ -100,6 +100,8 @@ pub struct Instance {
     pub estimate_source: String,
     pub protected: u64,
     pub identity: Option<crate::learn::ModelIdentity>,
+    /// The VRAM reservation with `gpu_layers` (0 without).
+    pub vram: u64,
     pub state: State,
     pub reason: String,
     pub worker: Option<Worker>,
@@ -179,6 +181,7 @@ impl Instance {
             estimate_source: a.source,
             protected: a.protected,
             identity: a.identity,
+            vram: a.vram,
             state: State::Starting,
             reason: "waiting to start".into(),
             worker: None,

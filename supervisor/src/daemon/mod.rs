@@ -94,6 +94,8 @@ pub struct Admitted {
     pub protected: u64,
     /// The model's identity, for recording this instance's observed peaks.
     pub identity: Option<crate::learn::ModelIdentity>,
+    /// The VRAM reservation with `gpu_layers` (0 without, or when the header cannot say).
+    pub vram: u64,
 }
 
 /// Events into the loop.
