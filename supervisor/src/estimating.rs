@@ -3,7 +3,8 @@
 //! `validate`, `run` and `add` so that all three admit with the same numbers.
 
 use belljar_budget::PlannedInstance;
-use belljar_budget::estimate::{Breakdown, gguf, learned};
+use belljar_budget::estimate::{Breakdown, ModelFacts, gguf, learned};
+use belljar_budget::gpu::model_vram;
 use belljar_config::InstanceSpec;
 use belljar_host::model_file::model_facts;
 
@@ -13,6 +14,8 @@ use crate::learn::{self, ModelIdentity, Observation};
 #[derive(Debug, Clone)]
 pub struct Estimated {
     pub planned: PlannedInstance,
+    /// What the header says (None when it could not be read: `gguf_error`).
+    pub facts: Option<ModelFacts>,
     pub breakdown: Option<Breakdown>,
     pub identity: Option<ModelIdentity>,
     /// Why there is no GGUF estimate (the header could not be read).
@@ -21,14 +24,11 @@ pub struct Estimated {
 
 /// Reads the model's header (never its tensors) and the observations for this model+ctx+mmap.
 pub fn estimate(spec: &InstanceSpec, file_size: u64, observations: &[Observation]) -> Estimated {
-    let (breakdown, identity, gguf_error) = match model_facts(&spec.model) {
-        Ok((facts, crc)) => (
-            Some(gguf(&facts, spec.ctx, spec.use_mmap)),
-            learn::identity(&spec.model, crc),
-            None,
-        ),
+    let (facts, identity, gguf_error) = match model_facts(&spec.model) {
+        Ok((facts, crc)) => (Some(facts), learn::identity(&spec.model, crc), None),
         Err(e) => (None, None, Some(e)),
     };
+    let breakdown = facts.map(|f| gguf(&f, spec.ctx, spec.use_mmap));
     let learned = identity
         .as_ref()
         .and_then(|id| learned(&learn::peaks(observations, id, spec.ctx, spec.use_mmap)));
@@ -42,9 +42,24 @@ pub fn estimate(spec: &InstanceSpec, file_size: u64, observations: &[Observation
             gguf: breakdown.map(|b| b.total),
             learned,
         },
+        facts,
         breakdown,
         identity,
         gguf_error,
+    }
+}
+
+/// The instance's VRAM reservation with its `gpu_layers` (0 without), from its header's facts.
+pub fn vram(spec: &InstanceSpec, e: &Estimated) -> Result<u64, String> {
+    if spec.gpu_layers == 0 {
+        return Ok(0);
+    }
+    match &e.facts {
+        Some(f) => Ok(model_vram(f, spec.gpu_layers, spec.ctx).total),
+        None => Err(e
+            .gguf_error
+            .clone()
+            .unwrap_or_else(|| "its GGUF header could not be read".into())),
     }
 }
 

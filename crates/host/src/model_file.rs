@@ -97,15 +97,23 @@ pub fn model_facts(path: &Path) -> Result<(belljar_budget::estimate::ModelFacts,
         })?;
         tensor_bytes = tensor_bytes.saturating_add(b);
     }
-    let shape = layer_shape_of(&header, path)?;
-    let arch = header.get_str("general.architecture").unwrap_or_default();
-    let head_dim = shape.embedding / shape.heads.max(1);
-    let len = |k: &str| {
+    // `{arch}.block_count`, `.embedding_length`, `.attention.head_count`, `.head_count_kv` and
+    // the per-head K/V widths (default: embedding / heads).
+    let arch = header
+        .get_str("general.architecture")
+        .ok_or_else(|| format!("{}: no general.architecture", path.display()))?
+        .to_owned();
+    let get = |k: &str| {
         header
-            .get_u64(&format!("{arch}.attention.{k}"))
+            .get_u64(&format!("{arch}.{k}"))
             .and_then(|v| u32::try_from(v).ok())
-            .unwrap_or(head_dim)
     };
+    let key = |k: &str| get(k).ok_or_else(|| format!("{}: no {arch}.{k}", path.display()));
+    let block_count = key("block_count")?;
+    let embedding = key("embedding_length")?;
+    let heads = key("attention.head_count")?;
+    let kv_heads = get("attention.head_count_kv").unwrap_or(heads);
+    let head_dim = embedding / heads.max(1);
     let mut raw = Vec::new();
     File::open(path)
         .and_then(|f| f.take(header.header_len).read_to_end(&mut raw))
@@ -114,47 +122,15 @@ pub fn model_facts(path: &Path) -> Result<(belljar_budget::estimate::ModelFacts,
         belljar_budget::estimate::ModelFacts {
             file_size,
             tensor_bytes,
-            block_count: shape.block_count,
-            embedding: shape.embedding,
-            heads: shape.heads,
-            kv_heads: shape.kv_heads,
-            key_length: len("key_length"),
-            value_length: len("value_length"),
+            block_count,
+            embedding,
+            heads,
+            kv_heads,
+            key_length: get("attention.key_length").unwrap_or(head_dim),
+            value_length: get("attention.value_length").unwrap_or(head_dim),
         },
         crc32fast::hash(&raw),
     ))
-}
-
-/// The model's layer structure from its GGUF header (`{arch}.block_count`, `.embedding_length`,
-/// `.attention.head_count`, `.attention.head_count_kv`). Reads the header only, bounded.
-pub fn layer_shape(path: &Path) -> Result<belljar_budget::gpu::LayerShape, String> {
-    let file = File::open(path).map_err(|e| format!("cannot open {}: {e}", path.display()))?;
-    let header = belljar_gguf::reader::read_header(std::io::BufReader::new(file))
-        .map_err(|e| format!("{}: {e}", path.display()))?;
-    layer_shape_of(&header, path)
-}
-
-fn layer_shape_of(
-    header: &belljar_gguf::reader::Header,
-    path: &Path,
-) -> Result<belljar_budget::gpu::LayerShape, String> {
-    let arch = header
-        .get_str("general.architecture")
-        .ok_or_else(|| format!("{}: no general.architecture", path.display()))?
-        .to_owned();
-    let key = |k: &str| {
-        header
-            .get_u64(&format!("{arch}.{k}"))
-            .and_then(|v| u32::try_from(v).ok())
-            .ok_or_else(|| format!("{}: no {arch}.{k}", path.display()))
-    };
-    let heads = key("attention.head_count")?;
-    Ok(belljar_budget::gpu::LayerShape {
-        block_count: key("block_count")?,
-        embedding: key("embedding_length")?,
-        heads,
-        kv_heads: key("attention.head_count_kv").unwrap_or(heads),
-    })
 }
 
 #[cfg(test)]
@@ -162,7 +138,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn layer_shape_comes_from_the_header() {
+    fn model_facts_come_from_the_header() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("gqa.gguf");
         let shape = belljar_gguf::writer::ModelShape {
@@ -173,19 +149,21 @@ mod tests {
             ..Default::default()
         };
         shape.write(std::fs::File::create(&path).unwrap()).unwrap();
-        let got = layer_shape(&path).unwrap();
-        assert_eq!(
-            got,
-            belljar_budget::gpu::LayerShape {
-                block_count: 3,
-                embedding: 256,
-                heads: 8,
-                kv_heads: 2
-            }
-        );
-        // f16 K and V, 2 KV heads of 32 at ctx 100.
-        assert_eq!(got.kv_per_layer(100), 2 * 100 * 2 * 32 * 2);
         let (facts, crc) = model_facts(&path).unwrap();
+        assert_eq!(
+            (
+                facts.block_count,
+                facts.embedding,
+                facts.heads,
+                facts.kv_heads
+            ),
+            (3, 256, 8, 2)
+        );
+        // f16 K and V, 2 KV heads of 32 at ctx 100, per layer.
+        assert_eq!(
+            belljar_budget::estimate::kv_cache(&facts, 100) / 3,
+            2 * 100 * 2 * 32 * 2
+        );
         let size = std::fs::metadata(&path).unwrap().len();
         assert_eq!(facts.file_size, size);
         assert!(
@@ -197,14 +175,13 @@ mod tests {
             (32, 32),
             "embedding / heads"
         );
-        assert_eq!((facts.heads, facts.kv_heads), (8, 2));
         assert_eq!(
             model_facts(&path).unwrap().1,
             crc,
             "the header checksum is stable"
         );
         std::fs::write(&path, b"GGUF\x03\0\0\0").unwrap();
-        assert!(layer_shape(&path).is_err(), "truncated header");
+        assert!(model_facts(&path).is_err(), "truncated header");
     }
 
     #[test]

@@ -2,7 +2,7 @@
 
 use belljar_budget::Size;
 use belljar_budget::estimate::{Breakdown, EstimateRule, ModelFacts, gguf};
-use belljar_budget::gpu::{LayerShape, VramEstimate, vram_estimate};
+use belljar_budget::gpu::{VramEstimate, model_vram};
 use belljar_host::model_file::model_facts;
 use belljar_host::probe_model_file;
 use serde::Serialize;
@@ -43,25 +43,12 @@ pub fn run(global: &GlobalArgs, args: &EstimateArgs) -> Result<Exit, CliError> {
         },
     };
     let b = gguf(&facts, args.ctx, !args.no_mmap);
-    let shape = LayerShape {
-        block_count: facts.block_count,
-        embedding: facts.embedding,
-        heads: facts.heads,
-        kv_heads: facts.kv_heads,
-    };
     let out = Output {
         model: args.model.display().to_string(),
         facts,
         breakdown: &b,
         file_rule: rule.estimate(facts.file_size),
-        vram: (args.gpu_layers > 0).then(|| {
-            vram_estimate(
-                facts.file_size,
-                facts.block_count,
-                args.gpu_layers,
-                shape.kv_per_layer(args.ctx),
-            )
-        }),
+        vram: (args.gpu_layers > 0).then(|| model_vram(&facts, args.gpu_layers, args.ctx)),
     };
     if args.json {
         println!(

@@ -56,6 +56,7 @@ pub fn run(global: &GlobalArgs, args: &RunArgs) -> Result<Exit, CliError> {
     report.apply_vram(super::validate::vram_verdicts(
         &config,
         &specs,
+        &estimated,
         &super::validate::gpu_totals(gpus.as_ref(), &specs),
     )?);
     if !report.passed {
@@ -197,7 +198,7 @@ pub fn run(global: &GlobalArgs, args: &RunArgs) -> Result<Exit, CliError> {
                 &row.estimate_source,
                 e.breakdown.as_ref(),
             );
-            let vram = super::validate::vram_of(&spec).unwrap_or(0);
+            let vram = crate::estimating::vram(&spec, &e).unwrap_or(0);
             (
                 spec,
                 daemon::Admitted {

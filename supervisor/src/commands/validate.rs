@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use belljar_budget::gpu::{DeviceVerdict, VramDemand, validate_vram, vram_estimate};
+use belljar_budget::gpu::{DeviceVerdict, VramDemand, validate_vram};
 use belljar_budget::{HostMemory, PlannedInstance, ValidationReport, validate};
 use belljar_config::{Config, InstanceSpec};
 use belljar_host::gpu::Gpus;
@@ -12,6 +12,7 @@ use serde::Serialize;
 
 use crate::cli::{GlobalArgs, ValidateArgs};
 use crate::error::{CliError, Exit};
+use crate::estimating::Estimated;
 
 #[derive(Serialize)]
 struct JsonOutput<'a> {
@@ -110,16 +111,15 @@ fn report(
     observations: &[crate::learn::Observation],
 ) -> Result<ValidationReport, CliError> {
     let specs = config.mode(mode, cpu_count())?;
-    let planned: Vec<PlannedInstance> = plan(config, &specs, observations)?
-        .into_iter()
-        .map(|e| e.planned)
-        .collect();
+    let estimated = plan(config, &specs, observations)?;
+    let planned: Vec<PlannedInstance> = estimated.iter().map(|e| e.planned.clone()).collect();
     let mut report = validate(mode, &config.budget_policy(), host, &planned);
     if specs.iter().any(|s| s.gpu_layers > 0) {
         match Gpus::init() {
             Ok(g) => report.apply_vram(vram_verdicts(
                 config,
                 &specs,
+                &estimated,
                 &gpu_totals(Some(&g), &specs),
             )?),
             Err(e) => eprintln!(
@@ -146,17 +146,22 @@ pub fn gpu_totals(gpus: Option<&Gpus>, specs: &[InstanceSpec]) -> Vec<(u32, u64)
 pub fn vram_verdicts(
     config: &Config,
     specs: &[InstanceSpec],
+    estimated: &[Estimated],
     gpus: &[(u32, u64)],
 ) -> Result<Vec<DeviceVerdict>, CliError> {
     if gpus.is_empty() {
         return Ok(Vec::new());
     }
     let mut demands = Vec::new();
-    for spec in specs.iter().filter(|s| s.gpu_layers > 0) {
+    for (spec, e) in specs
+        .iter()
+        .zip(estimated)
+        .filter(|(s, _)| s.gpu_layers > 0)
+    {
         demands.push(VramDemand {
             name: spec.name.to_string(),
             device: spec.gpu_device,
-            vram: vram_of(spec).map_err(|e| {
+            vram: crate::estimating::vram(spec, e).map_err(|e| {
                 CliError::Usage(format!(
                     "{}: instance {}: {e}",
                     config.path.display(),
@@ -168,30 +173,12 @@ pub fn vram_verdicts(
     Ok(validate_vram(&demands, gpus, config.budget.safety_margin))
 }
 
-/// One instance's VRAM reservation, from its model's header.
-pub fn vram_of(spec: &InstanceSpec) -> Result<u64, String> {
-    if spec.gpu_layers == 0 {
-        return Ok(0);
-    }
-    let size = probe_model_file(&spec.model)
-        .map_err(|e| e.to_string())?
-        .size;
-    let shape = belljar_host::model_file::layer_shape(&spec.model)?;
-    Ok(vram_estimate(
-        size,
-        shape.block_count,
-        spec.gpu_layers,
-        shape.kv_per_layer(spec.ctx),
-    )
-    .total)
-}
-
 /// Probes each distinct model file once and describes the instances for layer 1.
 pub fn plan(
     config: &Config,
     specs: &[InstanceSpec],
     observations: &[crate::learn::Observation],
-) -> Result<Vec<crate::estimating::Estimated>, CliError> {
+) -> Result<Vec<Estimated>, CliError> {
     let mut sizes = BTreeMap::new();
     let mut planned = Vec::with_capacity(specs.len());
     for spec in specs {

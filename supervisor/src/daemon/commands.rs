@@ -70,8 +70,8 @@ impl Daemon {
             required,
             source: source.to_owned(),
             protected: crate::estimating::protected(estimate, source, e.breakdown.as_ref()),
+            vram: crate::estimating::vram(&spec, &e).unwrap_or(0),
             identity: e.identity,
-            vram: crate::commands::validate::vram_of(&spec).unwrap_or(0),
         };
         let mut inst = Instance::new(spec, admitted);
         inst.added = Some(req.clone());

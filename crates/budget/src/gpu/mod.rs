@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::estimate::align_up;
+use crate::estimate::{ModelFacts, align_up, kv_cache};
 use crate::pressure::{Candidate, Level, Levels, restore_order, shed_victim};
 use crate::validate::HostMemory;
 
@@ -52,26 +52,11 @@ pub struct VramEstimate {
     pub total: u64,
 }
 
-/// The layer structure of a model, from its GGUF header.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-pub struct LayerShape {
-    pub block_count: u32,
-    pub embedding: u32,
-    pub heads: u32,
-    pub kv_heads: u32,
-}
-
-impl LayerShape {
-    /// llama.cpp's default KV cache (f16) of one layer at `ctx`.
-    pub fn kv_per_layer(&self, ctx: u32) -> u64 {
-        let head_dim = self.embedding / self.heads.max(1);
-        kv_bytes_per_layer(ctx, self.kv_heads, head_dim, 2)
-    }
-}
-
-/// The KV cache of one layer: K and V, `ctx` cells of `kv_heads x head_dim` elements each.
-pub fn kv_bytes_per_layer(ctx: u32, kv_heads: u32, head_dim: u32, bytes_per_element: u32) -> u64 {
-    2 * u64::from(ctx) * u64::from(kv_heads) * u64::from(head_dim) * u64::from(bytes_per_element)
+/// The VRAM reservation of a model (from its header's facts) with `gpu_layers` offloaded at
+/// `ctx`: the per-layer KV cache is the estimate's own ([`kv_cache`]) divided by the layers.
+pub fn model_vram(m: &ModelFacts, gpu_layers: u32, ctx: u32) -> VramEstimate {
+    let per_layer = kv_cache(m, ctx) / u64::from(m.block_count.max(1));
+    vram_estimate(m.file_size, m.block_count, gpu_layers, per_layer)
 }
 
 /// The VRAM reservation of `gpu_layers` of a model of `block_count` layers. llama.cpp offloads

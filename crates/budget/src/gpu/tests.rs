@@ -53,6 +53,20 @@ fn cand(name: &str, priority: i64, running: bool, fallback: Fallback) -> GpuCand
     }
 }
 
+/// A model of `layers` layers and `file` bytes with `kv_heads` KV heads of `head_dim`.
+fn facts(layers: u32, file: u64, kv_heads: u32, head_dim: u32) -> crate::estimate::ModelFacts {
+    crate::estimate::ModelFacts {
+        file_size: file,
+        tensor_bytes: file,
+        block_count: layers,
+        embedding: kv_heads * head_dim,
+        heads: kv_heads,
+        kv_heads,
+        key_length: head_dim,
+        value_length: head_dim,
+    }
+}
+
 #[test]
 fn readings_in_nvml_shape_round_trip_through_json() {
     let r = h100(4 * GIB, &[(4242, 4 * GIB - 600 * MIB)]);
@@ -200,8 +214,10 @@ fn pressure_fallback_runs_on_the_cpu() {
 #[test]
 fn vram_estimate_is_the_offloaded_share_plus_its_kv() {
     // 32 layers, 4 GiB of weights, KV f16 at ctx 4096 with 8 KV heads of 128: 16 MiB per layer.
-    let kv = kv_bytes_per_layer(4096, 8, 128, 2);
+    let m = facts(32, 4 * GIB, 8, 128);
+    let kv = crate::estimate::kv_cache(&m, 4096) / 32;
     assert_eq!(kv, 16 * MIB);
+    assert_eq!(model_vram(&m, 16, 4096), vram_estimate(4 * GIB, 32, 16, kv));
     let half = vram_estimate(4 * GIB, 32, 16, kv);
     assert_eq!(half.offloaded_layers, 16);
     assert_eq!(half.weights, 2 * GIB);
@@ -220,7 +236,7 @@ fn vram_estimate_is_the_offloaded_share_plus_its_kv() {
 
 #[test]
 fn vram_estimate_grows_with_layers() {
-    let kv = kv_bytes_per_layer(2048, 4, 64, 2);
+    let kv = crate::estimate::kv_cache(&facts(32, GIB, 4, 64), 2048) / 32;
     let mut last = 0;
     for layers in 0..=40 {
         let e = vram_estimate(GIB, 32, layers, kv).total;
