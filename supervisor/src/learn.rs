@@ -77,6 +77,51 @@ pub fn peaks(all: &[Observation], model: &ModelIdentity, ctx: u32, mmap: bool) -
         .collect()
 }
 
+/// Records observations off the event loop: one thread owns `observations.json` and appends
+/// each observation in the order they came (a worker's exit must not wait for a file's fsync
+/// before its restart). Dropping the recorder waits for the pending writes.
+#[derive(Debug)]
+pub struct Recorder {
+    tx: Option<std::sync::mpsc::Sender<Observation>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Recorder {
+    pub fn spawn(state_dir: std::path::PathBuf) -> Recorder {
+        let (tx, rx) = std::sync::mpsc::channel::<Observation>();
+        let thread = std::thread::Builder::new()
+            .name("learn".into())
+            .spawn(move || {
+                for obs in rx {
+                    if let Err(e) = record(&state_dir, obs) {
+                        tracing::warn!("cannot record a run's peak: {e}");
+                    }
+                }
+            })
+            .map_err(|e| tracing::warn!("cannot start the observation writer: {e}"))
+            .ok();
+        Recorder {
+            tx: thread.as_ref().map(|_| tx),
+            thread,
+        }
+    }
+
+    pub fn record(&self, obs: Observation) {
+        if let Some(tx) = &self.tx {
+            let _ = tx.send(obs);
+        }
+    }
+}
+
+impl Drop for Recorder {
+    fn drop(&mut self) {
+        self.tx.take();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
 /// Appends one observation, keeping the newest per key and in all.
 pub fn record(state_dir: &Path, obs: Observation) -> std::io::Result<()> {
     let mut all = load(state_dir);

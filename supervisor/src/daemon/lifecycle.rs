@@ -62,9 +62,7 @@ impl Daemon {
                 estimate: inst.estimate,
                 peak,
             };
-            if let Err(e) = crate::learn::record(&self.cfg.state_dir, obs) {
-                tracing::warn!(instance = %name, "cannot record the run's peak: {e}");
-            }
+            self.learn.record(obs);
         }
         let oom = stats.is_some_and(|s| s.oom_kill > 0) && exit == Exit::Signal(9);
         // Logged once per kill: by the OOM watch when it came first, else here.

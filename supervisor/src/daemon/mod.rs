@@ -146,6 +146,8 @@ struct Daemon {
     gpu_readings: Vec<belljar_budget::gpu::GpuReading>,
     gpu_level: BTreeMap<u32, belljar_budget::pressure::Level>,
     gpu_last_action: BTreeMap<u32, Instant>,
+    /// Writes observed peaks for the learned corrections, off the loop.
+    learn: crate::learn::Recorder,
 }
 
 /// Runs the daemon until `shutdown` resolves and every worker has stopped.
@@ -188,6 +190,7 @@ pub async fn serve(
         watchdog: None,
         watchdog_at: None,
         last_status: String::new(),
+        learn: crate::learn::Recorder::spawn(cfg.state_dir.clone()),
         gpu_readings: Vec::new(),
         gpu_level: BTreeMap::new(),
         gpu_last_action: BTreeMap::new(),
