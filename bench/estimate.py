@@ -10,7 +10,9 @@ docs/benchmarks.md between markers. Root and cgroup v1 memory or cgroup v2.
 
 Usage: python3 bench/estimate.py [--quick] [--no-write]
 """
+import datetime
 import json
+import platform
 import os
 import socket
 import struct
@@ -182,7 +184,13 @@ def main():
                 print(json.dumps({k: v for k, v in row.items() if k != "terms"}), flush=True)
     held = [r for r in rows if not r["fit"]]
     ok = all(-3.0 <= r["err"] <= 10.0 for r in rows)
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    cgroup = "v2" if cgroup_root()[1] == "memory.peak" else "v1 (memory)"
     lines = [BEGIN, "",
+             f"Measured {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC by "
+             f"`python3 bench/estimate.py{' --quick' if quick else ''}` on {platform.node()}: "
+             f"{platform.machine()}, {os.cpu_count()} CPUs, {mem:.1f} GiB, Linux {platform.release()}, "
+             f"cgroup {cgroup}.", "",
              "| model | file MiB | ctx | mmap | set | measured peak MiB | gguf estimate MiB | error | file x 1.5 MiB | its error | load ms |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
