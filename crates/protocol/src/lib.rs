@@ -3,6 +3,7 @@
 //! JSON; a frame longer than the codec's maximum is refused before anything is allocated for it.
 
 pub mod control;
+pub mod exit;
 pub mod frame;
 pub mod worker;
 
