@@ -3,7 +3,7 @@
 //! `validate`, `run` and `add` so that all three admit with the same numbers.
 
 use belljar_budget::PlannedInstance;
-use belljar_budget::estimate::{Breakdown, ModelFacts, gguf, learned};
+use belljar_budget::estimate::{Breakdown, ModelFacts, Origin, gguf, learned};
 use belljar_budget::gpu::model_vram;
 use belljar_config::InstanceSpec;
 use belljar_host::model_file::model_facts;
@@ -65,9 +65,9 @@ pub fn vram(spec: &InstanceSpec, e: &Estimated) -> Result<u64, String> {
 
 /// What the cgroup's `memory.low` protects: the estimate less what may be reclaimed without
 /// hurting the worker (the page-cache copy of a model read without mmap).
-pub fn protected(estimate: u64, source: &str, breakdown: Option<&Breakdown>) -> u64 {
+pub fn protected(estimate: u64, source: Origin, breakdown: Option<&Breakdown>) -> u64 {
     match (source, breakdown) {
-        ("gguf" | "learned", Some(b)) => estimate.saturating_sub(b.reclaimable),
+        (Origin::Gguf | Origin::Learned, Some(b)) => estimate.saturating_sub(b.reclaimable),
         _ => estimate,
     }
 }

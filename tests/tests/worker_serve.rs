@@ -391,7 +391,7 @@ fn expect_failed(m: &WorkerMsg, code: i32, expected_code: i32, needle: &str) {
     };
     assert_eq!(code, expected_code, "{f:?}");
     assert_eq!(i32::from(f.exit_code), expected_code);
-    assert!(f.permanent, "retrying cannot help: {f:?}");
+    assert!(f.permanent(), "retrying cannot help: {f:?}");
     assert!(
         f.reason.contains(needle),
         "{:?} should mention {needle:?}",
@@ -538,7 +538,7 @@ fn inherited_socketpair_fd() {
 /// the saved session and the conversation goes on.
 #[test]
 fn critical_pressure_frees_the_context_and_the_next_prompt_restores_it() {
-    use belljar_protocol::worker::PressureNotice;
+    use belljar_protocol::worker::{Level, PressureNotice};
     let t = TestDir::new();
     let model = t.model("m.gguf", &tiny_shape());
     let mut w = start(&t, &model, &[]);
@@ -546,7 +546,7 @@ fn critical_pressure_frees_the_context_and_the_next_prompt_restores_it() {
     until_ready(&w);
     assert_eq!(prompt(&mut w, 1, "first", 4), (4, 4));
     w.send(&SupervisorMsg::Pressure(PressureNotice {
-        level: "critical".into(),
+        level: Level::Critical,
     }));
     assert_eq!(
         prompt(&mut w, 2, "second", 4),

@@ -11,7 +11,7 @@ use llama_cpp_2::llama_backend::LlamaBackend;
 use llama_cpp_2::model::LlamaModel;
 use llama_cpp_2::model::params::LlamaModelParams;
 
-use crate::exit;
+use belljar_protocol::exit;
 
 /// Load a GGUF model with llama.cpp and print its shape.
 #[derive(Debug, Args)]

@@ -2,7 +2,6 @@
 //! around it (`make-model`, `inspect`).
 
 mod engine;
-mod exit;
 mod inspect;
 mod link;
 mod make_model;
@@ -10,6 +9,8 @@ mod serve;
 mod session;
 
 use std::process::ExitCode;
+
+use belljar_protocol::exit;
 
 use clap::{Parser, Subcommand};
 

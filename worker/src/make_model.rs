@@ -9,7 +9,7 @@ use std::time::Instant;
 use belljar_gguf::ModelShape;
 use clap::Args;
 
-use crate::exit;
+use belljar_protocol::exit;
 
 /// Write a deterministic llama-architecture GGUF with random weights (no download needed).
 #[derive(Debug, Args)]

@@ -13,8 +13,8 @@ use belljar_budget::{HumanDuration, InstanceName, Size, precheck};
 use belljar_host::{ProcRoot, probe_model_file, read_host_memory, read_rss};
 use belljar_protocol::PROTOCOL_VERSION;
 use belljar_protocol::worker::{
-    Done, ErrorReply, Failed, Heartbeat, Hello, Loading, Prompt, Ready, Refused, SupervisorMsg,
-    Token, WorkerMsg, WorkerState,
+    Done, ErrorReply, Failed, Heartbeat, Hello, Level, Loading, Prompt, Ready, Refused,
+    SupervisorMsg, Token, WorkerMsg, WorkerState,
 };
 use clap::Args;
 use llama_cpp_2::llama_backend::LlamaBackend;
@@ -22,9 +22,9 @@ use llama_cpp_2::model::LlamaModel;
 use llama_cpp_2::model::params::LlamaModelParams;
 
 use crate::engine::{Control, Engine, Outcome};
-use crate::exit;
 use crate::link::{Inbound, Link, spawn_reader};
 use crate::session::{Identity, SessionFiles};
+use belljar_protocol::exit;
 
 /// How long the worker waits for the supervisor's `Welcome`.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -37,10 +37,7 @@ const MAX_QUEUED: usize = 16;
 
 /// Host one GGUF model for the supervisor (started by it; runnable by hand for debugging).
 #[derive(Debug, Args)]
-#[command(after_help = "Example (by hand, against a test listener):\n  \
-worker serve --connect /tmp/link.sock --instance subject --model models/demo.gguf --state-dir /tmp/subject\n\n\
-Exit codes: 0 clean shutdown; 75 pre-load check refused (temporary: retry later); 64 bad arguments, \
-65 bad model file, 69 model llama.cpp cannot load, 76 protocol mismatch (permanent).")]
+#[command(after_help = serve_help())]
 pub struct ServeArgs {
     /// The inherited socketpair end from the supervisor.
     #[arg(
@@ -129,10 +126,8 @@ pub fn run(args: &ServeArgs, backend: &LlamaBackend) -> Result<(), Failure> {
     spawn_reader(reader, tx)
         .map_err(|e| (exit::USAGE, format!("cannot start the link reader: {e}")))?;
     let fail = |code: u8, reason: String| -> Failure {
-        let permanent = code != exit::TEMPORARY && code != exit::GPU_ALLOC;
         let _ = link.send(&WorkerMsg::Failed(Failed {
             reason: reason.clone(),
-            permanent,
             exit_code: code,
             gpu_alloc: code == exit::GPU_ALLOC,
         }));
@@ -311,7 +306,7 @@ fn serve(
                 }
             }
             Inbound::Msg(SupervisorMsg::Shutdown(_)) | Inbound::Closed => return Ok(()),
-            Inbound::Msg(SupervisorMsg::Pressure(p)) => on_pressure(engine, &p.level, true),
+            Inbound::Msg(SupervisorMsg::Pressure(p)) => on_pressure(engine, p.level, true),
             Inbound::Msg(other) => error_reply(
                 link,
                 None,
@@ -331,7 +326,7 @@ fn answer(
     queue: &mut VecDeque<Prompt>,
 ) -> Result<bool, String> {
     let mut stop = false;
-    let mut pressure: Option<String> = None;
+    let mut pressure: Option<Level> = None;
     let id = p.id;
     let outcome = engine.answer(
         &p.text,
@@ -381,15 +376,29 @@ fn answer(
         Err(e) => error_reply(link, Some(id), e),
     }
     if let Some(level) = pressure {
-        on_pressure(engine, &level, false);
+        on_pressure(engine, level, false);
     }
     Ok(stop)
 }
 
+/// `serve --help`'s epilogue: an example and the exit codes, from the one table in
+/// belljar_protocol::exit (docs/protocol.md shows the same table).
+fn serve_help() -> String {
+    let mut help = String::from(
+        "Example (by hand, against a test listener):\n  \
+worker serve --connect /tmp/link.sock --instance subject --model models/demo.gguf --state-dir /tmp/subject\n\n\
+Exit codes (docs/protocol.md):",
+    );
+    for (code, kind, meaning) in exit::TABLE {
+        help.push_str(&format!("\n  {code:>3}  {:<9}  {meaning}", kind.as_str()));
+    }
+    help
+}
+
 /// Memory pressure from the supervisor: at `critical` and above the context is freed (the
 /// session is already on disk) and rebuilt on the next prompt.
-fn on_pressure(engine: &mut Engine<'_>, level: &str, idle: bool) {
-    if matches!(level, "critical" | "emergency") {
+fn on_pressure(engine: &mut Engine<'_>, level: Level, idle: bool) {
+    if level >= Level::Critical {
         if engine.free_context() {
             tracing::warn!(
                 "memory pressure {level}: freed the context (reloaded on the next prompt)"

@@ -45,6 +45,32 @@ impl EstimateSource {
     }
 }
 
+/// Where an instance's estimate came from: the file rule, the GGUF header, or the learned
+/// peaks that raised it. Spelled `file`, `gguf`, `learned` in `status`, `validate` and logs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Origin {
+    File,
+    Gguf,
+    Learned,
+}
+
+impl Origin {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Origin::File => "file",
+            Origin::Gguf => "gguf",
+            Origin::Learned => "learned",
+        }
+    }
+}
+
+impl std::fmt::Display for Origin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// What the GGUF-aware estimate reads from a model's header (no tensor data).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub struct ModelFacts {

@@ -15,39 +15,34 @@ use crate::validate::HostMemory;
 /// How far below a level's threshold usage must fall before the level is left (percent of total).
 pub const HYSTERESIS_PERCENT: f64 = 5.0;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+/// The levels are the wire's (`PressureNotice`): one type from the worker link to status.
+pub use belljar_protocol::worker::Level;
+
+/// The level one step down.
+fn below(level: Level) -> Level {
+    match level {
+        Level::Emergency => Level::Critical,
+        Level::Critical => Level::Warning,
+        _ => Level::Normal,
+    }
+}
+
+/// One threshold: percent of memory used, or a floor of available bytes (budgets.toml's
+/// `[pressure]` resolves to one kind for all four levels).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
 #[serde(rename_all = "kebab-case")]
-pub enum Level {
-    Normal,
-    Warning,
-    Critical,
-    Emergency,
-}
-
-impl Level {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Level::Normal => "normal",
-            Level::Warning => "warning",
-            Level::Critical => "critical",
-            Level::Emergency => "emergency",
-        }
-    }
-
-    fn below(self) -> Level {
-        match self {
-            Level::Emergency => Level::Critical,
-            Level::Critical => Level::Warning,
-            _ => Level::Normal,
-        }
-    }
-}
-
-/// One threshold: percent of memory used, or a floor of available bytes.
-#[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Threshold {
     PercentUsed(f64),
     Available(u64),
+}
+
+impl std::fmt::Display for Threshold {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Threshold::PercentUsed(p) => write!(f, "{p}% used"),
+            Threshold::Available(s) => write!(f, "{} available", crate::Size(*s)),
+        }
+    }
 }
 
 impl Threshold {
@@ -123,7 +118,7 @@ impl Levels {
         let mut level = current;
         while level > raw && level > Level::Warning {
             match self.threshold(level) {
-                Some(t) if t.cleared(m) => level = level.below(),
+                Some(t) if t.cleared(m) => level = below(level),
                 _ => break,
             }
         }

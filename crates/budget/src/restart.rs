@@ -26,9 +26,13 @@ pub struct RestartConfig {
     pub start_limit_interval: Duration,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// `restart =` in budgets.toml: when a worker that exited is started again (`always`,
+/// `on-failure`, `never`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum RestartMode {
     Always,
+    #[default]
     OnFailure,
     Never,
 }

@@ -9,7 +9,7 @@ use std::fmt;
 
 use serde::Serialize;
 
-use crate::estimate::{EstimateRule, required};
+use crate::estimate::{EstimateRule, Origin, required};
 use crate::grammar::Size;
 use crate::priority::lowest_priority_first;
 
@@ -78,17 +78,17 @@ pub struct PlannedInstance {
 impl PlannedInstance {
     /// The estimate under `policy` and the rule it came from (`file`, `gguf`, `max`, or
     /// `learned` when observations raised it).
-    pub fn estimate(&self, policy: &BudgetPolicy) -> (u64, &'static str) {
+    pub fn estimate(&self, policy: &BudgetPolicy) -> (u64, Origin) {
         use crate::estimate::EstimateSource as S;
         let file = policy.rule.estimate(self.file_size);
         let (base, source) = match (policy.source, self.gguf) {
-            (S::File, _) | (_, None) => (file, "file"),
-            (S::Gguf, Some(g)) => (g, "gguf"),
-            (S::Max, Some(g)) if g >= file => (g, "gguf"),
-            (S::Max, Some(_)) => (file, "file"),
+            (S::File, _) | (_, None) => (file, Origin::File),
+            (S::Gguf, Some(g)) => (g, Origin::Gguf),
+            (S::Max, Some(g)) if g >= file => (g, Origin::Gguf),
+            (S::Max, Some(_)) => (file, Origin::File),
         };
         match self.learned {
-            Some(l) if l > base => (l, "learned"),
+            Some(l) if l > base => (l, Origin::Learned),
             _ => (base, source),
         }
     }
@@ -121,7 +121,7 @@ pub struct InstanceRow {
     pub file_rule: u64,
     pub gguf: Option<u64>,
     pub learned: Option<u64>,
-    pub estimate_source: String,
+    pub estimate_source: Origin,
 }
 
 /// Where `usable` came from.
@@ -225,7 +225,7 @@ pub fn validate(
                 file_rule,
                 gguf: p.gguf,
                 learned: p.learned,
-                estimate_source: source.to_owned(),
+                estimate_source: source,
             }
         })
         .collect();
@@ -340,7 +340,7 @@ fn cap_recommendation(i: &InstanceRow, cap: u64, policy: &BudgetPolicy) -> Strin
             Size(cap)
         )
     } else {
-        if i.estimate_source != "file" {
+        if i.estimate_source != Origin::File {
             return format!(
                 "instance {}'s model needs {} at its ctx ({} estimate): lower its ctx, use a smaller model, or raise [budget] per_instance_max (now {})",
                 i.name,
@@ -559,26 +559,26 @@ mod tests {
         };
         assert_eq!(
             p.estimate(&with(S::Gguf)),
-            (3 * GIB / 2, "file"),
+            (3 * GIB / 2, Origin::File),
             "no header: file rule"
         );
         p.gguf = Some(4 * GIB);
-        assert_eq!(p.estimate(&with(S::File)), (3 * GIB / 2, "file"));
-        assert_eq!(p.estimate(&with(S::Gguf)), (4 * GIB, "gguf"));
-        assert_eq!(p.estimate(&with(S::Max)), (4 * GIB, "gguf"));
+        assert_eq!(p.estimate(&with(S::File)), (3 * GIB / 2, Origin::File));
+        assert_eq!(p.estimate(&with(S::Gguf)), (4 * GIB, Origin::Gguf));
+        assert_eq!(p.estimate(&with(S::Max)), (4 * GIB, Origin::Gguf));
         p.gguf = Some(GIB + MIB);
-        assert_eq!(p.estimate(&with(S::Gguf)), (GIB + MIB, "gguf"));
+        assert_eq!(p.estimate(&with(S::Gguf)), (GIB + MIB, Origin::Gguf));
         assert_eq!(
             p.estimate(&with(S::Max)),
-            (3 * GIB / 2, "file"),
+            (3 * GIB / 2, Origin::File),
             "never below x1.5"
         );
         p.learned = Some(2 * GIB);
-        assert_eq!(p.estimate(&with(S::Gguf)), (2 * GIB, "learned"));
+        assert_eq!(p.estimate(&with(S::Gguf)), (2 * GIB, Origin::Learned));
         p.learned = Some(GIB);
         assert_eq!(
             p.estimate(&with(S::Gguf)),
-            (GIB + MIB, "gguf"),
+            (GIB + MIB, Origin::Gguf),
             "learned only raises"
         );
         let r = validate(

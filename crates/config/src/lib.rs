@@ -4,15 +4,16 @@
 mod schema;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::fmt;
 use std::path::{Path, PathBuf};
 
+pub use belljar_budget::pressure::Threshold;
+pub use belljar_budget::restart::RestartMode;
 use belljar_budget::{BudgetPolicy, EstimateRule, HumanDuration, InstanceName, Size};
 use serde::Serialize;
 
 pub use schema::{
     BudgetSection, ControlSection, EstimateSource, GpuSection, InstanceSection, LoggingSection,
-    PressureSection, RawConfig, RestartPolicy,
+    PressureSection, RawConfig,
 };
 
 /// The default config path, relative to the working directory.
@@ -62,7 +63,7 @@ pub struct InstanceSpec {
     pub use_mmap: bool,
     pub threads: u32,
     pub swap_max: Size,
-    pub restart: RestartPolicy,
+    pub restart: RestartMode,
     pub backoff_initial: HumanDuration,
     pub backoff_factor: f64,
     pub backoff_max: HumanDuration,
@@ -73,14 +74,6 @@ pub struct InstanceSpec {
     pub load_stall_timeout: HumanDuration,
     pub stop_timeout: HumanDuration,
     pub worker_user: Option<String>,
-}
-
-/// One pressure threshold: percent of memory used, or a floor of available memory.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Threshold {
-    PercentUsed(f64),
-    Available(Size),
 }
 
 /// `[pressure]` with its thresholds resolved to one kind.
@@ -258,7 +251,7 @@ impl Config {
             use_mmap: pick!(use_mmap, true),
             threads: pick!(threads, default_threads),
             swap_max: pick!(swap_max, Size(0)),
-            restart: pick!(restart, RestartPolicy::OnFailure),
+            restart: pick!(restart, RestartMode::OnFailure),
             backoff_initial: pick!(backoff_initial, schema::secs(1)),
             backoff_factor: pick!(backoff_factor, 2.0),
             backoff_max: pick!(backoff_max, schema::secs(60)),
@@ -296,7 +289,7 @@ fn resolve_pressure(p: &PressureSection) -> Result<Pressure, String> {
                 "the floors must satisfy restore_available > warning_available > critical_available > emergency_available (got {r}, {w}, {c}, {e})"
             ));
         }
-        [w, c, e, r].map(Threshold::Available)
+        [w, c, e, r].map(|s| Threshold::Available(s.bytes()))
     } else {
         let [w, c, e, r] = [
             p.warning.unwrap_or(80.0),
@@ -395,15 +388,6 @@ fn with_suggestion(message: &str) -> String {
     match nearest {
         Some((_, o)) => format!("{message}; did you mean `{o}`?"),
         None => message.to_owned(),
-    }
-}
-
-impl fmt::Display for Threshold {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Threshold::PercentUsed(p) => write!(f, "{p}% used"),
-            Threshold::Available(s) => write!(f, "{s} available"),
-        }
     }
 }
 

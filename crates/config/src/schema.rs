@@ -6,8 +6,9 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
+use belljar_budget::restart::RestartMode;
 use belljar_budget::{HumanDuration, Size};
-use serde::{Deserialize, Deserializer, Serialize};
+use serde::{Deserialize, Deserializer};
 use toml::Spanned;
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -67,16 +68,6 @@ impl Default for BudgetSection {
     }
 }
 
-/// When a worker that exited is started again.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum RestartPolicy {
-    Always,
-    #[default]
-    OnFailure,
-    Never,
-}
-
 /// `[defaults]` and `[instances.NAME]`: every key optional; unset keys fall back to
 /// `[defaults]`, then to the built-in default.
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -95,7 +86,7 @@ pub struct InstanceSection {
     #[serde(default, deserialize_with = "opt_positive_u32")]
     pub threads: Option<u32>,
     pub swap_max: Option<Size>,
-    pub restart: Option<RestartPolicy>,
+    pub restart: Option<RestartMode>,
     pub backoff_initial: Option<HumanDuration>,
     #[serde(default, deserialize_with = "opt_backoff_factor")]
     pub backoff_factor: Option<f64>,

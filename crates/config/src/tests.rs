@@ -49,7 +49,7 @@ fn resolves_defaults_and_paths() {
     assert_eq!(god.model, PathBuf::from("/abs/other.gguf"));
     assert_eq!(god.ram_limit, Some(Size(512 << 20)));
     assert_eq!(god.threads, 3);
-    assert_eq!(god.restart, RestartPolicy::Always);
+    assert_eq!(god.restart, RestartMode::Always);
     assert_eq!(
         c.mode("matrix", 1).unwrap()[0].threads,
         1,
@@ -64,7 +64,10 @@ fn pressure_defaults_and_floors() {
     assert_eq!(c.pressure.restore, Threshold::PercentUsed(60.0));
     let floors = "[pressure]\nwarning_available = \"4G\"\ncritical_available = \"2G\"\nemergency_available = \"1G\"\nrestore_available = \"8G\"\n";
     let c = parse(floors).unwrap();
-    assert_eq!(c.pressure.critical, Threshold::Available(Size(2 << 30)));
+    assert_eq!(
+        c.pressure.critical,
+        Threshold::Available(Size(2 << 30).bytes())
+    );
     let e = parse("[pressure]\nwarning = 80\nwarning_available = \"1G\"\n")
         .unwrap_err()
         .to_string();

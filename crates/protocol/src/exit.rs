@@ -36,15 +36,48 @@ pub enum ExitKind {
     Failure,
 }
 
+impl ExitKind {
+    /// The class as docs/protocol.md's table spells it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ExitKind::Clean => "clean",
+            ExitKind::Permanent => "permanent",
+            ExitKind::Temporary => "temporary",
+            ExitKind::GpuAlloc => "gpu-alloc",
+            ExitKind::Failure => "failure",
+        }
+    }
+}
+
 /// Every documented code with its kind and meaning, for docs and `--help`.
 pub const TABLE: [(u8, ExitKind, &str); 8] = [
     (OK, ExitKind::Clean, "clean shutdown"),
     (USAGE, ExitKind::Permanent, "bad arguments"),
-    (BAD_MODEL, ExitKind::Permanent, "model file missing, truncated or not GGUF"),
-    (UNSUPPORTED_MODEL, ExitKind::Permanent, "llama.cpp cannot load the model"),
-    (GPU_ALLOC, ExitKind::GpuAlloc, "GPU memory allocation failed"),
-    (IO_ERROR, ExitKind::Failure, "cannot write an output file (make-model)"),
-    (TEMPORARY, ExitKind::Temporary, "the pre-load memory check refused"),
+    (
+        BAD_MODEL,
+        ExitKind::Permanent,
+        "model file missing, truncated or not GGUF",
+    ),
+    (
+        UNSUPPORTED_MODEL,
+        ExitKind::Permanent,
+        "llama.cpp cannot load the model",
+    ),
+    (
+        GPU_ALLOC,
+        ExitKind::GpuAlloc,
+        "GPU memory allocation failed",
+    ),
+    (
+        IO_ERROR,
+        ExitKind::Failure,
+        "cannot write an output file (make-model)",
+    ),
+    (
+        TEMPORARY,
+        ExitKind::Temporary,
+        "the pre-load memory check refused",
+    ),
     (PROTOCOL, ExitKind::Permanent, "protocol mismatch"),
 ];
 
@@ -77,5 +110,28 @@ mod tests {
         let mut codes: Vec<u8> = TABLE.iter().map(|t| t.0).collect();
         codes.dedup();
         assert_eq!(codes.len(), TABLE.len());
+    }
+
+    /// docs/protocol.md's exit-code table is this table: same codes, same classes, same order.
+    #[test]
+    fn the_documented_table_is_this_one() {
+        let doc = include_str!("../../../docs/protocol.md");
+        let section = doc
+            .split("## Worker exit codes")
+            .nth(1)
+            .expect("docs/protocol.md has a Worker exit codes section");
+        let rows: Vec<(u8, &str)> = section
+            .lines()
+            .skip_while(|l| !l.starts_with("|---"))
+            .skip(1)
+            .take_while(|l| l.starts_with('|'))
+            .map(|l| {
+                let mut cells = l.split('|').skip(1).map(str::trim);
+                let code = cells.next().unwrap().parse().unwrap();
+                (code, cells.next().unwrap())
+            })
+            .collect();
+        let ours: Vec<(u8, &str)> = TABLE.iter().map(|(c, k, _)| (*c, k.as_str())).collect();
+        assert_eq!(rows, ours);
     }
 }

@@ -36,8 +36,35 @@ pub enum SupervisorMsg {
 /// context (its session is already on disk) and loads it again on the next prompt.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PressureNotice {
-    /// `normal`, `warning`, `critical` or `emergency`.
-    pub level: String,
+    pub level: Level,
+}
+
+/// A memory pressure level (the host's, or a GPU's), ordered from harmless to worst; spelled
+/// `normal`, `warning`, `critical`, `emergency` on the wire, in logs and in status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Level {
+    Normal,
+    Warning,
+    Critical,
+    Emergency,
+}
+
+impl Level {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Level::Normal => "normal",
+            Level::Warning => "warning",
+            Level::Critical => "critical",
+            Level::Emergency => "emergency",
+        }
+    }
+}
+
+impl std::fmt::Display for Level {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -61,16 +88,22 @@ pub struct Refused {
     pub headroom: u64,
 }
 
-/// The worker cannot go on (bad model, bad arguments, protocol mismatch). `permanent` means
-/// retrying cannot help; `exit_code` is the code the worker is about to exit with.
+/// The worker cannot go on (bad model, bad arguments, protocol mismatch). `exit_code` is the
+/// code the worker is about to exit with; its class (crate::exit) says whether retrying helps.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Failed {
     pub reason: String,
-    pub permanent: bool,
     pub exit_code: u8,
     /// The failure was allocating GPU memory (the worker exits 71).
     #[serde(default)]
     pub gpu_alloc: bool,
+}
+
+impl Failed {
+    /// Retrying cannot help: the exit code's class is permanent.
+    pub fn permanent(&self) -> bool {
+        crate::exit::kind(i32::from(self.exit_code)) == crate::exit::ExitKind::Permanent
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

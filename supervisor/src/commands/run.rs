@@ -195,7 +195,7 @@ pub fn run(global: &GlobalArgs, args: &RunArgs) -> Result<Exit, CliError> {
         .map(|((spec, row), e)| {
             let protected = crate::estimating::protected(
                 row.estimate,
-                &row.estimate_source,
+                row.estimate_source,
                 e.breakdown.as_ref(),
             );
             let vram = crate::estimating::vram(&spec, &e).unwrap_or(0);
@@ -204,7 +204,7 @@ pub fn run(global: &GlobalArgs, args: &RunArgs) -> Result<Exit, CliError> {
                 daemon::Admitted {
                     estimate: row.estimate,
                     required: row.required,
-                    source: row.estimate_source.clone(),
+                    source: row.estimate_source,
                     protected,
                     identity: e.identity,
                     vram,

@@ -68,7 +68,7 @@ impl Daemon {
         let admitted = super::Admitted {
             estimate,
             required,
-            source: source.to_owned(),
+            source,
             protected: crate::estimating::protected(estimate, source, e.breakdown.as_ref()),
             vram: crate::estimating::vram(&spec, &e).unwrap_or(0),
             identity: e.identity,

@@ -4,8 +4,8 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
-use belljar_budget::restart::{RestartConfig, RestartMode, RestartState};
-use belljar_config::{InstanceSpec, RestartPolicy};
+use belljar_budget::restart::{RestartConfig, RestartState};
+use belljar_config::InstanceSpec;
 use belljar_protocol::control::{AddRequest, Response};
 use belljar_protocol::worker::SupervisorMsg;
 use tokio::sync::mpsc::UnboundedSender;
@@ -97,7 +97,7 @@ pub struct Instance {
     /// The estimate, where it came from (`file`, `gguf`, `learned`), and what `memory.low`
     /// protects.
     pub estimate: u64,
-    pub estimate_source: String,
+    pub estimate_source: belljar_budget::estimate::Origin,
     pub protected: u64,
     pub identity: Option<crate::learn::ModelIdentity>,
     /// The VRAM reservation with `gpu_layers` (0 without).
@@ -216,11 +216,7 @@ impl Instance {
     pub fn restart_config(&self) -> RestartConfig {
         let s = &self.spec;
         RestartConfig {
-            mode: match s.restart {
-                RestartPolicy::Always => RestartMode::Always,
-                RestartPolicy::OnFailure => RestartMode::OnFailure,
-                RestartPolicy::Never => RestartMode::Never,
-            },
+            mode: s.restart,
             backoff_initial: s.backoff_initial.0,
             backoff_factor: s.backoff_factor,
             backoff_max: s.backoff_max.0,

@@ -8,19 +8,15 @@ use belljar_budget::restart::{Decision, ExitClass, decide, grown_limit, peak_rea
 use belljar_budget::{Size, precheck};
 use belljar_host::cgroup;
 use belljar_host::proc_ctl::Exit;
+use belljar_protocol::exit::{ExitKind, kind as exit_kind};
 
 use super::events::{Entry, Event};
 use super::instance::{GpuRelease, Instance, State, Worker};
 
 use super::{CGROUP_TIMEOUT, Daemon, refused};
 
-/// The worker's documented exit codes (docs/protocol.md).
-const TEMPORARY: i32 = 75;
-const PERMANENT: [i32; 4] = [64, 65, 69, 76];
 /// How often a restart waiting for a GPU release looks again.
 const GPU_RELEASE_POLL: Duration = Duration::from_millis(250);
-/// A GPU allocation failure: retried, and counted toward the CPU fallback.
-const GPU_ALLOC: i32 = 71;
 /// How often instances waiting for memory are re-checked (also whenever memory is released).
 const MEMORY_RECHECK: Duration = Duration::from_secs(1);
 
@@ -95,42 +91,44 @@ impl Daemon {
                 format!("signal:{s}"),
                 format!("killed by signal {s}"),
             ),
-            Exit::Code(0) => (
-                ExitClass::Clean,
-                "exit:0".to_owned(),
-                "exited cleanly".to_owned(),
-            ),
-            Exit::Code(TEMPORARY) => (
-                ExitClass::PrecheckRefused,
-                "precheck-refused".to_owned(),
-                said.clone()
-                    .unwrap_or_else(|| "the pre-load memory check refused".into()),
-            ),
-            Exit::Code(GPU_ALLOC) => (
-                ExitClass::Failure,
-                "gpu-alloc".to_owned(),
-                said.clone()
-                    .unwrap_or_else(|| "GPU memory allocation failed".into()),
-            ),
-            Exit::Code(c) if PERMANENT.contains(&c) => (
-                ExitClass::Permanent,
-                format!("exit:{c}"),
-                said.clone()
-                    .map_or_else(|| format!("exit {c}"), |s| format!("exit {c}: {s}")),
-            ),
-            Exit::Code(c) => (
-                ExitClass::Failure,
-                format!("exit:{c}"),
-                format!("exited with code {c}"),
-            ),
+            Exit::Code(c) => match exit_kind(c) {
+                ExitKind::Clean => (
+                    ExitClass::Clean,
+                    format!("exit:{c}"),
+                    "exited cleanly".to_owned(),
+                ),
+                ExitKind::Temporary => (
+                    ExitClass::PrecheckRefused,
+                    "precheck-refused".to_owned(),
+                    said.clone()
+                        .unwrap_or_else(|| "the pre-load memory check refused".into()),
+                ),
+                ExitKind::GpuAlloc => (
+                    ExitClass::Failure,
+                    "gpu-alloc".to_owned(),
+                    said.clone()
+                        .unwrap_or_else(|| "GPU memory allocation failed".into()),
+                ),
+                ExitKind::Permanent => (
+                    ExitClass::Permanent,
+                    format!("exit:{c}"),
+                    said.clone()
+                        .map_or_else(|| format!("exit {c}"), |s| format!("exit {c}: {s}")),
+                ),
+                ExitKind::Failure => (
+                    ExitClass::Failure,
+                    format!("exit:{c}"),
+                    format!("exited with code {c}"),
+                ),
+            },
         };
         if oom {
             inst.oom_kills += 1;
         }
         // GPU: count allocation failures (3 move it to the CPU for good) and wait for NVML to
         // show the run's VRAM released before it counts as free.
-        let gpu_failed =
-            std::mem::take(&mut inst.gpu_alloc_failed) || exit == Exit::Code(GPU_ALLOC);
+        let gpu_failed = std::mem::take(&mut inst.gpu_alloc_failed)
+            || matches!(exit, Exit::Code(c) if exit_kind(c) == ExitKind::GpuAlloc);
         if gpu_failed && inst.gpu.alloc_failed() {
             Entry::of(Event::GpuFallback, name, inst).log(format_args!(
                 "{} GPU allocation failures: running on the CPU until `supervisor restart {name}`",

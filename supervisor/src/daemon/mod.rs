@@ -88,8 +88,7 @@ pub enum DaemonError {
 pub struct Admitted {
     pub estimate: u64,
     pub required: u64,
-    /// `file`, `gguf` or `learned`.
-    pub source: String,
+    pub source: belljar_budget::estimate::Origin,
     /// `memory.low`: the estimate less what is reclaimable.
     pub protected: u64,
     /// The model's identity, for recording this instance's observed peaks.
@@ -611,7 +610,7 @@ impl Daemon {
                     last_exit: i.last_exit.clone(),
                     load_progress: i.load_progress,
                     allocated: self.ledger.get(name).unwrap_or(0),
-                    estimate_source: i.estimate_source.clone(),
+                    estimate_source: i.estimate_source.as_str().to_owned(),
                     memory: MemoryStatus {
                         current: stats.map(|s| s.current),
                         limit: stats.and_then(|s| s.limit),

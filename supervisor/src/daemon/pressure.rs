@@ -6,7 +6,7 @@
 
 use std::time::Instant;
 
-use belljar_budget::pressure::{Candidate, Level, Levels, Threshold, restore_order, shed_victim};
+use belljar_budget::pressure::{Candidate, Level, Levels, restore_order, shed_victim};
 use belljar_budget::{HostMemory, Size, precheck};
 use belljar_host::pressure::{Source, effective_memory, major_faults};
 use belljar_protocol::worker::{PressureNotice, SupervisorMsg};
@@ -15,21 +15,14 @@ use super::Daemon;
 use super::events::{Entry, Event};
 use super::instance::{AfterStop, State};
 
-fn threshold(t: belljar_config::Threshold) -> Threshold {
-    match t {
-        belljar_config::Threshold::PercentUsed(p) => Threshold::PercentUsed(p),
-        belljar_config::Threshold::Available(s) => Threshold::Available(s.bytes()),
-    }
-}
-
 impl Daemon {
     pub(super) fn levels(&self) -> Levels {
         let p = &self.cfg.config.pressure;
         Levels {
-            warning: threshold(p.warning),
-            critical: threshold(p.critical),
-            emergency: threshold(p.emergency),
-            restore: threshold(p.restore),
+            warning: p.warning,
+            critical: p.critical,
+            emergency: p.emergency,
+            restore: p.restore,
         }
     }
 
@@ -114,9 +107,8 @@ impl Daemon {
             self.level = new;
             for inst in self.instances.values() {
                 if let Some(w) = &inst.worker {
-                    let _ = w.tx.send(SupervisorMsg::Pressure(PressureNotice {
-                        level: new.as_str().to_owned(),
-                    }));
+                    let _ =
+                        w.tx.send(SupervisorMsg::Pressure(PressureNotice { level: new }));
                 }
             }
         }
