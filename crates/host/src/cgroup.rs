@@ -71,7 +71,13 @@ pub struct MemoryStats {
     pub oom_kill: u64,
 }
 
-/// One cgroup version's file semantics.
+/// Everything the supervisor does with cgroups, for one cgroup version. The supervisor calls
+/// only this trait (a test backend can stand in for the kernel); `V1` and `V2` implement the
+/// version-specific files and share the rest (the provided methods: cgroup directories and
+/// `cgroup.procs` work the same on both).
+///
+/// Every method but `destroy` is quick (a few small reads or writes); `destroy` waits for the
+/// cgroup's processes to go and may block for up to its timeout: call it on a blocking thread.
 pub trait CgroupBackend: std::fmt::Debug + Send + Sync {
     fn version(&self) -> Version;
     /// The hierarchy root this backend works under.
@@ -82,6 +88,50 @@ pub trait CgroupBackend: std::fmt::Debug + Send + Sync {
     /// Kills every process in `dir` (not waiting for them to go).
     fn kill_all(&self, dir: &Path) -> Result<(), CgroupError>;
     fn memory(&self, dir: &Path) -> Result<MemoryStats, CgroupError>;
+
+    /// Whether the cgroup `dir` exists.
+    fn exists(&self, dir: &Path) -> bool {
+        dir.is_dir()
+    }
+    /// Creates the fresh, empty cgroup `dir` for one run (an error when it already exists).
+    fn create(&self, dir: &Path) -> Result<(), CgroupError> {
+        fs::create_dir(dir).map_err(io_err("create cgroup", dir))
+    }
+    /// Creates `dir` and its missing parents (a cgroup the supervisor moves itself into).
+    fn create_all(&self, dir: &Path) -> Result<(), CgroupError> {
+        fs::create_dir_all(dir).map_err(io_err("create", dir))
+    }
+    /// What a child needs to join `dir` between fork and exec: a descriptor it writes `0` to
+    /// (`cgroup.procs`, opened for writing), so it is in its cgroup before it runs an
+    /// instruction of its own.
+    fn attach_handle(&self, dir: &Path) -> Result<OwnedFd, CgroupError> {
+        open_procs(dir)
+    }
+    /// Moves process `pid` into `dir`.
+    fn attach(&self, dir: &Path, pid: u32) -> Result<(), CgroupError> {
+        attach(dir, pid)
+    }
+    /// The pids in `dir` (empty when it does not exist).
+    fn procs(&self, dir: &Path) -> Result<Vec<u32>, CgroupError> {
+        procs(dir)
+    }
+    /// The child cgroups of `dir`, sorted.
+    fn subdirs(&self, dir: &Path) -> Result<Vec<PathBuf>, CgroupError> {
+        subdirs(dir)
+    }
+    /// Kills everything in `dir` and its sub-cgroups, waits (at most `timeout`) until they are
+    /// gone and removes the directories; a missing `dir` is fine. Blocks: run it off the loop.
+    fn destroy(&self, dir: &Path, timeout: Duration) -> Result<(), CgroupError> {
+        destroy(self, dir, timeout)
+    }
+    /// A descriptor that becomes readable when `dir`'s OOM state may have changed.
+    fn oom_watch(&self, dir: &Path) -> Result<OomWatch, CgroupError> {
+        OomWatch::new(self.version(), dir)
+    }
+    /// Major page faults charged to `dir` so far (`None` where the kernel does not say).
+    fn major_faults(&self, dir: &Path) -> Option<u64> {
+        crate::pressure::major_faults(self.version(), dir)
+    }
 }
 
 /// Finds the memory hierarchy: `root` is the cgroup mount (default /sys/fs/cgroup), a v2 mount,
@@ -287,20 +337,20 @@ pub fn attach(dir: &Path, pid: u32) -> Result<(), CgroupError> {
 
 /// Kills everything in `dir` and its sub-cgroups, waits (bounded) until they are gone, and
 /// removes the directories. A missing `dir` is fine.
-pub fn destroy(
-    backend: &dyn CgroupBackend,
+pub fn destroy<B: CgroupBackend + ?Sized>(
+    backend: &B,
     dir: &Path,
     timeout: Duration,
 ) -> Result<(), CgroupError> {
-    if !dir.exists() {
+    if !backend.exists(dir) {
         return Ok(());
     }
-    for child in subdirs(dir)? {
+    for child in backend.subdirs(dir)? {
         destroy(backend, &child, timeout)?;
     }
     let deadline = Instant::now() + timeout;
     loop {
-        if procs(dir)?.is_empty() {
+        if backend.procs(dir)?.is_empty() {
             break;
         }
         backend.kill_all(dir)?;

@@ -8,6 +8,7 @@ pub mod model_file;
 pub mod pressure;
 pub mod proc_ctl;
 pub mod process;
+pub mod spawn;
 
 pub use meminfo::{MemInfoError, ProcRoot, read_host_memory};
 pub use model_file::{ModelFile, ModelFileError, probe_model_file};

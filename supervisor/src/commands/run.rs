@@ -156,13 +156,17 @@ pub fn run(global: &GlobalArgs, args: &RunArgs) -> Result<Exit, CliError> {
     cgroups
         .prepare_parent(&parent)
         .map_err(|e| CliError::Refused(e.to_string()))?;
-    for leftover in cgroup::subdirs(&parent).map_err(|e| CliError::Refused(e.to_string()))? {
+    for leftover in cgroups
+        .subdirs(&parent)
+        .map_err(|e| CliError::Refused(e.to_string()))?
+    {
         if leftover.ends_with(SUPERVISOR_LEAF) {
             continue;
         }
-        let procs = cgroup::procs(&leftover).map(|p| p.len()).unwrap_or(0);
+        let procs = cgroups.procs(&leftover).map(|p| p.len()).unwrap_or(0);
         tracing::warn!(cgroup = %leftover.display(), processes = procs, "removing a leftover instance cgroup from a previous run");
-        cgroup::destroy(&*cgroups, &leftover, std::time::Duration::from_secs(5))
+        cgroups
+            .destroy(&leftover, std::time::Duration::from_secs(5))
             .map_err(|e| CliError::Refused(e.to_string()))?;
     }
     Entry::new(Event::Started).log(format_args!(
@@ -214,6 +218,7 @@ pub fn run(global: &GlobalArgs, args: &RunArgs) -> Result<Exit, CliError> {
         .collect();
     let cfg = DaemonConfig {
         cgroups,
+        spawner: Box::new(daemon::host::Processes),
         parent,
         remove_parent,
         state_dir,
@@ -300,9 +305,10 @@ fn cgroup_parent(
         {
             let own = cgroups.root().join(own);
             let leaf = own.join(SUPERVISOR_LEAF);
-            std::fs::create_dir_all(&leaf)
-                .map_err(|e| CliError::Refused(format!("cannot create {}: {e}", leaf.display())))?;
-            cgroup::attach(&leaf, std::process::id()).map_err(|e| {
+            cgroups
+                .create_all(&leaf)
+                .map_err(|e| CliError::Refused(e.to_string()))?;
+            cgroups.attach(&leaf, std::process::id()).map_err(|e| {
                 CliError::Refused(format!(
                     "{e}; is the unit started with Delegate=yes? (or pass --cgroup-parent)"
                 ))

@@ -9,7 +9,6 @@ use std::time::Instant;
 use belljar_budget::gpu::{GpuAction, GpuCandidate, GpuReading, attribute, decide, released};
 use belljar_budget::precheck;
 use belljar_budget::pressure::{Level, Levels, Threshold};
-use belljar_host::cgroup;
 
 use super::Daemon;
 use super::events::{Entry, Event};
@@ -98,7 +97,7 @@ impl Daemon {
         let mut owner: HashMap<u32, String> = HashMap::new();
         for (name, inst) in &self.instances {
             if let Some(w) = &inst.worker {
-                for pid in cgroup::procs(&w.cgroup).unwrap_or_default() {
+                for pid in self.cfg.cgroups.procs(&w.cgroup).unwrap_or_default() {
                     owner.insert(pid, name.clone());
                 }
             }

@@ -66,7 +66,7 @@ impl Daemon {
             log_oom(name, inst, &worker, &st);
         }
         // The cgroup goes with the worker: anything it left behind dies here.
-        if let Err(e) = cgroup::destroy(&*self.cfg.cgroups, &worker.cgroup, CGROUP_TIMEOUT) {
+        if let Err(e) = self.cfg.cgroups.destroy(&worker.cgroup, CGROUP_TIMEOUT) {
             tracing::error!(instance = %name, "cannot remove cgroup: {e}");
         }
         let said = inst.worker_said.take();

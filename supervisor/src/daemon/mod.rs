@@ -8,6 +8,7 @@ mod commands;
 mod control;
 pub mod events;
 mod gpu;
+pub mod host;
 mod instance;
 mod lifecycle;
 mod metrics;
@@ -27,8 +28,8 @@ use std::time::{Duration, Instant};
 use belljar_budget::Ledger;
 use belljar_budget::ratelimit::LineLimiter;
 use belljar_host::ProcRoot;
-use belljar_host::cgroup::{self, CgroupBackend};
-use belljar_host::proc_ctl;
+use belljar_host::cgroup::CgroupBackend;
+use belljar_host::proc_ctl::Exit;
 use belljar_protocol::control::{
     AskDone, BudgetStatus, ControlError, GpuStatus, HostStatus, InstanceStatus, MemoryStatus,
     OkReply, Response, StatusReport, TokenText,
@@ -37,7 +38,6 @@ use belljar_protocol::tokio_io::{read_frame, write_frame};
 use belljar_protocol::worker::{SupervisorMsg, Welcome, WorkerMsg};
 use belljar_protocol::{MAX_FRAME, PROTOCOL_VERSION, decode};
 use tokio::net::UnixListener;
-use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::mpsc;
 
 pub use control::Access;
@@ -54,6 +54,8 @@ const CGROUP_TIMEOUT: Duration = Duration::from_secs(5);
 #[derive(Debug)]
 pub struct DaemonConfig {
     pub cgroups: Box<dyn CgroupBackend>,
+    /// Starts workers and reports child exits (`host::Processes` for real ones).
+    pub spawner: Box<dyn host::Spawner>,
     /// The absolute cgroup directory that holds the instance cgroups.
     pub parent: PathBuf,
     /// Remove `parent` itself at shutdown (false when it is the supervisor's own delegated
@@ -151,12 +153,15 @@ struct Daemon {
 
 /// Runs the daemon until `shutdown` resolves and every worker has stopped.
 pub async fn serve(
-    cfg: DaemonConfig,
+    mut cfg: DaemonConfig,
     listener: UnixListener,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), DaemonError> {
     let (tx, mut rx) = mpsc::unbounded_channel();
-    let mut sigchld = signal(SignalKind::child()).map_err(DaemonError::Setup)?;
+    let (exit_tx, mut exits) = mpsc::unbounded_channel();
+    cfg.spawner
+        .watch_exits(exit_tx)
+        .map_err(DaemonError::Setup)?;
     tokio::spawn(control::accept_loop(
         listener,
         tx.clone(),
@@ -204,12 +209,10 @@ pub async fn serve(
         let deadline = daemon.next_deadline();
         tokio::select! {
             Some(ev) = rx.recv() => daemon.handle(ev),
-            _ = sigchld.recv() => daemon.reap(),
+            Some((pid, exit)) = exits.recv() => daemon.on_child_exit(pid, exit),
             () = &mut shutdown, if !daemon.stopping => daemon.begin_stop(),
             () = sleep_until(deadline), if deadline.is_some() => daemon.deadlines(),
         }
-        // A SIGCHLD may have been coalesced with one already handled: reaping is idempotent.
-        daemon.reap();
         // Timers already due (a zero backoff) run now: the timer wheel's 1 ms tick would
         // otherwise add up to a millisecond to every immediate restart.
         if daemon.next_deadline().is_some_and(|d| d <= Instant::now()) {
@@ -259,14 +262,20 @@ impl Daemon {
 
     fn start(&mut self, inst: &mut Instance) {
         let env = spawn::SpawnEnv {
-            cgroups: &*self.cfg.cgroups,
             parent: &self.cfg.parent,
             worker_bin: &self.cfg.worker_bin,
             state_dir: &self.cfg.state_dir,
             headroom: self.cfg.headroom,
         };
         let name = inst.spec.name.to_string();
-        match spawn::spawn(&env, inst) {
+        let req = spawn::request(&env, inst);
+        let spawned = self
+            .cfg
+            .cgroups
+            .destroy(&req.cgroup, CGROUP_TIMEOUT)
+            .map_err(|e| e.to_string())
+            .and_then(|()| self.cfg.spawner.spawn(&req, &*self.cfg.cgroups));
+        match spawned {
             Ok(s) => {
                 self.generation += 1;
                 let generation = self.generation;
@@ -336,7 +345,10 @@ impl Daemon {
         generation: u64,
         dir: &std::path::Path,
     ) -> Option<tokio::task::JoinHandle<()>> {
-        let watch = match cgroup::OomWatch::new(self.cfg.cgroups.version(), dir)
+        let watch = match self
+            .cfg
+            .cgroups
+            .oom_watch(dir)
             .map_err(|e| e.to_string())
             .and_then(|w| {
                 // SAFETY: the OomWatch owns its descriptor (eventfd or inotify), keeps it open for
@@ -550,36 +562,35 @@ impl Daemon {
         }
     }
 
-    /// Collects every exited child: workers are classified; orphans re-parented to us (a
-    /// worker's double-forked children) are simply reaped.
-    fn reap(&mut self) {
-        for (pid, exit) in proc_ctl::reap_all() {
-            let name = self
-                .instances
-                .iter()
-                .find(|(_, i)| i.worker.as_ref().is_some_and(|w| w.pid == pid))
-                .map(|(n, _)| n.clone());
-            match name {
-                Some(name) => self.on_exit(&name, exit),
-                None => tracing::debug!(pid, "reaped an orphaned descendant"),
-            }
+    /// A child exited (reported by the spawner): workers are classified; orphans re-parented
+    /// to us (a worker's double-forked children) were simply reaped.
+    fn on_child_exit(&mut self, pid: u32, exit: Exit) {
+        let name = self
+            .instances
+            .iter()
+            .find(|(_, i)| i.worker.as_ref().is_some_and(|w| w.pid == pid))
+            .map(|(n, _)| n.clone());
+        match name {
+            Some(name) => self.on_exit(&name, exit),
+            None => tracing::debug!(pid, "reaped an orphaned descendant"),
         }
     }
 
     fn final_cleanup(&mut self) {
-        let dirs = cgroup::subdirs(&self.cfg.parent).unwrap_or_default();
+        let cgroups = &*self.cfg.cgroups;
+        let dirs = cgroups.subdirs(&self.cfg.parent).unwrap_or_default();
         for dir in dirs.iter().filter(|d| !d.ends_with(SUPERVISOR_LEAF)) {
-            if let Err(e) = cgroup::destroy(&*self.cfg.cgroups, dir, CGROUP_TIMEOUT) {
+            if let Err(e) = cgroups.destroy(dir, CGROUP_TIMEOUT) {
                 tracing::error!("cannot remove {}: {e}", dir.display());
             }
         }
         if self.cfg.remove_parent {
-            if let Err(e) = cgroup::destroy(&*self.cfg.cgroups, &self.cfg.parent, CGROUP_TIMEOUT) {
+            if let Err(e) = cgroups.destroy(&self.cfg.parent, CGROUP_TIMEOUT) {
                 tracing::error!("cannot remove {}: {e}", self.cfg.parent.display());
             }
         }
         // Whatever died in the clean-up is ours to reap.
-        let _ = proc_ctl::reap_all();
+        self.cfg.spawner.reap_remaining();
         Entry::new(Lifecycle::Stopped).log(format_args!("stopped"));
     }
 

@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use belljar_budget::pressure::{Candidate, Level, Levels, restore_order, shed_victim};
 use belljar_budget::{HostMemory, Size, precheck};
-use belljar_host::pressure::{Source, effective_memory, major_faults};
+use belljar_host::pressure::{Source, effective_memory};
 use belljar_protocol::worker::{PressureNotice, SupervisorMsg};
 
 use super::Daemon;
@@ -173,13 +173,12 @@ impl Daemon {
     /// Samples each running instance's major faults; flags and clears `thrashing`.
     fn detect_thrashing(&mut self, window: std::time::Duration, rate: f64) {
         let now = self.now();
-        let version = self.cfg.cgroups.version();
         for (name, inst) in &mut self.instances {
             let Some(w) = &inst.worker else {
                 inst.thrashing = false;
                 continue;
             };
-            let Some(faults) = major_faults(version, &w.cgroup) else {
+            let Some(faults) = self.cfg.cgroups.major_faults(&w.cgroup) else {
                 continue;
             };
             let thrashing = inst.thrash.sample(now, faults, window, rate);
