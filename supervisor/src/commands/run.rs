@@ -217,7 +217,7 @@ pub fn run(global: &GlobalArgs, args: &RunArgs) -> Result<Exit, CliError> {
         })
         .collect();
     let cfg = DaemonConfig {
-        cgroups,
+        cgroups: cgroups.into(),
         spawner: Box::new(daemon::host::Processes),
         parent,
         remove_parent,

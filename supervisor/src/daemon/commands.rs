@@ -34,48 +34,23 @@ impl Daemon {
         }
     }
 
-    /// Resolves an added instance against `[defaults]` and checks what needs no ledger: the
-    /// name, the model file and the per-instance cap.
-    fn plan_added(&self, req: &AddRequest) -> Result<Instance, Response> {
-        let name = InstanceName::parse(&req.name).map_err(|e| usage(e.to_string()))?;
-        let file = probe_model_file(&req.model).map_err(|e| usage(e.to_string()))?;
-        let section = InstanceSection {
-            model: Some(req.model.clone()),
-            ram_limit: req.ram_limit.map(Size),
-            ctx: req.ctx,
-            gpu_layers: req.gpu_layers,
-            gpu_device: req.gpu_device,
-            priority: req.priority,
-            ..InstanceSection::default()
-        };
-        let threads = (cpu_count() / (self.instances.len() as u32 + 1)).max(1);
-        let spec = self.cfg.config.spec(&name, &section, threads);
-        let policy = self.cfg.config.budget_policy();
-        let e =
-            crate::estimating::estimate(&spec, file.size, &crate::learn::load(&self.cfg.state_dir));
-        let (estimate, source) = e.planned.estimate(&policy);
-        let required = required(spec.ram_limit, estimate);
-        let cap = policy.per_instance_cap(self.ledger.capacity());
-        if required > cap {
-            return Err(refused(format!(
-                "{name} would need {} but one instance may take at most {} (per_instance_max {} of {}); lower --ram-limit or use a smaller model",
-                Size(required),
-                Size(cap),
-                policy.per_instance_max,
-                Size(self.ledger.capacity())
-            )));
+    /// What planning an added instance needs from the loop, so the plan itself (file reads)
+    /// can run anywhere.
+    fn plan_input(&self, req: &AddRequest) -> PlanInput {
+        PlanInput {
+            req: req.clone(),
+            config: self.cfg.config.clone(),
+            state_dir: self.cfg.state_dir.clone(),
+            others: self.instances.len(),
+            capacity: self.ledger.capacity(),
         }
-        let admitted = super::Admitted {
-            estimate,
-            required,
-            source,
-            protected: crate::estimating::protected(estimate, source, e.breakdown.as_ref()),
-            vram: crate::estimating::vram(&spec, &e).unwrap_or(0),
-            identity: e.identity,
-        };
-        let mut inst = Instance::new(spec, admitted);
+    }
+
+    /// An added instance from its plan.
+    fn added_instance(plan: Plan, req: &AddRequest) -> Instance {
+        let mut inst = Instance::new(plan.spec, plan.admitted);
         inst.added = Some(req.clone());
-        Ok(inst)
+        inst
     }
 
     /// VRAM for an instance added with `gpu_layers`: its reservation and those of the instances
@@ -134,7 +109,16 @@ impl Daemon {
         })
     }
 
+    /// Checks the name, then plans the instance on the blocking pool (the model's header and
+    /// the observations are read from disk); `finish_add` goes on when the plan is ready.
     fn add(&mut self, req: AddRequest, reply: ReplyTx) {
+        if self.adding.contains_key(&req.name) {
+            let _ = reply.send(refused(format!(
+                "instance {} is being added by another request; wait for it to finish",
+                req.name
+            )));
+            return;
+        }
         if let Some(existing) = self.instances.get(&req.name) {
             let _ = reply.send(if existing.added.as_ref() == Some(&req) {
                 ok(format!("{} already exists with this spec; nothing changed", req.name))
@@ -146,8 +130,27 @@ impl Daemon {
             });
             return;
         }
-        let mut inst = match self.plan_added(&req) {
-            Ok(i) => i,
+        let input = self.plan_input(&req);
+        let events = self.events.clone();
+        let name = req.name.clone();
+        self.adding.insert(name.clone(), (req, reply));
+        tokio::task::spawn_blocking(move || {
+            let plan = Box::new(plan(&input));
+            let _ = events.send(super::Event::Planned { name, plan });
+        });
+    }
+
+    /// The rest of `add` once its plan is ready: VRAM, layer 2, layer 3, persistence, start.
+    pub(super) fn finish_add(&mut self, name: &str, plan: Result<Plan, Response>) {
+        let Some((req, reply)) = self.adding.remove(name) else {
+            return;
+        };
+        if self.stopping {
+            let _ = reply.send(refused("the supervisor is shutting down".into()));
+            return;
+        }
+        let mut inst = match plan {
+            Ok(p) => Self::added_instance(p, &req),
             Err(r) => {
                 let _ = reply.send(r);
                 return;
@@ -196,12 +199,8 @@ impl Daemon {
         ));
 
         inst.waiters.push(reply);
+        // A failed start tells the waiting client why.
         self.start(&mut inst);
-        if inst.state == State::Failed {
-            for w in inst.waiters.drain(..) {
-                let _ = w.send(refused(inst.reason.clone()));
-            }
-        }
         self.instances.insert(name, inst);
     }
 
@@ -378,8 +377,9 @@ impl Daemon {
                 tracing::warn!(instance = %req.name, "a persisted instance has the name of a mode instance; the mode's wins");
                 continue;
             }
-            match self.plan_added(&req) {
-                Ok(inst) => {
+            match plan(&self.plan_input(&req)) {
+                Ok(p) => {
+                    let inst = Self::added_instance(p, &req);
                     tracing::info!(instance = %req.name, "restoring an instance added at run time");
                     self.admit(req.name.clone(), inst);
                 }
@@ -390,6 +390,69 @@ impl Daemon {
             }
         }
     }
+}
+
+/// The inputs of an added instance's plan.
+#[derive(Debug)]
+struct PlanInput {
+    req: AddRequest,
+    config: belljar_config::Config,
+    state_dir: std::path::PathBuf,
+    /// How many instances there are already (they share the CPUs).
+    others: usize,
+    /// The ledger's capacity, for the per-instance cap.
+    capacity: u64,
+}
+
+/// An added instance, resolved and estimated.
+#[derive(Debug)]
+pub(super) struct Plan {
+    spec: belljar_config::InstanceSpec,
+    admitted: super::Admitted,
+}
+
+/// Resolves an added instance against `[defaults]` and checks what needs no ledger: the name,
+/// the model file and the per-instance cap. Reads the model's header and the observations:
+/// blocking file I/O, run off the loop.
+fn plan(input: &PlanInput) -> Result<Plan, Response> {
+    let req = &input.req;
+    let name = InstanceName::parse(&req.name).map_err(|e| usage(e.to_string()))?;
+    let file = probe_model_file(&req.model).map_err(|e| usage(e.to_string()))?;
+    let section = InstanceSection {
+        model: Some(req.model.clone()),
+        ram_limit: req.ram_limit.map(Size),
+        ctx: req.ctx,
+        gpu_layers: req.gpu_layers,
+        gpu_device: req.gpu_device,
+        priority: req.priority,
+        ..InstanceSection::default()
+    };
+    let others = u32::try_from(input.others).unwrap_or(u32::MAX);
+    let threads = (cpu_count() / others.saturating_add(1)).max(1);
+    let spec = input.config.spec(&name, &section, threads);
+    let policy = input.config.budget_policy();
+    let e = crate::estimating::estimate(&spec, file.size, &crate::learn::load(&input.state_dir));
+    let (estimate, source) = e.planned.estimate(&policy);
+    let required = required(spec.ram_limit, estimate);
+    let cap = policy.per_instance_cap(input.capacity);
+    if required > cap {
+        return Err(refused(format!(
+            "{name} would need {} but one instance may take at most {} (per_instance_max {} of {}); lower --ram-limit or use a smaller model",
+            Size(required),
+            Size(cap),
+            policy.per_instance_max,
+            Size(input.capacity)
+        )));
+    }
+    let admitted = super::Admitted {
+        estimate,
+        required,
+        source,
+        protected: crate::estimating::protected(estimate, source, e.breakdown.as_ref()),
+        vram: crate::estimating::vram(&spec, &e).unwrap_or(0),
+        identity: e.identity,
+    };
+    Ok(Plan { spec, admitted })
 }
 
 fn unknown(name: &str) -> Response {

@@ -32,7 +32,10 @@ pub struct Access {
 }
 
 impl Access {
-    fn allows(&self, uid: u32, gid: u32) -> bool {
+    /// Whether the peer may control the supervisor. The supplementary-group check looks the
+    /// user up (NSS: files, but maybe LDAP or sssd), which can block: it runs on the blocking
+    /// pool, since connection tasks share the event loop's thread.
+    async fn allows(&self, uid: u32, gid: u32) -> bool {
         let uid = Uid::from_raw(uid);
         if uid.is_root() || uid == self.own_uid {
             return true;
@@ -43,14 +46,20 @@ impl Access {
         if Gid::from_raw(gid) == group {
             return true;
         }
-        // Supplementary groups of the peer's user.
-        User::from_uid(uid).ok().flatten().is_some_and(|u| {
-            std::ffi::CString::new(u.name)
-                .ok()
-                .and_then(|name| nix::unistd::getgrouplist(&name, u.gid).ok())
-                .is_some_and(|groups| groups.contains(&group))
-        })
+        tokio::task::spawn_blocking(move || in_supplementary_group(uid, group))
+            .await
+            .unwrap_or(false)
     }
+}
+
+/// Whether `group` is one of the supplementary groups of the user `uid` (blocking lookups).
+fn in_supplementary_group(uid: Uid, group: Gid) -> bool {
+    User::from_uid(uid).ok().flatten().is_some_and(|u| {
+        std::ffi::CString::new(u.name)
+            .ok()
+            .and_then(|name| nix::unistd::getgrouplist(&name, u.gid).ok())
+            .is_some_and(|groups| groups.contains(&group))
+    })
 }
 
 pub(super) async fn accept_loop(
@@ -95,7 +104,7 @@ async fn serve_one(mut stream: UnixStream, events: mpsc::UnboundedSender<Event>,
 /// Peer check, hello exchange and the command; answers and returns None when any of it fails.
 async fn handshake(stream: &mut UnixStream, access: &Access) -> Option<Command> {
     let cred = stream.peer_cred().ok()?;
-    if !access.allows(cred.uid(), cred.gid()) {
+    if !access.allows(cred.uid(), cred.gid()).await {
         tracing::warn!(uid = cred.uid(), pid = ?cred.pid(), "control connection refused: not root, the supervisor's user or the control group");
         let _ = send(stream, &error(
             format!("permission denied: uid {} may not control this supervisor (root, its own user, or members of [control] group only)", cred.uid()),

@@ -79,6 +79,8 @@ pub struct Worker {
     pub oom_watch: Option<tokio::task::JoinHandle<()>>,
     /// The cgroup's `oom_kill` counter as last seen by the OOM watch.
     pub oom_seen: u64,
+    /// The process has exited; the run ends once its cgroup is removed.
+    pub exited: bool,
 }
 
 impl Drop for Worker {
@@ -229,7 +231,7 @@ impl Instance {
     /// When the watchdog fires for the current run, if it is watched now: 3 missed heartbeats
     /// while ready, or no load progress for `load_stall_timeout` while starting or loading.
     pub fn watchdog_deadline(&self) -> Option<Instant> {
-        if self.worker.is_none() || self.watchdog_fired {
+        if self.worker.as_ref().is_none_or(|w| w.exited) || self.watchdog_fired {
             return None;
         }
         match self.state {

@@ -13,7 +13,7 @@ use belljar_protocol::exit::{ExitKind, kind as exit_kind};
 use super::events::{Entry, Event};
 use super::instance::{GpuRelease, Instance, State, Worker};
 
-use super::{CGROUP_TIMEOUT, Daemon, refused};
+use super::{Daemon, refused};
 
 /// How often a restart waiting for a GPU release looks again.
 const GPU_RELEASE_POLL: Duration = Duration::from_millis(250);
@@ -26,8 +26,15 @@ impl Daemon {
         self.epoch.elapsed()
     }
 
-    /// Classifies a worker's exit exactly once and applies the restart policy.
-    pub(super) fn on_exit(&mut self, name: &str, exit: Exit) {
+    /// Classifies a worker's exit exactly once and applies the restart policy. Runs once the
+    /// run's cgroup is gone (`stats` are its counters, read when the exit was reaped).
+    pub(super) fn on_exit(
+        &mut self,
+        name: &str,
+        pid: u32,
+        exit: Exit,
+        stats: Option<cgroup::MemoryStats>,
+    ) {
         let now = self.now();
         let cap = self
             .cfg
@@ -37,12 +44,9 @@ impl Daemon {
         let Some(inst) = self.instances.get_mut(name) else {
             return;
         };
-        let Some(worker) = inst.worker.take() else {
+        let Some(worker) = inst.worker.take_if(|w| w.pid == pid) else {
             return;
         };
-        // Read the run's counters before its cgroup goes: a fresh cgroup per start means every
-        // oom_kill here belongs to this run.
-        let stats = self.cfg.cgroups.memory(&worker.cgroup).ok();
         let limit = stats.and_then(|s| s.limit).unwrap_or(inst.required);
         inst.last_peak = stats.and_then(|s| s.peak);
         // Learned corrections: a run that got as far as serving records its peak.
@@ -64,10 +68,6 @@ impl Daemon {
         // Logged once per kill: by the OOM watch when it came first, else here.
         if let Some(st) = stats.filter(|s| s.oom_kill > worker.oom_seen) {
             log_oom(name, inst, &worker, &st);
-        }
-        // The cgroup goes with the worker: anything it left behind dies here.
-        if let Err(e) = self.cfg.cgroups.destroy(&worker.cgroup, CGROUP_TIMEOUT) {
-            tracing::error!(instance = %name, "cannot remove cgroup: {e}");
         }
         let said = inst.worker_said.take();
         let (class, last_exit, what) = match exit {

@@ -19,10 +19,13 @@ mod output;
 pub(crate) mod persist;
 mod pressure;
 mod spawn;
+#[cfg(test)]
+mod tests;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use belljar_budget::Ledger;
@@ -47,13 +50,14 @@ use instance::{Instance, ReplyTx, Worker};
 
 /// How long an OOM notification waits for the kernel to count the kill.
 const OOM_SETTLE: Duration = Duration::from_millis(20);
-/// How long the final clean-up waits for a cgroup to empty.
+/// How long a cgroup's removal waits for it to empty.
 const CGROUP_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// What `serve` needs, resolved by the `run` command.
 #[derive(Debug)]
 pub struct DaemonConfig {
-    pub cgroups: Box<dyn CgroupBackend>,
+    /// Shared with the blocking pool, where cgroups are destroyed.
+    pub cgroups: Arc<dyn CgroupBackend>,
     /// Starts workers and reports child exits (`host::Processes` for real ones).
     pub spawner: Box<dyn host::Spawner>,
     /// The absolute cgroup directory that holds the instance cgroups.
@@ -119,6 +123,27 @@ enum Event {
     },
     /// A PSI trigger fired: tasks are stalling on memory, read the pressure now.
     PressureWake,
+    /// A cgroup's removal (on the blocking pool) is over.
+    CgroupGone {
+        dir: PathBuf,
+        result: Result<(), String>,
+    },
+    /// An added instance's plan (model probe, header, observations: read on the blocking
+    /// pool) is ready.
+    Planned {
+        name: String,
+        plan: Box<Result<commands::Plan, Response>>,
+    },
+}
+
+/// A worker's exit waiting for its cgroup's removal.
+#[derive(Debug)]
+struct Exiting {
+    name: String,
+    pid: u32,
+    exit: Exit,
+    /// The run's cgroup counters, read when the exit was reaped.
+    stats: Option<belljar_host::cgroup::MemoryStats>,
 }
 
 struct Daemon {
@@ -149,6 +174,14 @@ struct Daemon {
     gpu_last_action: BTreeMap<u32, Instant>,
     /// Writes observed peaks for the learned corrections, off the loop.
     learn: crate::learn::Recorder,
+    /// Cgroups being removed on the blocking pool: nothing new starts in one until it is gone.
+    destroying: BTreeSet<PathBuf>,
+    /// Instances whose start waits for their cgroup's removal.
+    deferred_starts: BTreeSet<String>,
+    /// Runs whose worker exited, by cgroup: classified once the cgroup is gone.
+    exiting: BTreeMap<PathBuf, Exiting>,
+    /// `add`s being planned on the blocking pool: the request and its client, by name.
+    adding: BTreeMap<String, (belljar_protocol::control::AddRequest, ReplyTx)>,
 }
 
 /// Runs the daemon until `shutdown` resolves and every worker has stopped.
@@ -198,6 +231,10 @@ pub async fn serve(
         gpu_readings: Vec::new(),
         gpu_level: BTreeMap::new(),
         gpu_last_action: BTreeMap::new(),
+        destroying: BTreeSet::new(),
+        deferred_starts: BTreeSet::new(),
+        exiting: BTreeMap::new(),
+        adding: BTreeMap::new(),
         cfg,
     };
     daemon.admit_all();
@@ -219,11 +256,14 @@ pub async fn serve(
             daemon.deadlines();
         }
         daemon.notify_status();
-        if daemon.stopping && daemon.instances.values().all(|i| i.worker.is_none()) {
+        if daemon.stopping
+            && daemon.instances.values().all(|i| i.worker.is_none())
+            && daemon.destroying.is_empty()
+        {
             break;
         }
     }
-    daemon.final_cleanup();
+    daemon.final_cleanup().await;
     Ok(())
 }
 
@@ -269,13 +309,19 @@ impl Daemon {
         };
         let name = inst.spec.name.to_string();
         let req = spawn::request(&env, inst);
-        let spawned = self
-            .cfg
-            .cgroups
-            .destroy(&req.cgroup, CGROUP_TIMEOUT)
-            .map_err(|e| e.to_string())
-            .and_then(|()| self.cfg.spawner.spawn(&req, &*self.cfg.cgroups));
-        match spawned {
+        // One run per cgroup: a run's cgroup (or one left behind) goes before the next is made.
+        if self.destroying.contains(&req.cgroup) || self.cfg.cgroups.exists(&req.cgroup) {
+            self.destroy_later(req.cgroup);
+            self.deferred_starts.insert(name);
+            inst.restart_at = None;
+            inst.set(
+                State::Starting,
+                "waiting for the last run's cgroup to be removed",
+            );
+            return;
+        }
+        self.deferred_starts.remove(&name);
+        match self.cfg.spawner.spawn(&req, &*self.cfg.cgroups) {
             Ok(s) => {
                 self.generation += 1;
                 let generation = self.generation;
@@ -310,6 +356,7 @@ impl Daemon {
 
                 let oom_watch = self.watch_oom(&name, generation, &s.cgroup);
                 inst.worker = Some(Worker {
+                    exited: false,
                     pid: s.pid,
                     generation,
                     started: Instant::now(),
@@ -329,11 +376,70 @@ impl Daemon {
                 inst.restart_at = None;
                 inst.set(State::Starting, "worker started, waiting for its hello");
             }
-            Err(e) => {
-                self.ledger.release(&name);
-                inst.set(State::Failed, format!("cannot start: {e}"));
-                Entry::of(Lifecycle::Failed, &name, inst).log(format_args!("cannot start: {e}"));
+            Err(e) => self.cannot_start(&name, inst, &e),
+        }
+    }
+
+    /// A start that failed: the allocation goes, the instance is `failed`, and clients waiting
+    /// for it to become ready are told why.
+    fn cannot_start(&mut self, name: &str, inst: &mut Instance, e: &str) {
+        self.deferred_starts.remove(name);
+        self.ledger.release(name);
+        inst.set(State::Failed, format!("cannot start: {e}"));
+        Entry::of(Lifecycle::Failed, name, inst).log(format_args!("cannot start: {e}"));
+        for w in inst.waiters.drain(..) {
+            let _ = w.send(refused(inst.reason.clone()));
+        }
+    }
+
+    /// Removes a cgroup on the blocking pool (it may wait up to `CGROUP_TIMEOUT` for its
+    /// processes to go); `Event::CgroupGone` says when it is over.
+    fn destroy_later(&mut self, dir: PathBuf) {
+        if !self.destroying.insert(dir.clone()) {
+            return; // already under way
+        }
+        let cgroups = Arc::clone(&self.cfg.cgroups);
+        let events = self.events.clone();
+        tokio::task::spawn_blocking(move || {
+            let result = cgroups
+                .destroy(&dir, CGROUP_TIMEOUT)
+                .map_err(|e| e.to_string());
+            let _ = events.send(Event::CgroupGone { dir, result });
+        });
+    }
+
+    /// A cgroup is gone (or could not be removed): a start that waited for it goes ahead (or
+    /// fails with the reason).
+    fn on_cgroup_gone(&mut self, dir: PathBuf, result: Result<(), String>) {
+        self.destroying.remove(&dir);
+        let exiting = self.exiting.remove(&dir);
+        if let Err(e) = &result {
+            match &exiting {
+                Some(x) => tracing::error!(instance = %x.name, "cannot remove cgroup: {e}"),
+                None => tracing::error!(cgroup = %dir.display(), "cannot remove cgroup: {e}"),
             }
+        }
+        if let Some(x) = exiting {
+            self.on_exit(&x.name, x.pid, x.exit, x.stats);
+        }
+        let waiting: Vec<String> = self
+            .deferred_starts
+            .iter()
+            .filter(|n| self.cfg.parent.join(n.as_str()) == dir)
+            .cloned()
+            .collect();
+        for name in waiting {
+            self.deferred_starts.remove(&name);
+            let Some(mut inst) = self.instances.remove(&name) else {
+                continue;
+            };
+            if !self.stopping && inst.state == State::Starting && inst.worker.is_none() {
+                match &result {
+                    Ok(()) => self.start(&mut inst),
+                    Err(e) => self.cannot_start(&name, &mut inst, e),
+                }
+            }
+            self.instances.insert(name, inst);
         }
     }
 
@@ -462,6 +568,8 @@ impl Daemon {
                     self.pressure_tick();
                 }
             }
+            Event::CgroupGone { dir, result } => self.on_cgroup_gone(dir, result),
+            Event::Planned { name, plan } => self.finish_add(&name, *plan),
         }
     }
 
@@ -562,32 +670,63 @@ impl Daemon {
         }
     }
 
-    /// A child exited (reported by the spawner): workers are classified; orphans re-parented
-    /// to us (a worker's double-forked children) were simply reaped.
+    /// A child exited (reported by the spawner). A worker's run ends in two steps: now its
+    /// cgroup's counters are read and the cgroup is destroyed on the blocking pool (anything the
+    /// worker left behind dies there); once it is gone (`Event::CgroupGone`), the exit is
+    /// classified (`on_exit`). Orphans re-parented to us (a worker's double-forked children)
+    /// were simply reaped.
     fn on_child_exit(&mut self, pid: u32, exit: Exit) {
-        let name = self
-            .instances
-            .iter()
-            .find(|(_, i)| i.worker.as_ref().is_some_and(|w| w.pid == pid))
-            .map(|(n, _)| n.clone());
-        match name {
-            Some(name) => self.on_exit(&name, exit),
-            None => tracing::debug!(pid, "reaped an orphaned descendant"),
-        }
+        let found = self.instances.iter_mut().find_map(|(n, i)| {
+            i.worker
+                .as_mut()
+                .filter(|w| w.pid == pid && !w.exited)
+                .map(|w| (n.clone(), w))
+        });
+        let Some((name, worker)) = found else {
+            tracing::debug!(pid, "reaped an orphaned descendant");
+            return;
+        };
+        worker.exited = true;
+        // A fresh cgroup per start means every oom_kill counted here belongs to this run.
+        let stats = self.cfg.cgroups.memory(&worker.cgroup).ok();
+        let dir = worker.cgroup.clone();
+        self.exiting.insert(
+            dir.clone(),
+            Exiting {
+                name,
+                pid,
+                exit,
+                stats,
+            },
+        );
+        self.destroy_later(dir);
     }
 
-    fn final_cleanup(&mut self) {
-        let cgroups = &*self.cfg.cgroups;
-        let dirs = cgroups.subdirs(&self.cfg.parent).unwrap_or_default();
-        for dir in dirs.iter().filter(|d| !d.ends_with(SUPERVISOR_LEAF)) {
-            if let Err(e) = cgroups.destroy(dir, CGROUP_TIMEOUT) {
-                tracing::error!("cannot remove {}: {e}", dir.display());
-            }
+    /// Every instance cgroup (and the parent, when ours) goes, on the blocking pool.
+    async fn final_cleanup(&mut self) {
+        for (name, (_, reply)) in std::mem::take(&mut self.adding) {
+            let _ = reply.send(refused(format!(
+                "the supervisor is shutting down; {name} was not added"
+            )));
         }
-        if self.cfg.remove_parent {
-            if let Err(e) = cgroups.destroy(&self.cfg.parent, CGROUP_TIMEOUT) {
-                tracing::error!("cannot remove {}: {e}", self.cfg.parent.display());
+        let cgroups = Arc::clone(&self.cfg.cgroups);
+        let parent = self.cfg.parent.clone();
+        let remove_parent = self.cfg.remove_parent;
+        let cleanup = tokio::task::spawn_blocking(move || {
+            let dirs = cgroups.subdirs(&parent).unwrap_or_default();
+            for dir in dirs.iter().filter(|d| !d.ends_with(SUPERVISOR_LEAF)) {
+                if let Err(e) = cgroups.destroy(dir, CGROUP_TIMEOUT) {
+                    tracing::error!("cannot remove {}: {e}", dir.display());
+                }
             }
+            if remove_parent {
+                if let Err(e) = cgroups.destroy(&parent, CGROUP_TIMEOUT) {
+                    tracing::error!("cannot remove {}: {e}", parent.display());
+                }
+            }
+        });
+        if let Err(e) = cleanup.await {
+            tracing::error!("the cgroup clean-up did not finish: {e}");
         }
         // Whatever died in the clean-up is ours to reap.
         self.cfg.spawner.reap_remaining();
