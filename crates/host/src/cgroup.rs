@@ -119,6 +119,23 @@ pub trait CgroupBackend: std::fmt::Debug + Send + Sync {
     fn subdirs(&self, dir: &Path) -> Result<Vec<PathBuf>, CgroupError> {
         subdirs(dir)
     }
+    /// Removes `dir` now if nothing is left in it (no processes, no child cgroups): true when
+    /// it is gone (or was never there), false when it needs `destroy`. Never waits: the common
+    /// case, a run whose worker exited alone, costs a read and an rmdir.
+    fn remove_if_empty(&self, dir: &Path) -> Result<bool, CgroupError> {
+        if !self.exists(dir) {
+            return Ok(true);
+        }
+        if !self.procs(dir)?.is_empty() || !self.subdirs(dir)?.is_empty() {
+            return Ok(false);
+        }
+        match fs::remove_dir(dir) {
+            Ok(()) => Ok(true),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(true),
+            Err(e) if e.raw_os_error() == Some(nix::libc::EBUSY) => Ok(false),
+            Err(e) => Err(io_err("remove", dir)(e)),
+        }
+    }
     /// Kills everything in `dir` and its sub-cgroups, waits (at most `timeout`) until they are
     /// gone and removes the directories; a missing `dir` is fine. Blocks: run it off the loop.
     fn destroy(&self, dir: &Path, timeout: Duration) -> Result<(), CgroupError> {

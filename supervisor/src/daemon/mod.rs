@@ -675,6 +675,7 @@ impl Daemon {
     /// worker left behind dies there); once it is gone (`Event::CgroupGone`), the exit is
     /// classified (`on_exit`). Orphans re-parented to us (a worker's double-forked children)
     /// were simply reaped.
+    /// An empty cgroup is removed at once (a read and an rmdir), and the exit classified then.
     fn on_child_exit(&mut self, pid: u32, exit: Exit) {
         let found = self.instances.iter_mut().find_map(|(n, i)| {
             i.worker
@@ -690,6 +691,13 @@ impl Daemon {
         // A fresh cgroup per start means every oom_kill counted here belongs to this run.
         let stats = self.cfg.cgroups.memory(&worker.cgroup).ok();
         let dir = worker.cgroup.clone();
+        // The common case: the worker was alone in its cgroup, which goes at once.
+        if !self.destroying.contains(&dir)
+            && self.cfg.cgroups.remove_if_empty(&dir).unwrap_or(false)
+        {
+            self.on_exit(&name, pid, exit, stats);
+            return;
+        }
         self.exiting.insert(
             dir.clone(),
             Exiting {

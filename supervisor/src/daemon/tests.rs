@@ -64,6 +64,10 @@ impl CgroupBackend for TestCgroups {
         );
         Ok(())
     }
+    /// Always the slow path: `destroy`, on the blocking pool.
+    fn remove_if_empty(&self, _: &Path) -> Result<bool, CgroupError> {
+        Ok(false)
+    }
     fn procs(&self, _: &Path) -> Result<Vec<u32>, CgroupError> {
         Ok(Vec::new())
     }
