@@ -99,6 +99,34 @@ impl Ledger {
         Ok(())
     }
 
+    /// Whether `name` could hold `required` bytes, counting what it holds now as free: the
+    /// question the lifecycle asks before it reserves or grows. Changes nothing.
+    pub fn check(&self, name: &str, required: u64) -> Result<(), Denied> {
+        let own = self.get(name).unwrap_or(0);
+        let allocated = self.allocated - own;
+        let free = self.capacity - allocated;
+        if required > free {
+            let others = self.allocations.len() - usize::from(self.allocations.contains_key(name));
+            return Err(Denied::OverBudget {
+                name: name.to_owned(),
+                required,
+                free,
+                capacity: self.capacity,
+                allocated,
+                others,
+            });
+        }
+        Ok(())
+    }
+
+    /// Sets `name`'s allocation to `bytes` (an allocation or a resize), or says why not.
+    /// Nothing changes on denial.
+    pub fn set(&mut self, name: &str, bytes: u64) -> Result<(), Denied> {
+        self.check(name, bytes)?;
+        self.release(name);
+        self.allocate(name, bytes)
+    }
+
     /// Gives `name`'s allocation back; returns what it held.
     pub fn release(&mut self, name: &str) -> Option<u64> {
         let bytes = self.allocations.remove(name)?;

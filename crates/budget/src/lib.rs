@@ -1,11 +1,12 @@
 //! belljar's pure core: the size/duration/name grammar, the memory estimate, the three
-//! validation layers and the ledger. No I/O and no clock: host readings and time come in as
-//! values, decisions go out as values.
+//! validation layers, the ledger and the per-instance lifecycle (a sans-IO state machine). No
+//! I/O and no clock: host readings and time come in as values, decisions go out as values.
 
 pub mod estimate;
 pub mod gpu;
 pub mod grammar;
 pub mod ledger;
+pub mod lifecycle;
 pub mod precheck;
 pub mod pressure;
 pub mod priority;
