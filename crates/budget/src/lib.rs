@@ -2,6 +2,8 @@
 //! validation layers, the ledger and the per-instance lifecycle (a sans-IO state machine). No
 //! I/O and no clock: host readings and time come in as values, decisions go out as values.
 
+#![deny(clippy::too_many_lines)]
+
 pub mod estimate;
 pub mod gpu;
 pub mod grammar;

@@ -204,6 +204,58 @@ pub fn validate(
 ) -> ValidationReport {
     let usable = policy.usable(host.total);
     let cap = policy.per_instance_cap(usable);
+    let (instances, models) = rows(policy, planned);
+    let total_required: u64 = instances.iter().map(|i| i.required).sum();
+    let margin = i128::from(usable) - i128::from(total_required);
+    let available_margin = i128::from(host.available) - i128::from(total_required);
+    let totals = Totals {
+        usable,
+        cap,
+        total_required,
+        margin,
+        available_margin,
+    };
+    let (issues, recommendations) = findings(policy, host, &instances, &totals);
+    ValidationReport {
+        mode: mode.to_owned(),
+        passed: issues.is_empty(),
+        host: HostSummary {
+            total: host.total,
+            used: host.used(),
+            available: host.available,
+            usage_percent: host.usage_percent(),
+        },
+        usable,
+        usable_source: match policy.total {
+            Some(_) => UsableSource::BudgetTotal,
+            None => UsableSource::MemTotal {
+                safety_margin: policy.safety_margin,
+            },
+        },
+        per_instance_max: policy.per_instance_max,
+        per_instance_cap: cap,
+        models,
+        instances,
+        total_required,
+        margin,
+        available_margin,
+        issues,
+        recommendations,
+        gpus: Vec::new(),
+    }
+}
+
+/// The mode's totals against its budget.
+struct Totals {
+    usable: u64,
+    cap: u64,
+    total_required: u64,
+    margin: i128,
+    available_margin: i128,
+}
+
+/// One row per instance (its estimate and reservation) and one per model file.
+fn rows(policy: &BudgetPolicy, planned: &[PlannedInstance]) -> (Vec<InstanceRow>, Vec<ModelRow>) {
     let mut models = BTreeMap::new();
     let instances: Vec<InstanceRow> = planned
         .iter()
@@ -229,10 +281,23 @@ pub fn validate(
             }
         })
         .collect();
-    let total_required: u64 = instances.iter().map(|i| i.required).sum();
-    let margin = i128::from(usable) - i128::from(total_required);
-    let available_margin = i128::from(host.available) - i128::from(total_required);
+    (instances, models.into_values().collect())
+}
 
+/// What does not fit, and what would make it fit.
+fn findings(
+    policy: &BudgetPolicy,
+    host: HostMemory,
+    instances: &[InstanceRow],
+    t: &Totals,
+) -> (Vec<String>, Vec<String>) {
+    let Totals {
+        usable,
+        cap,
+        total_required,
+        margin,
+        available_margin,
+    } = *t;
     let mut issues = Vec::new();
     let mut recommendations = Vec::new();
     for i in instances.iter().filter(|i| i.required > cap) {
@@ -302,33 +367,7 @@ pub fn validate(
         }
     }
 
-    ValidationReport {
-        mode: mode.to_owned(),
-        passed: issues.is_empty(),
-        host: HostSummary {
-            total: host.total,
-            used: host.used(),
-            available: host.available,
-            usage_percent: host.usage_percent(),
-        },
-        usable,
-        usable_source: match policy.total {
-            Some(_) => UsableSource::BudgetTotal,
-            None => UsableSource::MemTotal {
-                safety_margin: policy.safety_margin,
-            },
-        },
-        per_instance_max: policy.per_instance_max,
-        per_instance_cap: cap,
-        models: models.into_values().collect(),
-        instances,
-        total_required,
-        margin,
-        available_margin,
-        issues,
-        recommendations,
-        gpus: Vec::new(),
-    }
+    (issues, recommendations)
 }
 
 fn cap_recommendation(i: &InstanceRow, cap: u64, policy: &BudgetPolicy) -> String {
@@ -406,17 +445,22 @@ fn reduction_plan(instances: &[InstanceRow], deficit: u64) -> Vec<String> {
     out
 }
 
-impl fmt::Display for ValidationReport {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let s = |b: u64| Size(b).to_string();
-        let signed = |m: i128| {
-            let v = Size(m.unsigned_abs() as u64);
-            if m < 0 {
-                format!("-{v}")
-            } else {
-                v.to_string()
-            }
-        };
+fn size(b: u64) -> String {
+    Size(b).to_string()
+}
+
+fn signed(m: i128) -> String {
+    let v = Size(m.unsigned_abs() as u64);
+    if m < 0 {
+        format!("-{v}")
+    } else {
+        v.to_string()
+    }
+}
+
+impl ValidationReport {
+    fn fmt_host_and_models(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let s = size;
         writeln!(f, "belljar memory budget: mode {:?}", self.mode)?;
         writeln!(f)?;
         writeln!(f, "Host memory")?;
@@ -439,7 +483,11 @@ impl fmt::Display for ValidationReport {
                 s(m.estimate)
             )?;
         }
-        writeln!(f)?;
+        writeln!(f)
+    }
+
+    fn fmt_instances(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let s = size;
         writeln!(
             f,
             "  {:<16} {:>4} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10}",
@@ -461,7 +509,11 @@ impl fmt::Display for ValidationReport {
                 i.estimate_source
             )?;
         }
-        writeln!(f)?;
+        writeln!(f)
+    }
+
+    fn fmt_budget(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let s = size;
         writeln!(f, "Budget")?;
         let source = match self.usable_source {
             UsableSource::MemTotal { safety_margin } => {
@@ -498,7 +550,15 @@ impl fmt::Display for ValidationReport {
                 if g.fits { "fits" } else { "DOES NOT FIT" }
             )?;
         }
-        writeln!(f)?;
+        writeln!(f)
+    }
+}
+
+impl fmt::Display for ValidationReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.fmt_host_and_models(f)?;
+        self.fmt_instances(f)?;
+        self.fmt_budget(f)?;
         if self.passed {
             writeln!(f, "PASSED: the mode fits")?;
         } else {
