@@ -76,6 +76,21 @@ pub struct InstanceSpec {
     pub worker_user: Option<String>,
 }
 
+impl InstanceSpec {
+    /// The restart policy's keys.
+    pub fn restart_config(&self) -> belljar_budget::restart::RestartConfig {
+        belljar_budget::restart::RestartConfig {
+            mode: self.restart,
+            backoff_initial: self.backoff_initial.0,
+            backoff_factor: self.backoff_factor,
+            backoff_max: self.backoff_max.0,
+            backoff_reset_after: self.backoff_reset_after.0,
+            start_limit_burst: self.start_limit_burst,
+            start_limit_interval: self.start_limit_interval.0,
+        }
+    }
+}
+
 /// `[pressure]` with its thresholds resolved to one kind.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Pressure {

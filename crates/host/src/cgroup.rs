@@ -45,18 +45,9 @@ fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> Cgr
     }
 }
 
-/// The memory settings of one instance cgroup, in bytes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Limits {
-    /// Hard limit (v2 `memory.max`, v1 `memory.limit_in_bytes`).
-    pub max: u64,
-    /// Throttle threshold (v2 `memory.high`; v1 has none).
-    pub high: u64,
-    /// Protected reservation (v2 `memory.low`, v1 `memory.soft_limit_in_bytes`).
-    pub low: u64,
-    /// Swap allowed (v2 `memory.swap.max`; v1 `memory.memsw.limit_in_bytes = max + swap`).
-    pub swap_max: u64,
-}
+/// The memory settings of one instance cgroup, in bytes: the lifecycle computes them
+/// (crates/budget), this module writes them.
+pub use belljar_budget::lifecycle::Limits;
 
 /// What the kernel says about an instance cgroup's memory.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]

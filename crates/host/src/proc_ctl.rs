@@ -59,12 +59,8 @@ pub fn set_child_subreaper() -> std::io::Result<()> {
     nix::sys::prctl::set_child_subreaper(true).map_err(Into::into)
 }
 
-/// How a reaped child ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Exit {
-    Code(i32),
-    Signal(i32),
-}
+/// How a child ended: the lifecycle's own type (crates/budget), one spelling.
+pub use belljar_budget::lifecycle::Exit;
 
 /// Reaps every child that has exited, without blocking.
 pub fn reap_all() -> Vec<(u32, Exit)> {

@@ -1,13 +1,12 @@
 //! The control commands as the event loop carries them out: add, remove, restart, ask, status.
 //! Replies that depend on a worker (ready, stopped, answered) are sent when it happens.
 
-use std::time::Instant;
-
+use belljar_budget::lifecycle::Input;
 use belljar_budget::{InstanceName, Size, precheck, required};
 use belljar_config::InstanceSection;
 use belljar_host::{cpu_count, probe_model_file};
 use belljar_protocol::control::{AddRequest, AskRequest, Command, OkReply, Response};
-use belljar_protocol::worker::{Prompt, Shutdown, SupervisorMsg};
+use belljar_protocol::worker::{Prompt, SupervisorMsg};
 
 use super::events::{Entry, Event};
 use super::instance::{AfterStop, Instance, ReplyTx, State};
@@ -47,8 +46,8 @@ impl Daemon {
     }
 
     /// An added instance from its plan.
-    fn added_instance(plan: Plan, req: &AddRequest) -> Instance {
-        let mut inst = Instance::new(plan.spec, plan.admitted);
+    fn added_instance(&self, plan: Plan, req: &AddRequest) -> Instance {
+        let mut inst = Instance::new(plan.spec, plan.admitted, self.epoch);
         inst.added = Some(req.clone());
         inst
     }
@@ -72,8 +71,8 @@ impl Daemon {
             .iter()
             .filter(|(_, i)| {
                 i.spec.gpu_device == device
-                    && i.state.holds_allocation()
-                    && i.gpu.layers(i.spec.gpu_layers) > 0
+                    && i.state().holds_allocation()
+                    && i.machine.gpu.layers(i.spec.gpu_layers) > 0
             })
             .map(|(n, i)| belljar_budget::gpu::VramDemand {
                 name: n.clone(),
@@ -150,58 +149,52 @@ impl Daemon {
             return;
         }
         let mut inst = match plan {
-            Ok(p) => Self::added_instance(p, &req),
+            Ok(p) => self.added_instance(p, &req),
             Err(r) => {
                 let _ = reply.send(r);
                 return;
             }
         };
         let name = req.name.clone();
-        if let Some(why) = self.vram_refusal(&name, &inst) {
+        if let Err(why) = self.admissible(&name, &inst) {
             let _ = reply.send(refused(why));
             return;
         }
-        // Layer 2, then layer 3: nothing changes unless both pass.
-        if let Err(denied) = self.ledger.allocate(&name, inst.required) {
-            let _ = reply.send(refused(denied.to_string()));
-            return;
-        }
-        if self.level >= belljar_budget::pressure::Level::Critical {
-            self.ledger.release(&name);
-            let _ = reply.send(refused(format!(
-                "memory pressure is {}: nothing new is admitted until it eases; try again later",
-                self.level.as_str()
-            )));
-            return;
-        }
-        let reading = match self.effective_memory() {
-            Ok((r, _)) => r,
-            Err(e) => {
-                self.ledger.release(&name);
-                let _ = reply.send(refused(e.to_string()));
-                return;
-            }
-        };
-        let check = precheck(inst.required, self.cfg.headroom, reading);
-        if !check.ok {
-            self.ledger.release(&name);
-            let _ = reply.send(refused(format!("{name}: {}", check.summary())));
-            return;
-        }
         if let Err(e) = self.save_added(Some(&req), None) {
-            self.ledger.release(&name);
             let _ = reply.send(refused(format!("cannot persist {name}: {e}")));
             return;
         }
         Entry::of(Event::Added, &name, &inst).log(format_args!(
             "added (reservation {})",
-            belljar_budget::Size(inst.required)
+            belljar_budget::Size(inst.required())
         ));
-
+        // The lifecycle reserves and starts it; a failed start tells the waiting client why.
         inst.waiters.push(reply);
-        // A failed start tells the waiting client why.
-        self.start(&mut inst);
-        self.instances.insert(name, inst);
+        self.instances.insert(name.clone(), inst);
+        self.drive(&name, Input::Admit);
+    }
+
+    /// VRAM, layer 2, the pressure level and layer 3 for an instance about to be added:
+    /// nothing changes unless all pass (the lifecycle reserves it when it is admitted).
+    fn admissible(&self, name: &str, inst: &Instance) -> Result<(), String> {
+        if let Some(why) = self.vram_refusal(name, inst) {
+            return Err(why);
+        }
+        self.ledger
+            .check(name, inst.required())
+            .map_err(|denied| denied.to_string())?;
+        if self.level >= belljar_budget::pressure::Level::Critical {
+            return Err(format!(
+                "memory pressure is {}: nothing new is admitted until it eases; try again later",
+                self.level.as_str()
+            ));
+        }
+        let (reading, _) = self.effective_memory()?;
+        let check = precheck(inst.required(), self.cfg.headroom, reading);
+        if !check.ok {
+            return Err(format!("{name}: {}", check.summary()));
+        }
+        Ok(())
     }
 
     /// Rewrites the persisted list with `added` included and `removed` left out.
@@ -229,7 +222,7 @@ impl Daemon {
                 return;
             }
         }
-        self.stop_then(name, AfterStop::Remove, Some(reply));
+        self.stop_then(name, AfterStop::Remove, reply);
     }
 
     fn restart(&mut self, name: &str, reply: ReplyTx) {
@@ -237,101 +230,19 @@ impl Daemon {
             let _ = reply.send(unknown(name));
             return;
         }
-        self.stop_then(name, AfterStop::Restart, Some(reply));
+        self.stop_then(name, AfterStop::Restart, reply);
     }
 
-    /// Stops the worker if one runs and does `after` once it is gone (at once when none runs).
-    pub(super) fn stop_then(&mut self, name: &str, after: AfterStop, reply: Option<ReplyTx>) {
-        if self.stop(name) {
-            if let Some(i) = self.instances.get_mut(name) {
-                i.after_stop = Some((after, reply));
-            }
-        } else {
-            self.after_stop(name, after, reply);
-        }
-    }
-
-    /// Sends Shutdown to a running worker (SIGKILL of its cgroup after `stop_timeout`); false
-    /// when no worker runs.
-    pub(super) fn stop(&mut self, name: &str) -> bool {
-        let Some(inst) = self.instances.get_mut(name) else {
-            return false;
-        };
-        let Some(w) = &inst.worker else { return false };
-        let _ = w.tx.send(SupervisorMsg::Shutdown(Shutdown {}));
-        if inst.state != State::Stopping {
-            inst.stop_deadline = Some(Instant::now() + inst.spec.stop_timeout.0);
-            inst.set(State::Stopping, "shutting down");
-        }
-        true
-    }
-
-    /// What a client (or the pressure guard) asked for once the worker is gone.
-    pub(super) fn after_stop(&mut self, name: &str, after: AfterStop, reply: Option<ReplyTx>) {
-        let answer = |r: Response| {
-            if let Some(reply) = &reply {
-                let _ = reply.send(r);
-            }
-        };
-        if after == AfterStop::Shed {
-            self.ledger.release(name);
-            if let Some(inst) = self.instances.get_mut(name) {
-                inst.set(State::Shed, "shed under memory pressure (session saved); back when usage falls below restore");
-                Entry::of(Event::Shed, name, inst).log(format_args!(
-                    "shed under memory pressure; it comes back when memory does"
-                ));
-            }
-            return;
-        }
-        let Some(mut inst) = self.instances.remove(name) else {
-            return;
-        };
-        self.ledger.release(name);
-        match after {
-            AfterStop::Relaunch => {
-                if self.stopping {
-                    self.instances.insert(name.to_owned(), inst);
-                    return;
-                }
-                // The GPU guard moved it (the new layer count is in `inst.gpu`): a restart that
-                // keeps the crash-loop history.
-                inst.restarts += 1;
-                self.admit(name.to_owned(), inst);
-            }
-            AfterStop::Remove | AfterStop::Shed => {
-                Entry::of(Event::Removed, name, &inst).log(format_args!("removed"));
-                answer(ok(format!("{name} removed")));
-            }
-            AfterStop::Restart => {
-                if self.stopping {
-                    answer(refused("the supervisor is shutting down".into()));
-                    self.instances.insert(name.to_owned(), inst);
-                    return;
-                }
-                Entry::of(Event::RestartRequested, name, &inst)
-                    .log(format_args!("restarting on request"));
-                // A manual restart clears `failed`, the crash-loop history and the GPU
-                // fallback; it counts as a restart like any other start after the first.
-                inst.restart_state.reset();
-                inst.gpu.reset();
-                inst.restart_at = None;
-                inst.restarts += 1;
-                if let Some(reply) = reply {
-                    inst.waiters.push(reply);
-                }
-                self.admit(name.to_owned(), inst);
-                if let Some(i) = self
-                    .instances
-                    .get_mut(name)
-                    .filter(|i| i.state == State::Failed)
-                {
-                    let reason = i.reason.clone();
-                    for w in i.waiters.drain(..) {
-                        let _ = w.send(refused(reason.clone()));
-                    }
-                }
+    /// Stops the worker if one runs and does `after` once it is gone; `reply` hears the outcome.
+    fn stop_then(&mut self, name: &str, after: AfterStop, reply: ReplyTx) {
+        if let Some(inst) = self.instances.get_mut(name) {
+            if let Some(earlier) = inst.stopper.replace(reply) {
+                let _ = earlier.send(refused(format!(
+                    "{name}: a later request replaced this one"
+                )));
             }
         }
+        self.drive(name, Input::Stop(after));
     }
 
     fn ask(&mut self, a: AskRequest, reply: ReplyTx) {
@@ -339,12 +250,12 @@ impl Daemon {
             let _ = reply.send(unknown(&a.name));
             return;
         };
-        let Some(worker) = inst.worker.as_ref().filter(|_| inst.state == State::Ready) else {
+        let Some(worker) = inst.link.as_ref().filter(|_| inst.state() == State::Ready) else {
             let _ = reply.send(refused(format!(
                 "{} is {} ({}); ask again once it is ready",
                 a.name,
-                inst.state.as_str(),
-                inst.reason
+                inst.state().as_str(),
+                inst.reason()
             )));
             return;
         };
@@ -379,9 +290,10 @@ impl Daemon {
             }
             match plan(&self.plan_input(&req)) {
                 Ok(p) => {
-                    let inst = Self::added_instance(p, &req);
+                    let inst = self.added_instance(p, &req);
                     tracing::info!(instance = %req.name, "restoring an instance added at run time");
-                    self.admit(req.name.clone(), inst);
+                    self.instances.insert(req.name.clone(), inst);
+                    self.drive(&req.name, Input::Admit);
                 }
                 Err(Response::Error(e)) => {
                     tracing::error!(instance = %req.name, "cannot restore: {}", e.message)

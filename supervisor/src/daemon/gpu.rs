@@ -4,15 +4,16 @@
 //! Stopped workers' VRAM counts as free only once NVML no longer lists their pids.
 
 use std::collections::{BTreeMap, HashMap};
-use std::time::Instant;
 
-use belljar_budget::gpu::{GpuAction, GpuCandidate, GpuReading, attribute, decide, released};
-use belljar_budget::precheck;
+use belljar_budget::gpu::{
+    Fallback, GpuAction, GpuCandidate, GpuReading, attribute, decide, released,
+};
+use belljar_budget::lifecycle::Input;
 use belljar_budget::pressure::{Level, Levels, Threshold};
 
 use super::Daemon;
 use super::events::{Entry, Event};
-use super::instance::{AfterStop, GpuRelease, Instance, State};
+use super::instance::{GpuRelease, Instance, State};
 
 impl Daemon {
     fn gpu_levels(&self) -> Levels {
@@ -77,12 +78,15 @@ impl Daemon {
                     priority: i.spec.priority,
                     device: i.spec.gpu_device,
                     wants_gpu: i.spec.gpu_layers > 0,
-                    running: i.worker.is_some()
-                        && matches!(i.state, State::Starting | State::Loading | State::Ready),
-                    state: i.gpu,
+                    running: i.link.is_some()
+                        && matches!(i.state(), State::Starting | State::Loading | State::Ready),
+                    state: i.machine.gpu,
                 })
                 .collect();
-            let since = self.gpu_last_action.get(&r.index).map(Instant::elapsed);
+            let since = self
+                .gpu_last_action
+                .get(&r.index)
+                .map(|t| super::clock().saturating_duration_since(*t));
             match decide(&levels, new, r, &candidates, since, settle) {
                 Some(GpuAction::FallBack(name)) => self.gpu_fall_back(&name, r),
                 Some(GpuAction::Restore(name)) => self.gpu_restore(&name, r),
@@ -96,7 +100,7 @@ impl Daemon {
     fn attribute_vram(&mut self, readings: &[GpuReading]) {
         let mut owner: HashMap<u32, String> = HashMap::new();
         for (name, inst) in &self.instances {
-            if let Some(w) = &inst.worker {
+            if let Some(w) = &inst.link {
                 for pid in self.cfg.cgroups.procs(&w.cgroup).unwrap_or_default() {
                     owner.insert(pid, name.clone());
                 }
@@ -115,7 +119,7 @@ impl Daemon {
             }
         }
         for (name, inst) in &mut self.instances {
-            if inst.worker.is_none() {
+            if inst.link.is_none() {
                 continue;
             }
             inst.gpu_memory = Some(memory.get(name).copied().unwrap_or(0));
@@ -146,7 +150,7 @@ impl Daemon {
             return true;
         }
         let timeout = self.cfg.config.gpu.release_timeout.0;
-        if since.elapsed() >= timeout {
+        if super::clock().saturating_duration_since(*since) >= timeout {
             let listed: Vec<String> = pids
                 .iter()
                 .map(|(d, p)| format!("{p} on GPU {d}"))
@@ -167,42 +171,35 @@ impl Daemon {
     }
 
     fn gpu_fall_back(&mut self, name: &str, r: &GpuReading) {
-        let headroom = self.cfg.headroom;
-        let host = self.effective_memory().ok().map(|(m, _)| m);
-        let Some(inst) = self.instances.get_mut(name) else {
-            return;
-        };
         // Its CPU footprint is its reservation (the ledger holds it already: layers 1 and 2);
-        // layer 3 checks that the memory is there now.
-        if let Some(m) = host {
-            let check = precheck(inst.required, headroom, m);
-            if !check.ok {
-                tracing::warn!(instance = %name, "GPU {} emergency, but no host memory to run it on the CPU: {}", r.index, check.summary());
-                return;
-            }
-        }
-        inst.gpu.fallback = belljar_budget::gpu::Fallback::Pressure;
-        Entry::of(Event::GpuFallback, name, inst).log(format_args!(
+        // the lifecycle checks with layer 3 that the memory is there now.
+        let memory = self.effective_memory().ok().map(|(m, _)| m);
+        let message = format!(
             "GPU {} memory emergency ({:.1}% used): restarting on the CPU (n_gpu_layers = 0)",
             r.index,
             r.memory().usage_percent()
-        ));
-        self.gpu_last_action.insert(r.index, Instant::now());
-        self.stop_then(name, AfterStop::Relaunch, None);
+        );
+        self.drive(name, Input::GpuFallback { message, memory });
+        let moved = self
+            .instances
+            .get(name)
+            .is_some_and(|i| i.machine.gpu.fallback == Fallback::Pressure);
+        if moved {
+            self.gpu_last_action.insert(r.index, super::clock());
+        }
     }
 
     fn gpu_restore(&mut self, name: &str, r: &GpuReading) {
-        let Some(inst) = self.instances.get_mut(name) else {
+        let Some(inst) = self.instances.get(name) else {
             return;
         };
-        inst.gpu.fallback = belljar_budget::gpu::Fallback::None;
-        Entry::of(Event::GpuRestored, name, inst).log(format_args!(
+        let message = format!(
             "GPU {} usage is below restore ({:.1}% used): restarting with gpu_layers = {}",
             r.index,
             r.memory().usage_percent(),
             inst.spec.gpu_layers
-        ));
-        self.gpu_last_action.insert(r.index, Instant::now());
-        self.stop_then(name, AfterStop::Relaunch, None);
+        );
+        self.gpu_last_action.insert(r.index, super::clock());
+        self.drive(name, Input::GpuRestore { message });
     }
 }

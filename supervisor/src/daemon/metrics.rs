@@ -7,7 +7,9 @@
 use std::convert::Infallible;
 use std::sync::atomic::AtomicU64;
 
-use belljar_protocol::control::{Command, Response, StatusQuery, StatusReport};
+use belljar_protocol::control::{
+    Command, GpuStatus, InstanceStatus, Response, StatusQuery, StatusReport,
+};
 use http_body_util::Full;
 use hyper::body::Bytes;
 use hyper::{Method, Request, StatusCode};
@@ -81,59 +83,85 @@ fn bytes(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
 }
 
+/// An instance gauge: its name, help and value (None: not exported for this instance).
+type InstanceGauge = (
+    &'static str,
+    &'static str,
+    fn(&InstanceStatus) -> Option<u64>,
+);
+
+const INSTANCE_GAUGES: [InstanceGauge; 9] = [
+    (
+        "instance_memory_current_bytes",
+        "Memory charged to the instance's cgroup now",
+        |i| i.memory.current,
+    ),
+    (
+        "instance_memory_limit_bytes",
+        "The instance cgroup's hard limit (memory.max / limit_in_bytes)",
+        |i| i.memory.limit,
+    ),
+    (
+        "instance_memory_reservation_bytes",
+        "The instance cgroup's protected reservation (memory.low / soft limit)",
+        |i| i.memory.reservation,
+    ),
+    (
+        "instance_memory_peak_bytes",
+        "The current run's peak memory",
+        |i| i.memory.peak,
+    ),
+    (
+        "instance_allocated_bytes",
+        "The budget ledger's allocation held by the instance (0 when none)",
+        |i| Some(i.allocated),
+    ),
+    (
+        "instance_thrashing",
+        "1 while the instance's major-fault rate says its limit is too small",
+        |i| Some(u64::from(i.thrashing)),
+    ),
+    (
+        "instance_gpu_memory_bytes",
+        "VRAM attributed to the instance's processes (NVML)",
+        |i| i.gpu_memory,
+    ),
+    (
+        "instance_cpu_fallback",
+        "1 while an instance with gpu_layers runs on the CPU",
+        |i| Some(u64::from(i.cpu_fallback)),
+    ),
+    (
+        "instance_uptime_seconds",
+        "Seconds since the current worker was spawned",
+        |i| i.uptime_s,
+    ),
+];
+
 /// Renders a status report as OpenMetrics text.
 pub fn render(report: &StatusReport) -> Result<String, std::fmt::Error> {
     let mut reg = Registry::with_prefix("belljar");
-    let gauge = |reg: &mut Registry, name: &str, help: &str| {
+    register_instances(&mut reg, &report.instances);
+    register_host(&mut reg, report);
+    register_gpus(&mut reg, &report.gpus);
+    let mut out = String::new();
+    prometheus_client::encoding::text::encode(&mut out, &reg)?;
+    Ok(out)
+}
+
+fn register_instances(reg: &mut Registry, instances: &[InstanceStatus]) {
+    for (name, help, value) in INSTANCE_GAUGES {
         let f = Family::<InstanceLabel, Gauge>::default();
         reg.register(name, help, f.clone());
-        f
-    };
-    let current = gauge(
-        &mut reg,
-        "instance_memory_current_bytes",
-        "Memory charged to the instance's cgroup now",
-    );
-    let limit = gauge(
-        &mut reg,
-        "instance_memory_limit_bytes",
-        "The instance cgroup's hard limit (memory.max / limit_in_bytes)",
-    );
-    let reservation = gauge(
-        &mut reg,
-        "instance_memory_reservation_bytes",
-        "The instance cgroup's protected reservation (memory.low / soft limit)",
-    );
-    let peak = gauge(
-        &mut reg,
-        "instance_memory_peak_bytes",
-        "The current run's peak memory",
-    );
-    let allocated = gauge(
-        &mut reg,
-        "instance_allocated_bytes",
-        "The budget ledger's allocation held by the instance (0 when none)",
-    );
-    let thrashing = gauge(
-        &mut reg,
-        "instance_thrashing",
-        "1 while the instance's major-fault rate says its limit is too small",
-    );
-    let vram = gauge(
-        &mut reg,
-        "instance_gpu_memory_bytes",
-        "VRAM attributed to the instance's processes (NVML)",
-    );
-    let fallback = gauge(
-        &mut reg,
-        "instance_cpu_fallback",
-        "1 while an instance with gpu_layers runs on the CPU",
-    );
-    let uptime = gauge(
-        &mut reg,
-        "instance_uptime_seconds",
-        "Seconds since the current worker was spawned",
-    );
+        for i in instances {
+            if let Some(v) = value(i) {
+                let l = InstanceLabel {
+                    instance: i.name.clone(),
+                };
+                f.get_or_create(&l).set(bytes(v));
+            }
+        }
+    }
     let progress = Family::<InstanceLabel, FloatGauge>::default();
     reg.register(
         "instance_load_progress_ratio",
@@ -164,27 +192,10 @@ pub fn render(report: &StatusReport) -> Result<String, std::fmt::Error> {
         "OOM kills in the instance's cgroups",
         ooms.clone(),
     );
-
-    for i in &report.instances {
+    for i in instances {
         let l = InstanceLabel {
             instance: i.name.clone(),
         };
-        let m = &i.memory;
-        for (family, value) in [
-            (&current, m.current),
-            (&limit, m.limit),
-            (&reservation, m.reservation),
-            (&peak, m.peak),
-            (&allocated, Some(i.allocated)),
-            (&uptime, i.uptime_s),
-            (&vram, i.gpu_memory),
-        ] {
-            if let Some(v) = value {
-                family.get_or_create(&l).set(bytes(v));
-            }
-        }
-        thrashing.get_or_create(&l).set(i64::from(i.thrashing));
-        fallback.get_or_create(&l).set(i64::from(i.cpu_fallback));
         progress.get_or_create(&l).set(f64::from(i.load_progress));
         for s in STATES {
             let labels = StateLabel {
@@ -203,7 +214,9 @@ pub fn render(report: &StatusReport) -> Result<String, std::fmt::Error> {
         restarts.get_or_create(&l).inc_by(i.restarts);
         ooms.get_or_create(&l).inc_by(i.oom_kills);
     }
+}
 
+fn register_host(reg: &mut Registry, report: &StatusReport) {
     let host_total = Gauge::<i64>::default();
     reg.register(
         "host_memory_total_bytes",
@@ -254,7 +267,9 @@ pub fn render(report: &StatusReport) -> Result<String, std::fmt::Error> {
         alloc.clone(),
     );
     alloc.set(bytes(report.budget.allocated));
+}
 
+fn register_gpus(reg: &mut Registry, gpus: &[GpuStatus]) {
     let gpu_used = Family::<GpuLabel, Gauge>::default();
     reg.register(
         "gpu_memory_used_bytes",
@@ -273,7 +288,7 @@ pub fn render(report: &StatusReport) -> Result<String, std::fmt::Error> {
         "1 for the GPU guard's current level of the GPU, 0 for the others",
         gpu_level.clone(),
     );
-    for g in &report.gpus {
+    for g in gpus {
         let l = GpuLabel {
             gpu: g.index.to_string(),
             name: g.name.clone(),
@@ -289,10 +304,6 @@ pub fn render(report: &StatusReport) -> Result<String, std::fmt::Error> {
                 .set(i64::from(g.level == lv));
         }
     }
-
-    let mut out = String::new();
-    prometheus_client::encoding::text::encode(&mut out, &reg)?;
-    Ok(out)
 }
 
 type Reply = hyper::Response<Full<Bytes>>;

@@ -4,8 +4,11 @@
 //! `serve` is a library function taking a bound control listener and a shutdown future, so tests
 //! and `main` wire it the same way.
 
+#![deny(clippy::too_many_lines)]
+
 mod commands;
 mod control;
+mod drive;
 pub mod events;
 mod gpu;
 pub mod host;
@@ -18,6 +21,7 @@ mod output;
 
 pub(crate) mod persist;
 mod pressure;
+mod runs;
 mod spawn;
 #[cfg(test)]
 mod tests;
@@ -29,24 +33,27 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use belljar_budget::Ledger;
-use belljar_budget::ratelimit::LineLimiter;
+use belljar_budget::lifecycle::{Input, Limits, RunStats};
 use belljar_host::ProcRoot;
 use belljar_host::cgroup::CgroupBackend;
 use belljar_host::proc_ctl::Exit;
+use belljar_protocol::PROTOCOL_VERSION;
 use belljar_protocol::control::{
     AskDone, BudgetStatus, ControlError, GpuStatus, HostStatus, InstanceStatus, MemoryStatus,
-    OkReply, Response, StatusReport, TokenText,
+    Response, StatusReport, TokenText,
 };
-use belljar_protocol::tokio_io::{read_frame, write_frame};
-use belljar_protocol::worker::{SupervisorMsg, Welcome, WorkerMsg};
-use belljar_protocol::{MAX_FRAME, PROTOCOL_VERSION, decode};
+use belljar_protocol::worker::WorkerMsg;
 use tokio::net::UnixListener;
 use tokio::sync::mpsc;
 
 pub use control::Access;
-use events::{Entry, Event as Lifecycle};
 pub use instance::State;
-use instance::{Instance, ReplyTx, Worker};
+use instance::{Instance, ReplyTx};
+
+/// The loop's clock: tokio's, so tests that pause time drive every timer of the lifecycle.
+pub(crate) fn clock() -> Instant {
+    tokio::time::Instant::now().into_std()
+}
 
 /// How long an OOM notification waits for the kernel to count the kill.
 const OOM_SETTLE: Duration = Duration::from_millis(20);
@@ -136,16 +143,6 @@ enum Event {
     },
 }
 
-/// A worker's exit waiting for its cgroup's removal.
-#[derive(Debug)]
-struct Exiting {
-    name: String,
-    pid: u32,
-    exit: Exit,
-    /// The run's cgroup counters, read when the exit was reaped.
-    stats: Option<belljar_host::cgroup::MemoryStats>,
-}
-
 struct Daemon {
     cfg: DaemonConfig,
     instances: BTreeMap<String, Instance>,
@@ -158,8 +155,6 @@ struct Daemon {
     next_ask: u64,
     /// The origin of the monotonic clock the restart policy sees.
     epoch: Instant,
-    /// When instances waiting for memory are checked again.
-    memory_recheck_at: Option<Instant>,
     /// The pressure guard's level, next tick and last shedding.
     level: belljar_budget::pressure::Level,
     pressure_at: Option<Instant>,
@@ -176,10 +171,9 @@ struct Daemon {
     learn: crate::learn::Recorder,
     /// Cgroups being removed on the blocking pool: nothing new starts in one until it is gone.
     destroying: BTreeSet<PathBuf>,
-    /// Instances whose start waits for their cgroup's removal.
-    deferred_starts: BTreeSet<String>,
-    /// Runs whose worker exited, by cgroup: classified once the cgroup is gone.
-    exiting: BTreeMap<PathBuf, Exiting>,
+    /// Starts waiting for the last run's cgroup to go: the limits and GPU layers of the spawn
+    /// the lifecycle asked for.
+    deferred_starts: BTreeMap<String, (Limits, u32)>,
     /// `add`s being planned on the blocking pool: the request and its client, by name.
     adding: BTreeMap<String, (belljar_protocol::control::AddRequest, ReplyTx)>,
 }
@@ -219,10 +213,9 @@ pub async fn serve(
         stopping: false,
         asks: BTreeMap::new(),
         next_ask: 0,
-        epoch: Instant::now(),
-        memory_recheck_at: None,
+        epoch: clock(),
         level: belljar_budget::pressure::Level::Normal,
-        pressure_at: Some(Instant::now()),
+        pressure_at: Some(clock()),
         last_shed: None,
         watchdog: None,
         watchdog_at: None,
@@ -232,8 +225,7 @@ pub async fn serve(
         gpu_level: BTreeMap::new(),
         gpu_last_action: BTreeMap::new(),
         destroying: BTreeSet::new(),
-        deferred_starts: BTreeSet::new(),
-        exiting: BTreeMap::new(),
+        deferred_starts: BTreeMap::new(),
         adding: BTreeMap::new(),
         cfg,
     };
@@ -252,12 +244,12 @@ pub async fn serve(
         }
         // Timers already due (a zero backoff) run now: the timer wheel's 1 ms tick would
         // otherwise add up to a millisecond to every immediate restart.
-        if daemon.next_deadline().is_some_and(|d| d <= Instant::now()) {
+        if daemon.next_deadline().is_some_and(|d| d <= clock()) {
             daemon.deadlines();
         }
         daemon.notify_status();
         if daemon.stopping
-            && daemon.instances.values().all(|i| i.worker.is_none())
+            && daemon.instances.values().all(|i| i.link.is_none())
             && daemon.destroying.is_empty()
         {
             break;
@@ -279,272 +271,10 @@ impl Daemon {
     fn admit_all(&mut self) {
         for (spec, a) in std::mem::take(&mut self.cfg.instances) {
             let name = spec.name.to_string();
-            let inst = Instance::new(spec, a);
-            self.admit(name, inst);
+            self.instances
+                .insert(name.clone(), Instance::new(spec, a, self.epoch));
+            self.drive(&name, Input::Admit);
         }
-    }
-
-    /// Layer 2 for one instance, then its start; a denial leaves it `failed` with the reason.
-    fn admit(&mut self, name: String, mut inst: Instance) {
-        match self.ledger.allocate(&name, inst.required) {
-            Ok(()) => {
-                inst.restart_state.record_start(self.now());
-                self.start(&mut inst);
-            }
-            Err(denied) => {
-                inst.set(State::Failed, denied.to_string());
-                Entry::of(Lifecycle::NotAdmitted, &name, &inst)
-                    .log(format_args!("not admitted: {denied}"));
-            }
-        }
-        self.instances.insert(name, inst);
-    }
-
-    fn start(&mut self, inst: &mut Instance) {
-        let env = spawn::SpawnEnv {
-            parent: &self.cfg.parent,
-            worker_bin: &self.cfg.worker_bin,
-            state_dir: &self.cfg.state_dir,
-            headroom: self.cfg.headroom,
-        };
-        let name = inst.spec.name.to_string();
-        let req = spawn::request(&env, inst);
-        // One run per cgroup: a run's cgroup (or one left behind) goes before the next is made.
-        if self.destroying.contains(&req.cgroup) || self.cfg.cgroups.exists(&req.cgroup) {
-            self.destroy_later(req.cgroup);
-            self.deferred_starts.insert(name);
-            inst.restart_at = None;
-            inst.set(
-                State::Starting,
-                "waiting for the last run's cgroup to be removed",
-            );
-            return;
-        }
-        self.deferred_starts.remove(&name);
-        match self.cfg.spawner.spawn(&req, &*self.cfg.cgroups) {
-            Ok(s) => {
-                self.generation += 1;
-                let generation = self.generation;
-                let (tx, rx) = mpsc::unbounded_channel();
-                if let Err(e) = self.attach_link(&name, generation, s.link, rx) {
-                    tracing::error!(instance = %name, "cannot watch the worker's link: {e}");
-                }
-                Entry::of(Lifecycle::Spawned, &name, inst)
-                    .worker(s.pid, &s.cgroup)
-                    .log(format_args!("spawned"));
-                let logging = &self.cfg.config.logging;
-                let limiter = inst
-                    .output_limiter
-                    .get_or_insert_with(|| {
-                        std::sync::Arc::new(std::sync::Mutex::new(LineLimiter::new(
-                            logging.worker_output_burst,
-                            logging.worker_output_interval.0,
-                        )))
-                    })
-                    .clone();
-                for (stream, pipe) in [
-                    (output::Stream::Stdout, s.stdout),
-                    (output::Stream::Stderr, s.stderr),
-                ] {
-                    let Some(pipe) = pipe else { continue };
-                    if let Err(e) =
-                        output::forward(&name, stream, pipe, limiter.clone(), self.epoch)
-                    {
-                        tracing::warn!(instance = %name, "cannot forward the worker's {stream:?}: {e}");
-                    }
-                }
-
-                let oom_watch = self.watch_oom(&name, generation, &s.cgroup);
-                inst.worker = Some(Worker {
-                    exited: false,
-                    pid: s.pid,
-                    generation,
-                    started: Instant::now(),
-                    cgroup: s.cgroup,
-                    tx,
-                    greeted: false,
-                    oom_watch,
-                    oom_seen: 0,
-                });
-                inst.load_progress = 0.0;
-                inst.worker_said = None;
-                inst.gpu_alloc_failed = false;
-                inst.ready_since = None;
-                inst.last_heartbeat = None;
-                inst.last_progress = Instant::now();
-                inst.watchdog_fired = false;
-                inst.restart_at = None;
-                inst.set(State::Starting, "worker started, waiting for its hello");
-            }
-            Err(e) => self.cannot_start(&name, inst, &e),
-        }
-    }
-
-    /// A start that failed: the allocation goes, the instance is `failed`, and clients waiting
-    /// for it to become ready are told why.
-    fn cannot_start(&mut self, name: &str, inst: &mut Instance, e: &str) {
-        self.deferred_starts.remove(name);
-        self.ledger.release(name);
-        inst.set(State::Failed, format!("cannot start: {e}"));
-        Entry::of(Lifecycle::Failed, name, inst).log(format_args!("cannot start: {e}"));
-        for w in inst.waiters.drain(..) {
-            let _ = w.send(refused(inst.reason.clone()));
-        }
-    }
-
-    /// Removes a cgroup on the blocking pool (it may wait up to `CGROUP_TIMEOUT` for its
-    /// processes to go); `Event::CgroupGone` says when it is over.
-    fn destroy_later(&mut self, dir: PathBuf) {
-        if !self.destroying.insert(dir.clone()) {
-            return; // already under way
-        }
-        let cgroups = Arc::clone(&self.cfg.cgroups);
-        let events = self.events.clone();
-        tokio::task::spawn_blocking(move || {
-            let result = cgroups
-                .destroy(&dir, CGROUP_TIMEOUT)
-                .map_err(|e| e.to_string());
-            let _ = events.send(Event::CgroupGone { dir, result });
-        });
-    }
-
-    /// A cgroup is gone (or could not be removed): a start that waited for it goes ahead (or
-    /// fails with the reason).
-    fn on_cgroup_gone(&mut self, dir: PathBuf, result: Result<(), String>) {
-        self.destroying.remove(&dir);
-        let exiting = self.exiting.remove(&dir);
-        if let Err(e) = &result {
-            match &exiting {
-                Some(x) => tracing::error!(instance = %x.name, "cannot remove cgroup: {e}"),
-                None => tracing::error!(cgroup = %dir.display(), "cannot remove cgroup: {e}"),
-            }
-        }
-        if let Some(x) = exiting {
-            self.on_exit(&x.name, x.pid, x.exit, x.stats);
-        }
-        let waiting: Vec<String> = self
-            .deferred_starts
-            .iter()
-            .filter(|n| self.cfg.parent.join(n.as_str()) == dir)
-            .cloned()
-            .collect();
-        for name in waiting {
-            self.deferred_starts.remove(&name);
-            let Some(mut inst) = self.instances.remove(&name) else {
-                continue;
-            };
-            if !self.stopping && inst.state == State::Starting && inst.worker.is_none() {
-                match &result {
-                    Ok(()) => self.start(&mut inst),
-                    Err(e) => self.cannot_start(&name, &mut inst, e),
-                }
-            }
-            self.instances.insert(name, inst);
-        }
-    }
-
-    /// A task that turns the cgroup's OOM notifications into events, so an OOM kill is known
-    /// (and logged) the moment the kernel acts, before the worker is even reaped.
-    fn watch_oom(
-        &self,
-        name: &str,
-        generation: u64,
-        dir: &std::path::Path,
-    ) -> Option<tokio::task::JoinHandle<()>> {
-        let watch = match self
-            .cfg
-            .cgroups
-            .oom_watch(dir)
-            .map_err(|e| e.to_string())
-            .and_then(|w| {
-                // SAFETY: the OomWatch owns its descriptor (eventfd or inotify), keeps it open for
-                // its whole life and always returns the same one from as_raw_fd.
-                unsafe { tokio::io::unix::AsyncFd::register(w) }.map_err(|e| e.to_string())
-            }) {
-            Ok(w) => w,
-            Err(e) => {
-                tracing::warn!(instance = %name, "no OOM notifications for this run ({e}); OOM kills are still classified at exit");
-                return None;
-            }
-        };
-        let events = self.events.clone();
-        let name = name.to_owned();
-        Some(tokio::spawn(async move {
-            let mut seen = 0;
-            loop {
-                let Ok(mut ready) = watch.readable().await else {
-                    return;
-                };
-                watch.get_ref().drain();
-                ready.clear_ready();
-                // The notification can come as the OOM starts, before the kill is counted: give
-                // the kernel a few milliseconds (yielding, so the loop keeps running).
-                let noticed = std::time::Instant::now();
-                while watch.get_ref().kills() <= seen && noticed.elapsed() < OOM_SETTLE {
-                    tokio::task::yield_now().await;
-                }
-                seen = watch.get_ref().kills();
-                if events
-                    .send(Event::Oom {
-                        name: name.clone(),
-                        generation,
-                    })
-                    .is_err()
-                {
-                    return;
-                }
-            }
-        }))
-    }
-
-    /// Reader and writer tasks for one worker link.
-    fn attach_link(
-        &self,
-        name: &str,
-        generation: u64,
-        link: std::os::unix::net::UnixStream,
-        mut outbox: mpsc::UnboundedReceiver<SupervisorMsg>,
-    ) -> std::io::Result<()> {
-        link.set_nonblocking(true)?;
-        let stream = tokio::net::UnixStream::from_std(link)?;
-        let (mut rd, mut wr) = stream.into_split();
-        let events = self.events.clone();
-        let name = name.to_owned();
-        tokio::spawn(async move {
-            loop {
-                let msg = match read_frame(&mut rd, MAX_FRAME).await {
-                    Ok(Some(payload)) => match decode::<WorkerMsg>(&payload) {
-                        Ok(m) => m,
-                        Err(e) => {
-                            tracing::warn!(instance = %name, "bad frame from the worker: {e}");
-                            break;
-                        }
-                    },
-                    Ok(None) => break,
-                    Err(e) => {
-                        tracing::warn!(instance = %name, "worker link error: {e}");
-                        break;
-                    }
-                };
-                let event = Event::Worker {
-                    name: name.clone(),
-                    generation,
-                    msg,
-                };
-                if events.send(event).is_err() {
-                    return;
-                }
-            }
-            let _ = events.send(Event::LinkClosed { name, generation });
-        });
-        tokio::spawn(async move {
-            while let Some(msg) = outbox.recv().await {
-                if write_frame(&mut wr, &msg).await.is_err() {
-                    return;
-                }
-            }
-        });
-        Ok(())
     }
 
     fn handle(&mut self, ev: Event) {
@@ -555,7 +285,7 @@ impl Daemon {
                 msg,
             } => self.on_worker(&name, generation, msg),
             Event::LinkClosed { name, generation } => {
-                if let Some(w) = self.instances.get(&name).and_then(|i| i.worker.as_ref()) {
+                if let Some(w) = self.instances.get(&name).and_then(|i| i.link.as_ref()) {
                     if w.generation == generation {
                         tracing::debug!(instance = %name, "worker link closed");
                     }
@@ -574,82 +304,51 @@ impl Daemon {
     }
 
     fn on_worker(&mut self, name: &str, generation: u64, msg: WorkerMsg) {
-        let Some(inst) = self.instances.get_mut(name) else {
+        let Some(inst) = self.instances.get(name) else {
             return;
         };
-        let Some(worker) = inst.worker.as_mut().filter(|w| w.generation == generation) else {
+        let Some(link) = inst
+            .link
+            .as_ref()
+            .filter(|l| l.generation == generation && !l.exited)
+        else {
             return; // a message from a previous run of this instance
         };
-        if !worker.greeted {
-            match msg {
-                WorkerMsg::Hello(h) if h.instance == name && h.pid == worker.pid => {
-                    worker.greeted = true;
-                    let _ = worker.tx.send(SupervisorMsg::Welcome(Welcome {
-                        protocol_version: PROTOCOL_VERSION,
-                    }));
-                    if h.protocol_version != PROTOCOL_VERSION {
-                        tracing::warn!(instance = %name, "worker speaks protocol {}, supervisor {PROTOCOL_VERSION}", h.protocol_version);
-                    }
+        let greeted = inst.machine.run.as_ref().is_some_and(|r| r.greeted);
+        let input = match msg {
+            WorkerMsg::Hello(h) if !greeted => {
+                if h.protocol_version != PROTOCOL_VERSION {
+                    tracing::warn!(instance = %name, "worker speaks protocol {}, supervisor {PROTOCOL_VERSION}", h.protocol_version);
                 }
-                other => {
-                    tracing::error!(instance = %name, "worker did not introduce itself correctly ({other:?}); killing it");
-                    let _ = self.cfg.cgroups.kill_all(&worker.cgroup);
+                Input::Hello {
+                    valid: h.instance == name && h.pid == link.pid,
                 }
             }
-            return;
-        }
-        match msg {
-            WorkerMsg::Loading(l) => {
-                if l.fraction > inst.load_progress || inst.state == State::Starting {
-                    inst.last_progress = Instant::now();
-                }
-                inst.load_progress = l.fraction;
-                if inst.state == State::Starting {
-                    Entry::of(Lifecycle::Loading, name, inst)
-                        .log(format_args!("loading the model"));
-                }
-                if inst.state == State::Starting || inst.state == State::Loading {
-                    inst.set(
-                        State::Loading,
-                        format!("loading the model ({:.0}%)", l.fraction * 100.0),
-                    );
-                }
+            other if !greeted => {
+                tracing::error!(instance = %name, "worker did not introduce itself correctly ({other:?})");
+                Input::Hello { valid: false }
             }
-            WorkerMsg::Ready(r) => {
-                inst.load_progress = 1.0;
-                inst.ready_since = Some(Instant::now());
-                inst.last_heartbeat = Some(Instant::now());
-                for w in inst.waiters.drain(..) {
-                    let _ = w.send(Response::Ok(OkReply {
-                        message: format!("{name} is ready"),
-                    }));
-                }
-                Entry::of(Lifecycle::Ready, name, inst).log(format_args!(
-                    "ready (loaded in {} ms; session of {} turns)",
-                    r.load_ms, r.session.turns
-                ));
-
-                if inst.state != State::Stopping {
-                    inst.set(
-                        State::Ready,
-                        format!(
-                            "serving (loaded in {} ms; session of {} turns restored from {})",
-                            r.load_ms,
-                            r.session.turns,
-                            r.session.restored_from.as_str()
-                        ),
-                    );
-                }
-            }
-            WorkerMsg::Refused(r) => inst.worker_said = Some(r.reason),
-            WorkerMsg::Failed(f) => {
-                inst.gpu_alloc_failed |= f.gpu_alloc;
-                inst.worker_said = Some(f.reason);
-            }
+            WorkerMsg::Hello(_) => Input::Hello { valid: true },
+            WorkerMsg::Loading(l) => Input::Loading(l.fraction),
+            WorkerMsg::Ready(r) => Input::Ready {
+                load_ms: r.load_ms,
+                turns: r.session.turns,
+                restored_from: r.session.restored_from.as_str().to_owned(),
+            },
+            WorkerMsg::Refused(r) => Input::Said {
+                reason: r.reason,
+                gpu_alloc: false,
+            },
+            WorkerMsg::Failed(f) => Input::Said {
+                reason: f.reason,
+                gpu_alloc: f.gpu_alloc,
+            },
+            WorkerMsg::Heartbeat(_) => Input::Heartbeat,
             WorkerMsg::Token(t) => {
                 if let Some((_, client)) = self.asks.get(&t.id) {
                     let _ = client.send(Response::Token(TokenText { text: t.text }));
                 }
+                return;
             }
             WorkerMsg::Done(d) => {
                 if let Some((_, client)) = self.asks.remove(&d.id) {
@@ -658,87 +357,107 @@ impl Daemon {
                         ms: d.ms,
                     }));
                 }
+                return;
             }
-            WorkerMsg::Error(e) => match e.id.and_then(|id| self.asks.remove(&id)) {
-                Some((_, client)) => {
-                    let _ = client.send(refused(e.message));
+            WorkerMsg::Error(e) => {
+                match e.id.and_then(|id| self.asks.remove(&id)) {
+                    Some((_, client)) => {
+                        let _ = client.send(refused(e.message));
+                    }
+                    None => tracing::warn!(instance = %name, "worker reported: {}", e.message),
                 }
-                None => tracing::warn!(instance = %name, "worker reported: {}", e.message),
-            },
-            WorkerMsg::Heartbeat(_) => inst.last_heartbeat = Some(Instant::now()),
-            WorkerMsg::Hello(_) => tracing::warn!(instance = %name, "second hello ignored"),
-        }
+                return;
+            }
+        };
+        self.drive(name, input);
     }
 
-    /// A child exited (reported by the spawner). A worker's run ends in two steps: now its
-    /// cgroup's counters are read and the cgroup is destroyed on the blocking pool (anything the
-    /// worker left behind dies there); once it is gone (`Event::CgroupGone`), the exit is
-    /// classified (`on_exit`). Orphans re-parented to us (a worker's double-forked children)
-    /// were simply reaped.
-    /// An empty cgroup is removed at once (a read and an rmdir), and the exit classified then.
+    /// A child exited (reported by the spawner). A worker's run ends here: its cgroup's
+    /// counters are read, the cgroup is removed (at once when the worker was alone in it: a read
+    /// and an rmdir; else on the blocking pool, where anything the worker left behind dies and the
+    /// next run's cgroup waits for it), and the lifecycle classifies the exit. Orphans re-parented to us (a worker's double-forked children) were simply reaped.
     fn on_child_exit(&mut self, pid: u32, exit: Exit) {
         let found = self.instances.iter_mut().find_map(|(n, i)| {
-            i.worker
+            i.link
                 .as_mut()
-                .filter(|w| w.pid == pid && !w.exited)
-                .map(|w| (n.clone(), w))
+                .filter(|l| l.pid == pid && !l.exited)
+                .map(|_| n.clone())
         });
-        let Some((name, worker)) = found else {
+        let Some(name) = found else {
             tracing::debug!(pid, "reaped an orphaned descendant");
             return;
         };
-        worker.exited = true;
-        // A fresh cgroup per start means every oom_kill counted here belongs to this run.
-        let stats = self.cfg.cgroups.memory(&worker.cgroup).ok();
-        let dir = worker.cgroup.clone();
-        // The common case: the worker was alone in its cgroup, which goes at once.
-        if !self.destroying.contains(&dir)
-            && self.cfg.cgroups.remove_if_empty(&dir).unwrap_or(false)
-        {
-            self.on_exit(&name, pid, exit, stats);
+        let Some(inst) = self.instances.get_mut(&name) else {
             return;
+        };
+        let Some(link) = inst.link.as_mut() else {
+            return;
+        };
+        link.exited = true;
+        let dir = link.cgroup.clone();
+        // A fresh cgroup per run means every oom_kill counted here belongs to this run.
+        let stats = self.cfg.cgroups.memory(&dir).ok().map(|s| RunStats {
+            limit: s.limit,
+            peak: s.peak,
+            oom_kill: s.oom_kill,
+        });
+        // The run's VRAM counts as free only once NVML no longer lists its pids.
+        inst.gpu_memory = None;
+        let pids = std::mem::take(&mut inst.gpu_pids);
+        if !pids.is_empty() {
+            inst.gpu_release = instance::GpuRelease::Pending {
+                pids,
+                since: clock(),
+            };
         }
-        self.exiting.insert(
-            dir.clone(),
-            Exiting {
-                name,
-                pid,
-                exit,
-                stats,
-            },
-        );
-        self.destroy_later(dir);
+        // The common case: the worker was alone in its cgroup, which goes at once.
+        let gone = !self.destroying.contains(&dir)
+            && self.cfg.cgroups.remove_if_empty(&dir).unwrap_or(false);
+        if !gone {
+            self.destroy_later(dir);
+        }
+        self.drive(&name, Input::Exited { exit, stats });
+        if let Some(inst) = self.instances.get_mut(&name) {
+            if inst.link.as_ref().is_some_and(|l| l.pid == pid) {
+                inst.link = None;
+            }
+        }
     }
 
-    /// Every instance cgroup (and the parent, when ours) goes, on the blocking pool.
-    async fn final_cleanup(&mut self) {
-        for (name, (_, reply)) in std::mem::take(&mut self.adding) {
-            let _ = reply.send(refused(format!(
-                "the supervisor is shutting down; {name} was not added"
-            )));
+    fn instance_status(&self, name: &str, i: &Instance) -> InstanceStatus {
+        let m = &i.machine;
+        let stats = i
+            .link
+            .as_ref()
+            .and_then(|w| self.cfg.cgroups.memory(&w.cgroup).ok());
+        let run = m.run.as_ref();
+        InstanceStatus {
+            name: name.to_owned(),
+            state: m.state.as_str().to_owned(),
+            thrashing: i.thrashing,
+            reason: i.reason().to_owned(),
+            pid: run.and_then(|r| r.pid),
+            restarts: m.restarts,
+            oom_kills: m.oom_kills,
+            last_exit: m.last_exit.clone(),
+            load_progress: m.load_progress,
+            allocated: self.ledger.get(name).unwrap_or(0),
+            estimate_source: i.estimate_source.as_str().to_owned(),
+            memory: MemoryStatus {
+                current: stats.map(|s| s.current),
+                limit: stats.and_then(|s| s.limit),
+                reservation: stats.map(|s| s.reservation),
+                peak: stats.and_then(|s| s.peak),
+                last_peak: m.last_peak,
+            },
+            uptime_s: run
+                .filter(|r| r.pid.is_some())
+                .map(|r| clock().saturating_duration_since(r.started).as_secs()),
+            gpu_memory: i.link.as_ref().and(i.gpu_memory),
+            cpu_fallback: i.spec.gpu_layers > 0
+                && m.gpu.fallback != belljar_budget::gpu::Fallback::None,
+            gpu_release: i.gpu_release.as_str().map(str::to_owned),
         }
-        let cgroups = Arc::clone(&self.cfg.cgroups);
-        let parent = self.cfg.parent.clone();
-        let remove_parent = self.cfg.remove_parent;
-        let cleanup = tokio::task::spawn_blocking(move || {
-            let dirs = cgroups.subdirs(&parent).unwrap_or_default();
-            for dir in dirs.iter().filter(|d| !d.ends_with(SUPERVISOR_LEAF)) {
-                if let Err(e) = cgroups.destroy(dir, CGROUP_TIMEOUT) {
-                    tracing::error!("cannot remove {}: {e}", dir.display());
-                }
-            }
-            if remove_parent {
-                if let Err(e) = cgroups.destroy(&parent, CGROUP_TIMEOUT) {
-                    tracing::error!("cannot remove {}: {e}", parent.display());
-                }
-            }
-        });
-        if let Err(e) = cleanup.await {
-            tracing::error!("the cgroup clean-up did not finish: {e}");
-        }
-        // Whatever died in the clean-up is ours to reap.
-        self.cfg.spawner.reap_remaining();
-        Entry::new(Lifecycle::Stopped).log(format_args!("stopped"));
     }
 
     fn status(&self) -> StatusReport {
@@ -752,37 +471,7 @@ impl Daemon {
         let instances = self
             .instances
             .iter()
-            .map(|(name, i)| {
-                let stats = i
-                    .worker
-                    .as_ref()
-                    .and_then(|w| self.cfg.cgroups.memory(&w.cgroup).ok());
-                InstanceStatus {
-                    name: name.clone(),
-                    state: i.state.as_str().to_owned(),
-                    thrashing: i.thrashing,
-                    reason: i.reason.clone(),
-                    pid: i.worker.as_ref().map(|w| w.pid),
-                    restarts: i.restarts,
-                    oom_kills: i.oom_kills,
-                    last_exit: i.last_exit.clone(),
-                    load_progress: i.load_progress,
-                    allocated: self.ledger.get(name).unwrap_or(0),
-                    estimate_source: i.estimate_source.as_str().to_owned(),
-                    memory: MemoryStatus {
-                        current: stats.map(|s| s.current),
-                        limit: stats.and_then(|s| s.limit),
-                        reservation: stats.map(|s| s.reservation),
-                        peak: stats.and_then(|s| s.peak),
-                        last_peak: i.last_peak,
-                    },
-                    uptime_s: i.worker.as_ref().map(|w| w.started.elapsed().as_secs()),
-                    gpu_memory: i.worker.as_ref().and(i.gpu_memory),
-                    cpu_fallback: i.spec.gpu_layers > 0
-                        && i.gpu.fallback != belljar_budget::gpu::Fallback::None,
-                    gpu_release: i.gpu_release.as_str().map(str::to_owned),
-                }
-            })
+            .map(|(name, i)| self.instance_status(name, i))
             .collect();
         StatusReport {
             host: HostStatus {

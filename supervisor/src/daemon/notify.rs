@@ -3,8 +3,6 @@
 //! the event loop itself (a wedged loop stops pinging and systemd restarts the unit), and
 //! STOPPING=1 on shutdown.
 
-use std::time::Instant;
-
 use sd_notify::NotifyState;
 
 use super::Daemon;
@@ -23,7 +21,7 @@ impl Daemon {
         self.last_status = status;
         if let Some(period) = sd_notify::watchdog_enabled() {
             self.watchdog = Some(period / 2);
-            self.watchdog_at = Some(Instant::now());
+            self.watchdog_at = Some(super::clock());
         }
     }
 
@@ -38,7 +36,7 @@ impl Daemon {
 
     pub(super) fn notify_watchdog(&mut self) {
         self.notify(&[NotifyState::Watchdog]);
-        self.watchdog_at = self.watchdog.map(|half| Instant::now() + half);
+        self.watchdog_at = self.watchdog.map(|half| super::clock() + half);
     }
 
     pub(super) fn notify_stopping(&self) {
@@ -49,7 +47,7 @@ impl Daemon {
     fn summary(&self) -> String {
         let mut counts: Vec<(&'static str, usize)> = Vec::new();
         for inst in self.instances.values() {
-            let s = inst.state.as_str();
+            let s = inst.state().as_str();
             match counts.iter_mut().find(|(k, _)| *k == s) {
                 Some((_, n)) => *n += 1,
                 None => counts.push((s, 1)),

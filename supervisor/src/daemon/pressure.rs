@@ -4,10 +4,9 @@
 //! after `settle` while it lasts), brings shed instances back highest priority first once usage
 //! is below `restore` and the pre-load check passes, and flags thrashing instances.
 
-use std::time::Instant;
-
+use belljar_budget::lifecycle::Input;
 use belljar_budget::pressure::{Candidate, Level, Levels, restore_order, shed_victim};
-use belljar_budget::{HostMemory, Size, precheck};
+use belljar_budget::{HostMemory, Size};
 use belljar_host::pressure::{Source, effective_memory};
 use belljar_protocol::worker::{PressureNotice, SupervisorMsg};
 
@@ -85,7 +84,7 @@ impl Daemon {
 
     pub(super) fn pressure_tick(&mut self) {
         let p = self.cfg.config.pressure.clone();
-        self.pressure_at = Some(Instant::now() + p.interval.0);
+        self.pressure_at = Some(super::clock() + p.interval.0);
         self.detect_thrashing(p.thrash_window.0, p.thrash_majflt_rate);
         self.gpu_tick();
         if !p.enabled {
@@ -106,14 +105,16 @@ impl Daemon {
             ));
             self.level = new;
             for inst in self.instances.values() {
-                if let Some(w) = &inst.worker {
+                if let Some(w) = &inst.link {
                     let _ =
                         w.tx.send(SupervisorMsg::Pressure(PressureNotice { level: new }));
                 }
             }
         }
         if self.level == Level::Emergency
-            && self.last_shed.is_none_or(|t| t.elapsed() >= p.settle.0)
+            && self
+                .last_shed
+                .is_none_or(|t| super::clock().saturating_duration_since(t) >= p.settle.0)
         {
             self.shed_one();
         }
@@ -128,8 +129,8 @@ impl Daemon {
             .instances
             .iter()
             .filter(|(_, i)| {
-                i.worker.is_some()
-                    && matches!(i.state, State::Starting | State::Loading | State::Ready)
+                i.link.is_some()
+                    && matches!(i.state(), State::Starting | State::Loading | State::Ready)
             })
             .map(|(n, i)| Candidate {
                 name: n.clone(),
@@ -140,8 +141,8 @@ impl Daemon {
             return;
         };
         tracing::warn!(instance = %victim, "emergency: stopping the lowest-priority instance to shed it");
-        self.last_shed = Some(Instant::now());
-        self.stop_then(&victim, AfterStop::Shed, None);
+        self.last_shed = Some(super::clock());
+        self.drive(&victim, Input::Stop(AfterStop::Shed));
     }
 
     /// Brings back the highest-priority shed instance if the pre-load check passes.
@@ -149,7 +150,7 @@ impl Daemon {
         let shed: Vec<Candidate> = self
             .instances
             .iter()
-            .filter(|(_, i)| i.state == State::Shed)
+            .filter(|(_, i)| i.state() == State::Shed)
             .map(|(n, i)| Candidate {
                 name: n.clone(),
                 priority: i.spec.priority,
@@ -158,23 +159,15 @@ impl Daemon {
         let Some(first) = restore_order(&shed).first().map(|c| c.name.clone()) else {
             return;
         };
-        let Some(inst) = self.instances.remove(&first) else {
-            return;
-        };
-        if !precheck(inst.required, self.cfg.headroom, reading).ok {
-            self.instances.insert(first, inst);
-            return;
-        }
-        Entry::of(Event::Restored, &first, &inst)
-            .log(format_args!("memory is back: restarting a shed instance"));
-        self.admit(first, inst);
+        // The lifecycle restarts it if the pre-load check passes.
+        self.drive(&first, Input::Restore { memory: reading });
     }
 
     /// Samples each running instance's major faults; flags and clears `thrashing`.
     fn detect_thrashing(&mut self, window: std::time::Duration, rate: f64) {
         let now = self.now();
         for (name, inst) in &mut self.instances {
-            let Some(w) = &inst.worker else {
+            let Some(w) = &inst.link else {
                 inst.thrashing = false;
                 continue;
             };
@@ -190,17 +183,18 @@ impl Daemon {
                 let file = std::fs::metadata(&inst.spec.model)
                     .map(|m| m.len())
                     .unwrap_or(0);
-                let suggested = inst.required.saturating_add(file);
+                let required = inst.required();
+                let suggested = required.saturating_add(file);
                 Entry::of(Event::Thrashing, name, inst).log(format_args!(
                     "major faults above {rate}/s for {window:?}: the limit {} is too small for the model's working set; raise ram_limit to at least {}",
-                    Size(inst.required),
+                    Size(required),
                     Size(suggested)
                 ));
-                inst.reason = format!(
+                inst.thrash_reason = Some(format!(
                     "thrashing: re-reading its model under the limit {}; raise ram_limit to at least {}",
-                    Size(inst.required),
+                    Size(required),
                     Size(suggested)
-                );
+                ));
             } else {
                 Entry::of(Event::ThrashingCleared, name, inst)
                     .log(format_args!("no longer thrashing"));

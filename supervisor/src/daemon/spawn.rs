@@ -7,7 +7,7 @@ use std::path::Path;
 use belljar_host::cgroup::Limits;
 use belljar_host::spawn::{LINK_FD, SpawnRequest};
 
-use super::instance::Instance;
+use belljar_config::InstanceSpec;
 
 /// Everything a spawn needs besides the instance.
 #[derive(Debug)]
@@ -18,30 +18,20 @@ pub struct SpawnEnv<'a> {
     pub headroom: u64,
 }
 
-/// The cgroup settings of an instance: max = the reservation; high = 95% of it (throttle and
-/// early warning before a kill) but never below the estimate, since throttling below what the
-/// model is known to need only makes it re-read its weights; low = the estimate less its
-/// reclaimable page cache; swap as configured.
-pub fn limits(inst: &Instance) -> Limits {
-    Limits {
-        max: inst.required,
-        high: (inst.required / 100 * 95)
-            .max(inst.estimate)
-            .min(inst.required),
-        low: inst.protected.min(inst.required),
-        swap_max: inst.spec.swap_max.bytes(),
-    }
-}
-
 /// The cgroup of an instance's runs (one run at a time: the next is created once the last is
 /// removed).
-pub fn cgroup_dir(parent: &Path, inst: &Instance) -> std::path::PathBuf {
-    parent.join(inst.spec.name.as_str())
+pub fn cgroup_dir(parent: &Path, name: &str) -> std::path::PathBuf {
+    parent.join(name)
 }
 
-/// The next run of `inst`: `worker serve` on its model with its limits, in its own cgroup.
-pub fn request(env: &SpawnEnv<'_>, inst: &Instance) -> SpawnRequest {
-    let spec = &inst.spec;
+/// The next run of an instance: `worker serve` on its model with the limits and GPU layers the
+/// lifecycle chose, in its own cgroup.
+pub fn request(
+    env: &SpawnEnv<'_>,
+    spec: &InstanceSpec,
+    limits: Limits,
+    gpu_layers: u32,
+) -> SpawnRequest {
     let name = spec.name.as_str();
     let state_dir = env.state_dir.join("instances").join(name);
     let mut args: Vec<OsString> = vec!["serve".into(), "--fd".into(), LINK_FD.into()];
@@ -53,17 +43,14 @@ pub fn request(env: &SpawnEnv<'_>, inst: &Instance) -> SpawnRequest {
     push("--model", spec.model.clone().into());
     push("--state-dir", state_dir.clone().into());
     push("--ctx", spec.ctx.to_string().into());
-    push(
-        "--gpu-layers",
-        inst.gpu.layers(spec.gpu_layers).to_string().into(),
-    );
+    push("--gpu-layers", gpu_layers.to_string().into());
     push("--gpu-device", spec.gpu_device.to_string().into());
     push("--threads", spec.threads.to_string().into());
     push(
         "--heartbeat-interval",
         spec.heartbeat_interval.to_string().into(),
     );
-    push("--required", inst.required.to_string().into());
+    push("--required", limits.max.to_string().into());
     push("--headroom", env.headroom.to_string().into());
     if !spec.use_mmap {
         args.push("--no-mmap".into());
@@ -78,8 +65,8 @@ pub fn request(env: &SpawnEnv<'_>, inst: &Instance) -> SpawnRequest {
             "RUST_LOG".into(),
             std::env::var_os("BELLJAR_WORKER_LOG").unwrap_or_else(|| "warn".into()),
         )],
-        cgroup: cgroup_dir(env.parent, inst),
-        limits: limits(inst),
+        cgroup: cgroup_dir(env.parent, name),
+        limits,
         user: spec.worker_user.clone(),
         oom_score_adj: belljar_budget::restart::oom_score_adj(spec.priority),
         state_dir,

@@ -1,7 +1,9 @@
 //! The loop driven in-process through its seams: a test cgroup backend and a spawner whose
-//! "workers" are socketpair ends held by the test. No root, no real cgroups or processes.
+//! "workers" are socketpair ends held by the test. No root, no real cgroups or processes, and
+//! (but for the blocking-destroy test) no real time: tokio's clock is paused, so backoffs,
+//! the breaker's window, the watchdog and stop timeouts are measured exactly.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::os::unix::net::UnixStream as StdStream;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -10,12 +12,19 @@ use std::time::Duration;
 use belljar_host::cgroup::{CgroupBackend, CgroupError, Limits, MemoryStats, Version};
 use belljar_host::proc_ctl::Exit;
 use belljar_host::spawn::{SpawnRequest, Spawned};
-use belljar_protocol::control::{ClientHello, Command, Response, ServerHello, StatusQuery};
+use belljar_protocol::control::{
+    ClientHello, Command, InstanceStatus, NameRequest, Response, ServerHello, StatusQuery,
+    StatusReport,
+};
 use belljar_protocol::tokio_io::{read_frame, write_frame};
-use belljar_protocol::worker::{Hello, Loading, SupervisorMsg, WorkerMsg};
+use belljar_protocol::worker::{
+    Heartbeat, Hello, Loading, Ready, RestoredFrom, SessionInfo, SupervisorMsg, WorkerMsg,
+    WorkerState,
+};
 use belljar_protocol::{MAX_FRAME, PROTOCOL_VERSION, decode};
 use tokio::net::UnixStream;
 use tokio::sync::mpsc;
+use tokio::time::Instant;
 
 use super::host::{ExitSink, Spawner};
 use super::{Access, Admitted, DaemonConfig};
@@ -27,12 +36,36 @@ type Gate = (
     std::sync::mpsc::Receiver<()>,
 );
 
-/// Cgroups as a set of paths. `destroy` of the gated cgroup blocks until the test releases it.
+/// What the fake host knows: the cgroups, which fake pid lives in which, and where exits go.
+#[derive(Debug, Default)]
+struct World {
+    dirs: BTreeSet<PathBuf>,
+    pids: BTreeMap<PathBuf, u32>,
+    exits: Option<ExitSink>,
+    gate: Option<Gate>,
+    /// Every cgroup kill, by cgroup.
+    kills: Vec<PathBuf>,
+}
+
+impl World {
+    /// The process in `dir` ends (as the kernel would report it).
+    fn end(&mut self, dir: &Path, how: Exit) {
+        if let Some(pid) = self.pids.remove(dir) {
+            if let Some(exits) = &self.exits {
+                let _ = exits.send((pid, how));
+            }
+        }
+    }
+}
+
+type Shared = Arc<Mutex<World>>;
+
+/// Cgroups as a set of paths. A kill ends the fake process in it with SIGKILL; `destroy` of
+/// the gated cgroup blocks until the test releases it.
 #[derive(Debug)]
 struct TestCgroups {
     root: PathBuf,
-    dirs: Mutex<BTreeSet<PathBuf>>,
-    gate: Mutex<Option<Gate>>,
+    world: Shared,
 }
 
 impl CgroupBackend for TestCgroups {
@@ -48,19 +81,22 @@ impl CgroupBackend for TestCgroups {
     fn apply_limits(&self, _: &Path, _: &Limits) -> Result<(), CgroupError> {
         Ok(())
     }
-    fn kill_all(&self, _: &Path) -> Result<(), CgroupError> {
+    fn kill_all(&self, dir: &Path) -> Result<(), CgroupError> {
+        let mut w = self.world.lock().unwrap();
+        w.kills.push(dir.to_path_buf());
+        w.end(dir, Exit::Signal(9));
         Ok(())
     }
     fn memory(&self, _: &Path) -> Result<MemoryStats, CgroupError> {
         Ok(MemoryStats::default())
     }
     fn exists(&self, dir: &Path) -> bool {
-        self.dirs.lock().unwrap().contains(dir)
+        self.world.lock().unwrap().dirs.contains(dir)
     }
     fn create(&self, dir: &Path) -> Result<(), CgroupError> {
         assert!(
-            self.dirs.lock().unwrap().insert(dir.to_path_buf()),
-            "{dir:?} exists"
+            self.world.lock().unwrap().dirs.insert(dir.to_path_buf()),
+            "{dir:?} exists: two runs in one cgroup"
         );
         Ok(())
     }
@@ -72,8 +108,8 @@ impl CgroupBackend for TestCgroups {
         Ok(Vec::new())
     }
     fn subdirs(&self, dir: &Path) -> Result<Vec<PathBuf>, CgroupError> {
-        let dirs = self.dirs.lock().unwrap();
-        Ok(dirs
+        let w = self.world.lock().unwrap();
+        Ok(w.dirs
             .iter()
             .filter(|d| d.parent() == Some(dir))
             .cloned()
@@ -81,9 +117,9 @@ impl CgroupBackend for TestCgroups {
     }
     fn destroy(&self, dir: &Path, _: Duration) -> Result<(), CgroupError> {
         let gate = {
-            let mut g = self.gate.lock().unwrap();
-            match &*g {
-                Some((d, _, _)) if d == dir => g.take(),
+            let mut w = self.world.lock().unwrap();
+            match &w.gate {
+                Some((d, _, _)) if d == dir => w.gate.take(),
                 _ => None,
             }
         };
@@ -91,7 +127,9 @@ impl CgroupBackend for TestCgroups {
             let _ = entered.send(());
             let _ = release.recv();
         }
-        self.dirs.lock().unwrap().remove(dir);
+        let mut w = self.world.lock().unwrap();
+        w.end(dir, Exit::Signal(9));
+        w.dirs.remove(dir);
         Ok(())
     }
     fn oom_watch(&self, dir: &Path) -> Result<belljar_host::cgroup::OomWatch, CgroupError> {
@@ -105,13 +143,13 @@ impl CgroupBackend for TestCgroups {
 /// A spawned fake worker: its instance, its pid, and the worker's end of the link.
 type FakeRun = (String, u32, StdStream);
 
-/// Hands the worker's end of each run's socketpair to the test; exits happen when the test
-/// sends them.
+/// Hands the worker's end of each run's socketpair to the test; a fake process ends when the
+/// test says so or its cgroup is killed.
 #[derive(Debug)]
 struct FakeSpawner {
     next_pid: u32,
     runs: mpsc::UnboundedSender<FakeRun>,
-    exits: Arc<Mutex<Option<ExitSink>>>,
+    world: Shared,
 }
 
 impl Spawner for FakeSpawner {
@@ -124,6 +162,14 @@ impl Spawner for FakeSpawner {
         let (ours, theirs) = StdStream::pair().map_err(|e| e.to_string())?;
         self.next_pid += 1;
         let pid = self.next_pid;
+        {
+            let mut w = self.world.lock().unwrap();
+            assert!(
+                !w.pids.values().any(|p| *p == pid),
+                "pid {pid} reused while alive"
+            );
+            w.pids.insert(req.cgroup.clone(), pid);
+        }
         self.runs
             .send((req.name.clone(), pid, theirs))
             .map_err(|e| e.to_string())?;
@@ -136,7 +182,7 @@ impl Spawner for FakeSpawner {
         })
     }
     fn watch_exits(&mut self, exits: ExitSink) -> std::io::Result<()> {
-        *self.exits.lock().unwrap() = Some(exits);
+        self.world.lock().unwrap().exits = Some(exits);
         Ok(())
     }
 }
@@ -176,10 +222,32 @@ impl FakeWorker {
     async fn loading(&mut self, fraction: f32) {
         self.send(&WorkerMsg::Loading(Loading { fraction })).await;
     }
+    async fn ready(&mut self) {
+        self.send(&WorkerMsg::Ready(Ready {
+            load_ms: 1,
+            rss: 0,
+            model_bytes: 0,
+            ctx: 512,
+            session: SessionInfo {
+                turns: 0,
+                tokens: 0,
+                restored_from: RestoredFrom::New,
+            },
+            state_bytes: 0,
+        }))
+        .await;
+    }
+    async fn heartbeat(&mut self) {
+        self.send(&WorkerMsg::Heartbeat(Heartbeat {
+            rss: 0,
+            state: WorkerState::Ready,
+        }))
+        .await;
+    }
 }
 
-/// One `status` over the control socket.
-async fn status(socket: &Path) -> belljar_protocol::control::StatusReport {
+/// One control command over the socket, and its first response.
+async fn control(socket: &Path, cmd: &Command) -> Response {
     let mut s = UnixStream::connect(socket).await.unwrap();
     write_frame(
         &mut s,
@@ -192,180 +260,376 @@ async fn status(socket: &Path) -> belljar_protocol::control::StatusReport {
     let hello: ServerHello =
         decode(&read_frame(&mut s, MAX_FRAME).await.unwrap().unwrap()).unwrap();
     assert_eq!(hello.protocol_version, PROTOCOL_VERSION);
-    write_frame(&mut s, &Command::Status(StatusQuery {}))
-        .await
-        .unwrap();
-    match decode(&read_frame(&mut s, MAX_FRAME).await.unwrap().unwrap()).unwrap() {
+    write_frame(&mut s, cmd).await.unwrap();
+    decode(&read_frame(&mut s, MAX_FRAME).await.unwrap().unwrap()).unwrap()
+}
+
+async fn status(socket: &Path) -> StatusReport {
+    match control(socket, &Command::Status(StatusQuery {})).await {
         Response::Status(r) => *r,
         other => panic!("expected a status, got {other:?}"),
     }
 }
 
-/// Polls `status` until `ok` holds (each answer is itself proof that the loop runs).
-async fn status_until(
-    socket: &Path,
-    what: &str,
-    ok: impl Fn(&belljar_protocol::control::StatusReport) -> bool,
-) -> belljar_protocol::control::StatusReport {
-    let wait = async {
-        loop {
-            let s = status(socket).await;
-            if ok(&s) {
-                return s;
-            }
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    };
-    tokio::time::timeout(Duration::from_secs(10), wait)
-        .await
-        .unwrap_or_else(|_| panic!("timed out waiting for {what}"))
-}
-
-fn progress(s: &belljar_protocol::control::StatusReport, name: &str) -> f32 {
-    s.instances
-        .iter()
-        .find(|i| i.name == name)
-        .unwrap()
-        .load_progress
-}
-
-fn instance<'a>(
-    s: &'a belljar_protocol::control::StatusReport,
-    name: &str,
-) -> &'a belljar_protocol::control::InstanceStatus {
+fn instance<'a>(s: &'a StatusReport, name: &str) -> &'a InstanceStatus {
     s.instances.iter().find(|i| i.name == name).unwrap()
 }
 
+/// A daemon on the fake host, with the test's ends of everything.
+struct Harness {
+    _tmp: tempfile::TempDir,
+    socket: PathBuf,
+    parent: PathBuf,
+    world: Shared,
+    runs: mpsc::UnboundedReceiver<FakeRun>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    daemon: tokio::task::JoinHandle<Result<(), super::DaemonError>>,
+}
+
+impl Harness {
+    /// `serve` on `toml` (its mode `m`), every instance admitted with 64 MiB.
+    fn start(toml: &str) -> Harness {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().join("cgroup");
+        let parent = root.join("belljar");
+        let config_path = tmp.path().join("budgets.toml");
+        let config = belljar_config::Config::parse(toml, &config_path).unwrap();
+        let admitted = Admitted {
+            estimate: 64 << 20,
+            required: 64 << 20,
+            source: belljar_budget::estimate::Origin::File,
+            protected: 0,
+            identity: None,
+            vram: 0,
+        };
+        let instances = config
+            .mode("m", 2)
+            .unwrap()
+            .into_iter()
+            .map(|s| (s, admitted.clone()))
+            .collect();
+        let world = Shared::default();
+        let (runs_tx, runs) = mpsc::unbounded_channel();
+        let cfg = DaemonConfig {
+            cgroups: Arc::new(TestCgroups {
+                root,
+                world: world.clone(),
+            }),
+            spawner: Box::new(FakeSpawner {
+                next_pid: 4_000_000,
+                runs: runs_tx,
+                world: world.clone(),
+            }),
+            parent: parent.clone(),
+            remove_parent: false,
+            state_dir: tmp.path().join("state"),
+            worker_bin: PathBuf::from("/nonexistent/worker"),
+            headroom: 0,
+            usable: 1 << 30,
+            proc_root: belljar_host::ProcRoot::default(),
+            instances,
+            config,
+            access: Access {
+                own_uid: nix::unistd::geteuid(),
+                group: None,
+            },
+            metrics: None,
+            gpus: None,
+        };
+        let socket = tmp.path().join("control.sock");
+        let listener = tokio::net::UnixListener::bind(&socket).unwrap();
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let daemon = tokio::spawn(super::serve(cfg, listener, async {
+            let _ = stop_rx.await;
+        }));
+        Harness {
+            _tmp: tmp,
+            socket,
+            parent,
+            world,
+            runs,
+            stop: Some(stop_tx),
+            daemon,
+        }
+    }
+
+    /// The next run the loop starts (waiting as long as the lifecycle makes it wait).
+    async fn next_run(&mut self) -> FakeRun {
+        tokio::time::timeout(Duration::from_secs(3600), self.runs.recv())
+            .await
+            .expect("a run within the hour")
+            .unwrap()
+    }
+
+    /// The next run, greeted.
+    async fn next_worker(&mut self) -> (String, FakeWorker) {
+        let (name, pid, link) = self.next_run().await;
+        let w = FakeWorker::greet(&name, pid, link).await;
+        (name, w)
+    }
+
+    /// Ends a fake worker's process, then lets the loop handle it, its cgroup's removal on the
+    /// blocking pool included, without the paused clock moving.
+    async fn exit(&self, w: &FakeWorker, name: &str, how: Exit) {
+        let dir = self.parent.join(name);
+        {
+            let mut world = self.world.lock().unwrap();
+            assert_eq!(world.pids.get(&dir), Some(&w.pid));
+            world.end(&dir, how);
+        }
+        self.settle(|w| !w.dirs.contains(&dir)).await;
+    }
+
+    /// Yields (the clock stays still: the runtime is never idle) until `ok` holds.
+    async fn settle(&self, ok: impl Fn(&World) -> bool) {
+        for _ in 0..1_000_000 {
+            if ok(&self.world.lock().unwrap()) {
+                return;
+            }
+            tokio::task::yield_now().await;
+        }
+        panic!("the fake host did not settle");
+    }
+
+    async fn status(&self) -> StatusReport {
+        status(&self.socket).await
+    }
+
+    /// Shutdown; `workers` are the fake workers still running, which obey the Shutdown.
+    async fn stop(mut self, workers: Vec<(String, FakeWorker)>) {
+        self.stop.take().unwrap().send(()).unwrap();
+        for (name, mut w) in workers {
+            while !matches!(w.receive().await, SupervisorMsg::Shutdown(_)) {}
+            self.world
+                .lock()
+                .unwrap()
+                .end(&self.parent.join(&name), Exit::Code(0));
+        }
+        tokio::time::timeout(Duration::from_secs(3600), self.daemon)
+            .await
+            .expect("the loop ends")
+            .unwrap()
+            .unwrap();
+        assert!(
+            self.world.lock().unwrap().dirs.is_empty(),
+            "every cgroup removed"
+        );
+    }
+}
+
+fn config(defaults: &str) -> String {
+    format!(
+        "[defaults]\nmodel = \"m.gguf\"\n{defaults}\n[instances.a]\n\
+         [modes.m]\ninstances = [\"a\"]\n[pressure]\nenabled = false\n"
+    )
+}
+
+fn within(d: Duration, expected: Duration, jitter: f64) -> bool {
+    let lo = expected.as_secs_f64() * (1.0 - jitter) - 0.001;
+    let hi = expected.as_secs_f64() * (1.0 + jitter) + 0.001;
+    (lo..=hi).contains(&d.as_secs_f64())
+}
+
+/// Consecutive crashes are restarted after backoff_initial × factor^(n-1), ±10% jitter, on
+/// the paused clock.
+#[tokio::test(start_paused = true)]
+async fn backoff_delays_grow_exponentially() {
+    let mut h = Harness::start(&config(
+        "backoff_initial = \"1s\"\nbackoff_factor = 2.0\nbackoff_max = \"3s\"\n\
+         start_limit_burst = 10\nload_stall_timeout = \"1h\"",
+    ));
+    let (_, mut w) = h.next_worker().await;
+    for (n, expected) in [(1, 1.0), (2, 2.0), (3, 3.0), (4, 3.0)] {
+        let t0 = Instant::now();
+        h.exit(&w, "a", Exit::Signal(11)).await;
+        let s = h.status().await;
+        assert_eq!(instance(&s, "a").state, "backoff");
+        assert_eq!(instance(&s, "a").last_exit.as_deref(), Some("signal:11"));
+        (_, w) = h.next_worker().await;
+        let delay = t0.elapsed();
+        assert!(
+            within(delay, Duration::from_secs_f64(expected), 0.1),
+            "restart {n} after {delay:?}, expected {expected}s ±10% (capped at backoff_max)"
+        );
+        assert_eq!(instance(&h.status().await, "a").restarts, n);
+    }
+    h.stop(vec![("a".into(), w)]).await;
+}
+
+/// The breaker counts starts within its window: with a window shorter than the backoffs the
+/// 4th start is allowed; with a long one it fails the instance.
+#[tokio::test(start_paused = true)]
+async fn the_breaker_fails_a_crash_loop_within_its_window_only() {
+    for (window, fails) in [("60s", true), ("2500ms", false)] {
+        let mut h = Harness::start(&config(&format!(
+            "backoff_initial = \"1s\"\nbackoff_factor = 2.0\nstart_limit_burst = 3\n\
+             start_limit_interval = \"{window}\"\nload_stall_timeout = \"1h\""
+        )));
+        // Starts at 0, ~1 s and ~3 s: 3 within the window either way.
+        let (_, mut w) = h.next_worker().await;
+        for _ in 0..2 {
+            h.exit(&w, "a", Exit::Code(1)).await;
+            (_, w) = h.next_worker().await;
+        }
+        h.exit(&w, "a", Exit::Code(1)).await;
+        let s = h.status().await;
+        let a = instance(&s, "a");
+        if fails {
+            assert_eq!(a.state, "failed", "{window}");
+            assert!(a.reason.contains("crash loop"), "{}", a.reason);
+            assert_eq!(s.budget.allocated, 0, "failed releases its allocation");
+            // Nothing starts again, however long we wait.
+            tokio::time::sleep(Duration::from_secs(600)).await;
+            assert!(h.runs.try_recv().is_err());
+            h.stop(vec![]).await;
+        } else {
+            assert_eq!(a.state, "backoff", "{window}: {}", a.reason);
+            let (_, w) = h.next_worker().await;
+            assert_eq!(instance(&h.status().await, "a").restarts, 3);
+            h.stop(vec![("a".into(), w)]).await;
+        }
+    }
+}
+
+/// The watchdog kills a load that stalls for load_stall_timeout and a ready worker that misses
+/// 3 heartbeats, through its cgroup, and the exit reads `watchdog`.
+#[tokio::test(start_paused = true)]
+async fn the_watchdog_kills_a_stalled_load_and_a_silent_worker() {
+    let mut h = Harness::start(&config(
+        "backoff_initial = \"0s\"\nheartbeat_interval = \"2s\"\nload_stall_timeout = \"10s\"",
+    ));
+    let (_, mut w) = h.next_worker().await;
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    w.loading(0.5).await;
+    let progressed = Instant::now();
+    // Killed 10 s after the last progress, not after the start.
+    let (_, pid, link) = h.next_run().await;
+    assert!(within(progressed.elapsed(), Duration::from_secs(10), 0.0));
+    let s = h.status().await;
+    assert_eq!(instance(&s, "a").last_exit.as_deref(), Some("watchdog"));
+    assert_eq!(h.world.lock().unwrap().kills.len(), 1);
+
+    let mut w = FakeWorker::greet("a", pid, link).await;
+    w.ready().await;
+    for _ in 0..5 {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        w.heartbeat().await;
+    }
+    let beat = Instant::now();
+    let (_, pid, link) = h.next_run().await;
+    assert!(within(beat.elapsed(), Duration::from_secs(6), 0.0));
+    assert_eq!(
+        instance(&h.status().await, "a").last_exit.as_deref(),
+        Some("watchdog")
+    );
+    let w = FakeWorker::greet("a", pid, link).await;
+    h.stop(vec![("a".into(), w)]).await;
+}
+
+/// A worker that ignores Shutdown is killed through its cgroup after stop_timeout; the
+/// `remove` is answered once it is gone.
+#[tokio::test(start_paused = true)]
+async fn a_stop_timeout_kills_a_worker_that_does_not_stop() {
+    let mut h = Harness::start(&config(
+        "stop_timeout = \"5s\"\nheartbeat_interval = \"1h\"",
+    ));
+    let (_, mut w) = h.next_worker().await;
+    w.ready().await;
+    let socket = h.socket.clone();
+    let t0 = Instant::now();
+    let remove = tokio::spawn(async move {
+        control(&socket, &Command::Remove(NameRequest { name: "a".into() })).await
+    });
+    assert!(matches!(w.receive().await, SupervisorMsg::Shutdown(_)));
+    let answer = remove.await.unwrap();
+    assert!(
+        within(t0.elapsed(), Duration::from_secs(5), 0.0),
+        "{:?}",
+        t0.elapsed()
+    );
+    assert!(
+        matches!(&answer, Response::Ok(ok) if ok.message == "a removed"),
+        "{answer:?}"
+    );
+    assert_eq!(h.world.lock().unwrap().kills.len(), 1);
+    assert!(h.status().await.instances.is_empty());
+    h.stop(vec![]).await;
+}
+
 /// While a worker's cgroup takes its time to go (its destroy blocks on the blocking pool), the
-/// loop answers `status` and processes the other worker's messages; the exit is classified once
-/// the cgroup is gone. (Two runtime threads: were the destroy run on the loop, the loop's thread
-/// would block and the status requests time out, rather than the whole test hang.)
+/// loop answers `status` and processes the other worker's messages; the exit is classified at
+/// once, and the restart's spawn waits for the cgroup. (Real time, two runtime threads: were
+/// the destroy run on the loop, the loop's thread would block and the status requests time
+/// out, rather than the whole test hang.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_cgroup_destroy_does_not_block_the_loop() {
-    let tmp = tempfile::tempdir().unwrap();
-    let root = tmp.path().join("cgroup");
-    let parent = root.join("belljar");
-    let config_path = tmp.path().join("budgets.toml");
-    let config = belljar_config::Config::parse(
-        "[defaults]\nmodel = \"m.gguf\"\n[instances.a]\n[instances.b]\n\
+    let mut h = Harness::start(
+        "[defaults]\nmodel = \"m.gguf\"\nbackoff_initial = \"0s\"\n[instances.a]\n[instances.b]\n\
          [modes.m]\ninstances = [\"a\", \"b\"]\n[pressure]\nenabled = false\n",
-        &config_path,
-    )
-    .unwrap();
-    let admitted = Admitted {
-        estimate: 64 << 20,
-        required: 64 << 20,
-        source: belljar_budget::estimate::Origin::File,
-        protected: 0,
-        identity: None,
-        vram: 0,
-    };
-    let instances = config
-        .mode("m", 2)
-        .unwrap()
-        .into_iter()
-        .map(|s| (s, admitted.clone()))
-        .collect();
-    let cgroups = Arc::new(TestCgroups {
-        root,
-        dirs: Mutex::new(BTreeSet::new()),
-        gate: Mutex::new(None),
-    });
-    let (runs_tx, mut runs) = mpsc::unbounded_channel();
-    let exits = Arc::new(Mutex::new(None));
-    let cfg = DaemonConfig {
-        cgroups: cgroups.clone(),
-        spawner: Box::new(FakeSpawner {
-            next_pid: 4_000_000,
-            runs: runs_tx,
-            exits: exits.clone(),
-        }),
-        parent: parent.clone(),
-        remove_parent: false,
-        state_dir: tmp.path().join("state"),
-        worker_bin: PathBuf::from("/nonexistent/worker"),
-        headroom: 0,
-        usable: 1 << 30,
-        proc_root: belljar_host::ProcRoot::default(),
-        instances,
-        config,
-        access: Access {
-            own_uid: nix::unistd::geteuid(),
-            group: None,
-        },
-        metrics: None,
-        gpus: None,
-    };
-    let socket = tmp.path().join("control.sock");
-    let listener = tokio::net::UnixListener::bind(&socket).unwrap();
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let daemon = tokio::spawn(super::serve(cfg, listener, async {
-        let _ = stop_rx.await;
-    }));
-
-    let mut workers = std::collections::BTreeMap::new();
+    );
+    let mut workers = BTreeMap::new();
     for _ in 0..2 {
-        let (name, pid, link) = runs.recv().await.unwrap();
-        workers.insert(name.clone(), FakeWorker::greet(&name, pid, link).await);
+        let (name, w) = h.next_worker().await;
+        workers.insert(name, w);
     }
-    let exit = |pid: u32, how: Exit| {
-        exits
-            .lock()
-            .unwrap()
-            .as_ref()
-            .unwrap()
-            .send((pid, how))
-            .unwrap();
+    let progress = |s: &StatusReport, name: &str| instance(s, name).load_progress;
+    let until = |what: &'static str, ok: Box<dyn Fn(&StatusReport) -> bool + Send>| {
+        let socket = h.socket.clone();
+        async move {
+            let wait = async {
+                loop {
+                    let s = status(&socket).await;
+                    if ok(&s) {
+                        return s;
+                    }
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            };
+            tokio::time::timeout(Duration::from_secs(10), wait)
+                .await
+                .unwrap_or_else(|_| panic!("timed out waiting for {what}"))
+        }
     };
     workers.get_mut("b").unwrap().loading(0.25).await;
-    status_until(&socket, "b loading", |s| progress(s, "b") == 0.25).await;
+    until("b loading", Box::new(move |s| progress(s, "b") == 0.25)).await;
 
-    // a's worker exits; its cgroup's removal blocks until released.
+    // a's worker crashes; its cgroup's removal blocks until released.
     let (entered_tx, mut entered) = mpsc::unbounded_channel();
     let (release, gate) = std::sync::mpsc::channel();
-    *cgroups.gate.lock().unwrap() = Some((parent.join("a"), entered_tx, gate));
+    h.world.lock().unwrap().gate = Some((h.parent.join("a"), entered_tx, gate));
     let a = workers.remove("a").unwrap();
-    exit(a.pid, Exit::Code(0));
+    h.world
+        .lock()
+        .unwrap()
+        .end(&h.parent.join("a"), Exit::Code(1));
     entered.recv().await.unwrap();
 
     // Meanwhile the loop answers and b's messages are processed.
     workers.get_mut("b").unwrap().loading(0.75).await;
-    let s = status_until(&socket, "b's progress while a's cgroup goes", |s| {
-        progress(s, "b") == 0.75
-    })
+    let s = until(
+        "b's progress while a's cgroup goes",
+        Box::new(move |s| progress(s, "b") == 0.75),
+    )
     .await;
+    let sa = instance(&s, "a");
     assert_eq!(
-        instance(&s, "a").last_exit,
-        None,
-        "a's exit is classified once its cgroup is gone"
+        sa.last_exit.as_deref(),
+        Some("exit:1"),
+        "classified at once"
     );
-    assert!(cgroups.exists(&parent.join("a")), "still being destroyed");
+    assert_eq!(sa.state, "starting", "its restart waits for the cgroup");
+    assert_eq!(sa.pid, None);
+    assert!(h.world.lock().unwrap().dirs.contains(&h.parent.join("a")));
+    assert!(
+        h.runs.try_recv().is_err(),
+        "no second run in the same cgroup"
+    );
 
     release.send(()).unwrap();
-    let s = status_until(&socket, "a's exit classified", |s| {
-        instance(s, "a").last_exit.is_some()
-    })
-    .await;
-    assert_eq!(instance(&s, "a").last_exit.as_deref(), Some("exit:0"));
-    assert_eq!(instance(&s, "a").state, "stopped", "restart = on-failure");
-    assert!(!cgroups.exists(&parent.join("a")));
-
-    // Shutdown: b is asked to stop, exits, and the loop ends with every cgroup gone.
-    stop_tx.send(()).unwrap();
-    let mut b = workers.remove("b").unwrap();
-    loop {
-        if let SupervisorMsg::Shutdown(_) = b.receive().await {
-            break;
-        }
-    }
-    exit(b.pid, Exit::Code(0));
-    tokio::time::timeout(Duration::from_secs(10), daemon)
-        .await
-        .expect("the loop ends")
-        .unwrap()
-        .unwrap();
-    assert!(
-        cgroups.dirs.lock().unwrap().is_empty(),
-        "every cgroup removed"
-    );
+    let (name, pid, link) = h.next_run().await;
+    assert_eq!(name, "a");
+    assert_ne!(pid, a.pid);
+    let a = FakeWorker::greet("a", pid, link).await;
+    let b = workers.remove("b").unwrap();
+    h.stop(vec![("a".into(), a), ("b".into(), b)]).await;
 }

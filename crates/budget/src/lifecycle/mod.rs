@@ -407,7 +407,10 @@ impl Machine {
     /// When the watchdog fires for the current run, if it is watched now: 3 missed heartbeats
     /// while ready, or no load progress for `load_stall_timeout` while starting or loading.
     pub fn watchdog_deadline(&self) -> Option<Instant> {
-        let run = self.run.as_ref().filter(|r| !r.watchdog_fired)?;
+        let run = self
+            .run
+            .as_ref()
+            .filter(|r| !r.watchdog_fired && r.pid.is_some())?;
         match self.state {
             State::Ready => run
                 .last_heartbeat
@@ -926,8 +929,12 @@ impl Machine {
         }
     }
 
-    /// Shutdown to the running worker; false when none runs.
+    /// Shutdown to the running worker; false when none runs. A spawn still pending (waiting
+    /// for the last run's cgroup to go) is dropped: there is nothing to stop.
     fn request_shutdown(&mut self, now: Instant) -> bool {
+        if self.run.as_ref().is_some_and(|r| r.pid.is_none()) {
+            self.run = None;
+        }
         let Some(run) = &mut self.run else {
             return false;
         };

@@ -222,6 +222,7 @@ fn row_6_a_bad_hello_kills_the_run() {
 fn row_7_loading_moves_to_loading_and_logs_once() {
     let mut h = H::new();
     h.step(Input::Admit);
+    h.step(Input::Spawned { pid: 7 });
     h.step(Input::Hello { valid: true });
     // Before the greeting nothing counts: here it is greeted.
     let a = h.step(Input::Loading(0.25));
@@ -240,6 +241,7 @@ fn row_7_loading_moves_to_loading_and_logs_once() {
 fn row_8_ready_answers_the_waiters() {
     let mut h = H::new();
     h.step(Input::Admit);
+    h.step(Input::Spawned { pid: 7 });
     h.step(Input::Hello { valid: true });
     let a = h.step(Input::Ready {
         load_ms: 12,
@@ -256,6 +258,7 @@ fn row_8_ready_answers_the_waiters() {
 fn row_9_ready_while_stopping_stays_stopping() {
     let mut h = H::new();
     h.step(Input::Admit);
+    h.step(Input::Spawned { pid: 7 });
     h.step(Input::Hello { valid: true });
     h.step(Input::Stop(AfterStop::Remove));
     let a = h.step(Input::Ready {
@@ -541,6 +544,7 @@ fn row_27_memory_freed_wakes_a_waiting_instance() {
 fn row_28_the_watchdog_kills_a_stalled_load_and_a_silent_worker() {
     let mut h = H::new();
     h.step(Input::Admit);
+    h.step(Input::Spawned { pid: 7 });
     h.advance(S(30));
     let a = h.step(Input::Timer);
     assert_eq!(logs(&a), [Event::Watchdog]);
@@ -739,4 +743,25 @@ fn row_40_a_pending_restart_is_refused_when_the_supervisor_stops() {
     assert!(a.contains(&Action::Reply(Reply::Stopper(Err(
         "the supervisor is shutting down".into()
     )))));
+}
+
+#[test]
+fn row_41_a_stop_drops_a_pending_spawn() {
+    let mut h = H::new().ready();
+    h.step(Input::Stop(AfterStop::Restart));
+    // The restart's spawn waits (the interpreter has not answered it yet).
+    let a = h.exit(Exit::Code(0), 0, None);
+    assert!(has(&a, |x| matches!(x, Action::Spawn { .. })));
+    assert!(h.m.run.as_ref().is_some_and(|r| r.pid.is_none()));
+    assert_eq!(
+        h.m.watchdog_deadline(),
+        None,
+        "nothing to watch before the process exists"
+    );
+    let a = h.step(Input::Stop(AfterStop::Remove));
+    assert!(h.m.run.is_none());
+    assert!(!a.contains(&Action::Shutdown));
+    assert_eq!(a.last(), Some(&Action::Forget));
+    // A late answer to the dropped spawn is ignored.
+    assert!(h.step(Input::Spawned { pid: 9 }).is_empty());
 }
