@@ -143,6 +143,16 @@ enum Event {
     },
 }
 
+/// A worker's exit waiting for its cgroup's removal.
+#[derive(Debug)]
+struct Exiting {
+    name: String,
+    pid: u32,
+    exit: Exit,
+    /// The run's cgroup counters, read when the exit was reaped.
+    stats: Option<RunStats>,
+}
+
 struct Daemon {
     cfg: DaemonConfig,
     instances: BTreeMap<String, Instance>,
@@ -174,6 +184,8 @@ struct Daemon {
     /// Starts waiting for the last run's cgroup to go: the limits and GPU layers of the spawn
     /// the lifecycle asked for.
     deferred_starts: BTreeMap<String, (Limits, u32)>,
+    /// Runs whose worker exited, by cgroup: classified once the cgroup is gone.
+    exiting: BTreeMap<PathBuf, Exiting>,
     /// `add`s being planned on the blocking pool: the request and its client, by name.
     adding: BTreeMap<String, (belljar_protocol::control::AddRequest, ReplyTx)>,
 }
@@ -226,6 +238,7 @@ pub async fn serve(
         gpu_last_action: BTreeMap::new(),
         destroying: BTreeSet::new(),
         deferred_starts: BTreeMap::new(),
+        exiting: BTreeMap::new(),
         adding: BTreeMap::new(),
         cfg,
     };
@@ -373,9 +386,11 @@ impl Daemon {
     }
 
     /// A child exited (reported by the spawner). A worker's run ends here: its cgroup's
-    /// counters are read, the cgroup is removed (at once when the worker was alone in it: a read
-    /// and an rmdir; else on the blocking pool, where anything the worker left behind dies and the
-    /// next run's cgroup waits for it), and the lifecycle classifies the exit. Orphans re-parented to us (a worker's double-forked children) were simply reaped.
+    /// counters are read and the cgroup is removed, at once when the worker was alone in it (a
+    /// read and an rmdir), else on the blocking pool (anything the worker left behind dies
+    /// there). The lifecycle classifies the exit once the cgroup is gone, so the state, the
+    /// replies and the restart all come after it. Orphans re-parented to us (a worker's
+    /// double-forked children) were simply reaped.
     fn on_child_exit(&mut self, pid: u32, exit: Exit) {
         let found = self.instances.iter_mut().find_map(|(n, i)| {
             i.link
@@ -413,12 +428,31 @@ impl Daemon {
         // The common case: the worker was alone in its cgroup, which goes at once.
         let gone = !self.destroying.contains(&dir)
             && self.cfg.cgroups.remove_if_empty(&dir).unwrap_or(false);
-        if !gone {
+        let x = Exiting {
+            name,
+            pid,
+            exit,
+            stats,
+        };
+        if gone {
+            self.on_exit(x);
+        } else {
+            self.exiting.insert(dir.clone(), x);
             self.destroy_later(dir);
         }
-        self.drive(&name, Input::Exited { exit, stats });
-        if let Some(inst) = self.instances.get_mut(&name) {
-            if inst.link.as_ref().is_some_and(|l| l.pid == pid) {
+    }
+
+    /// The lifecycle classifies a run's exit (its cgroup is gone); the run's link goes.
+    fn on_exit(&mut self, x: Exiting) {
+        self.drive(
+            &x.name,
+            Input::Exited {
+                exit: x.exit,
+                stats: x.stats,
+            },
+        );
+        if let Some(inst) = self.instances.get_mut(&x.name) {
+            if inst.link.as_ref().is_some_and(|l| l.pid == x.pid) {
                 inst.link = None;
             }
         }

@@ -80,8 +80,15 @@ impl Daemon {
     /// fails with the reason), if the lifecycle still wants it.
     pub(super) fn on_cgroup_gone(&mut self, dir: std::path::PathBuf, result: Result<(), String>) {
         self.destroying.remove(&dir);
+        let exiting = self.exiting.remove(&dir);
         if let Err(e) = &result {
-            tracing::error!(cgroup = %dir.display(), "cannot remove cgroup: {e}");
+            match &exiting {
+                Some(x) => tracing::error!(instance = %x.name, "cannot remove cgroup: {e}"),
+                None => tracing::error!(cgroup = %dir.display(), "cannot remove cgroup: {e}"),
+            }
+        }
+        if let Some(x) = exiting {
+            self.on_exit(x);
         }
         let waiting: Vec<String> = self
             .deferred_starts
