@@ -271,6 +271,26 @@ async fn status(socket: &Path) -> StatusReport {
     }
 }
 
+/// Polls `status` (real time) until `ok` holds; each answer is itself proof that the loop runs.
+async fn status_until(
+    socket: &Path,
+    what: &str,
+    ok: impl Fn(&StatusReport) -> bool,
+) -> StatusReport {
+    let wait = async {
+        loop {
+            let s = status(socket).await;
+            if ok(&s) {
+                return s;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), wait)
+        .await
+        .unwrap_or_else(|_| panic!("timed out waiting for {what}"))
+}
+
 fn instance<'a>(s: &'a StatusReport, name: &str) -> &'a InstanceStatus {
     s.instances.iter().find(|i| i.name == name).unwrap()
 }
@@ -557,15 +577,16 @@ async fn a_stop_timeout_kills_a_worker_that_does_not_stop() {
 }
 
 /// While a worker's cgroup takes its time to go (its destroy blocks on the blocking pool), the
-/// loop answers `status` and processes the other worker's messages; the exit is classified,
-/// and the restart spawned, once the cgroup is gone. (Real time, two runtime threads: were
+/// loop answers `status` and processes the other worker's messages and heartbeats; the exit
+/// is classified, and the restart spawned, once the cgroup is gone. (Real time, two runtime threads: were
 /// the destroy run on the loop, the loop's thread would block and the status requests time
 /// out, rather than the whole test hang.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_cgroup_destroy_does_not_block_the_loop() {
     let mut h = Harness::start(
-        "[defaults]\nmodel = \"m.gguf\"\nbackoff_initial = \"0s\"\n[instances.a]\n[instances.b]\n\
-         [modes.m]\ninstances = [\"a\", \"b\"]\n[pressure]\nenabled = false\n",
+        "[defaults]\nmodel = \"m.gguf\"\nbackoff_initial = \"0s\"\nheartbeat_interval = \"100ms\"\n\
+         [instances.a]\n[instances.b]\n[modes.m]\ninstances = [\"a\", \"b\"]\n\
+         [pressure]\nenabled = false\n",
     );
     let mut workers = BTreeMap::new();
     for _ in 0..2 {
@@ -573,25 +594,8 @@ async fn a_slow_cgroup_destroy_does_not_block_the_loop() {
         workers.insert(name, w);
     }
     let progress = |s: &StatusReport, name: &str| instance(s, name).load_progress;
-    let until = |what: &'static str, ok: Box<dyn Fn(&StatusReport) -> bool + Send>| {
-        let socket = h.socket.clone();
-        async move {
-            let wait = async {
-                loop {
-                    let s = status(&socket).await;
-                    if ok(&s) {
-                        return s;
-                    }
-                    tokio::time::sleep(Duration::from_millis(5)).await;
-                }
-            };
-            tokio::time::timeout(Duration::from_secs(10), wait)
-                .await
-                .unwrap_or_else(|_| panic!("timed out waiting for {what}"))
-        }
-    };
     workers.get_mut("b").unwrap().loading(0.25).await;
-    until("b loading", Box::new(move |s| progress(s, "b") == 0.25)).await;
+    status_until(&h.socket, "b loading", |s| progress(s, "b") == 0.25).await;
 
     // a's worker crashes; its cgroup's removal blocks until released.
     let (entered_tx, mut entered) = mpsc::unbounded_channel();
@@ -606,10 +610,9 @@ async fn a_slow_cgroup_destroy_does_not_block_the_loop() {
 
     // Meanwhile the loop answers and b's messages are processed.
     workers.get_mut("b").unwrap().loading(0.75).await;
-    let s = until(
-        "b's progress while a's cgroup goes",
-        Box::new(move |s| progress(s, "b") == 0.75),
-    )
+    let s = status_until(&h.socket, "b's progress while a's cgroup goes", |s| {
+        progress(s, "b") == 0.75
+    })
     .await;
     assert_eq!(
         instance(&s, "a").last_exit,
@@ -621,6 +624,27 @@ async fn a_slow_cgroup_destroy_does_not_block_the_loop() {
         h.runs.try_recv().is_err(),
         "no second run in the same cgroup"
     );
+    // b becomes ready and beats for 6 heartbeat intervals (twice the watchdog's 3): its
+    // heartbeats are processed, so the watchdog leaves it alone.
+    let b = workers.get_mut("b").unwrap();
+    b.ready().await;
+    for _ in 0..12 {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        b.heartbeat().await;
+    }
+    let s = status(&h.socket).await;
+    assert_eq!(
+        instance(&s, "b").state,
+        "ready",
+        "{}",
+        instance(&s, "b").reason
+    );
+    assert_eq!(instance(&s, "b").pid, Some(b.pid));
+    assert!(
+        h.world.lock().unwrap().kills.is_empty(),
+        "the watchdog killed nothing"
+    );
+    assert_eq!(instance(&s, "a").last_exit, None, "a's cgroup still goes");
 
     release.send(()).unwrap();
     let (name, pid, link) = h.next_run().await;
