@@ -27,8 +27,10 @@ pub enum ModelFileError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("model file {path} is not a GGUF file (it starts with {found:?}, not \"GGUF\"); convert it with llama.cpp's convert_hf_to_gguf.py or pick a .gguf file", path = .path.display())]
-    NotGguf { path: PathBuf, found: String },
+    /// The file's own bytes are never echoed: a client of the control socket must not learn
+    /// what any file the supervisor can read begins with.
+    #[error("model file {path} is not a GGUF file (it does not start with \"GGUF\"); convert it with llama.cpp's convert_hf_to_gguf.py or pick a .gguf file", path = .path.display())]
+    NotGguf { path: PathBuf },
 }
 
 /// Checks `path` and returns its size. Reads 4 bytes; never the whole file.
@@ -55,10 +57,7 @@ pub fn probe_model_file(path: &Path) -> Result<ModelFile, ModelFileError> {
             source,
         })?;
     if magic != GGUF_MAGIC {
-        return Err(ModelFileError::NotGguf {
-            path: owned(),
-            found: String::from_utf8_lossy(&magic).into_owned(),
-        });
+        return Err(ModelFileError::NotGguf { path: owned() });
     }
     Ok(ModelFile {
         path: owned(),
@@ -206,6 +205,12 @@ mod tests {
             probe_model_file(dir.path()),
             Err(ModelFileError::Directory { .. })
         ));
+        // The refusal names the file, never its content.
+        let secret = dir.path().join("shadow");
+        std::fs::write(&secret, b"root:$y$j9T$secret").unwrap();
+        let said = probe_model_file(&secret).unwrap_err().to_string();
+        assert!(said.contains("is not a GGUF file"), "{said}");
+        assert!(!said.contains("root"), "the error echoes the file: {said}");
         assert!(matches!(
             probe_model_file(&dir.path().join("none")),
             Err(ModelFileError::Missing { .. })
