@@ -329,9 +329,11 @@ fn bad_model_is_a_directory() {
 fn bad_model_not_gguf() {
     let t = setup("");
     t.write("models/m.gguf", "this is not a model");
-    validate(&t, &["--assume-total", "16G"])
-        .expect_code(2)
-        .expect_says(&["not a GGUF file", "\"this\""]);
+    // The refusal names the file but never echoes its bytes ([privilege]: the same probe serves
+    // `add` for control-socket clients, who must not learn what any file begins with).
+    let o = validate(&t, &["--assume-total", "16G"]);
+    o.expect_code(2).expect_says(&["not a GGUF file", "m.gguf"]);
+    assert!(!o.stderr.contains("this"), "{}", o.stderr);
 }
 
 /// Root reads any file, so the unreadable case runs the supervisor as `nobody` when we are root.
