@@ -264,6 +264,33 @@ fn an_unauthorized_uid_is_refused_by_modes_and_by_peer_credentials() {
     assert_eq!(d.terminate().code(), Some(0));
 }
 
+/// `[control] group`: the runtime dir is 0750 and the socket 0660, both in the group, so a
+/// member (here `nobody`, whose group is `nogroup`) may use the CLI. (The socket used to stay
+/// 0600 root:root, and a member got "Permission denied".)
+#[test]
+fn a_member_of_the_control_group_may_use_the_socket() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let t = TestDir::new();
+    let mut d = started(&t, "[control]\ngroup = \"nogroup\"\n");
+    let sock = d.runtime.join("control.sock");
+    let meta = |p: &Path| std::fs::metadata(p).unwrap();
+    let nogroup = nix::unistd::Group::from_name("nogroup")
+        .unwrap()
+        .expect("Debian's nogroup")
+        .gid
+        .as_raw();
+    assert_eq!(meta(&d.runtime).permissions().mode() & 0o777, 0o750);
+    assert_eq!(meta(&d.runtime).gid(), nogroup);
+    assert_eq!(meta(&sock).permissions().mode() & 0o777, 0o660);
+    assert_eq!(meta(&sock).gid(), nogroup);
+    // The test's own temp dir must let nobody pass through to the runtime dir.
+    std::fs::set_permissions(t.path(), std::fs::Permissions::from_mode(0o711)).unwrap();
+    let o = as_nobody(&d, &["status", "--json"]);
+    o.expect_code(0);
+    assert!(o.stdout.contains("\"subject\""), "{}", o.stdout);
+    assert_eq!(d.terminate().code(), Some(0));
+}
+
 #[test]
 fn garbage_oversized_and_stalled_clients_do_not_disturb_status() {
     let t = TestDir::new();

@@ -238,9 +238,25 @@ pub fn run(global: &GlobalArgs, args: &RunArgs) -> Result<Exit, CliError> {
     let _ = std::fs::remove_file(&socket); // stale: we hold the lock, so nobody serves it
     let listener = std::os::unix::net::UnixListener::bind(&socket)
         .map_err(|e| CliError::Refused(format!("cannot bind {}: {e}", socket.display())))?;
-    std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o600)).map_err(|e| {
-        CliError::Refused(format!("cannot set the mode of {}: {e}", socket.display()))
-    })?;
+    // 0600, or 0660 in the control group: its members may connect (SO_PEERCRED decides what
+    // they may do).
+    let control_group = cfg.access.group;
+    if let Some(gid) = control_group {
+        nix::unistd::chown(&socket, None, Some(gid)).map_err(|e| {
+            CliError::Refused(format!(
+                "cannot give {} to the control group: {e}",
+                socket.display()
+            ))
+        })?;
+    }
+    let socket_mode = if control_group.is_some() {
+        0o660
+    } else {
+        0o600
+    };
+    std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(socket_mode)).map_err(
+        |e| CliError::Refused(format!("cannot set the mode of {}: {e}", socket.display())),
+    )?;
     listener
         .set_nonblocking(true)
         .map_err(|e| CliError::Refused(e.to_string()))?;
