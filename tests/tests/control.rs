@@ -291,6 +291,52 @@ fn a_member_of_the_control_group_may_use_the_socket() {
     assert_eq!(d.terminate().code(), Some(0));
 }
 
+/// A member of the control group may add only a model it could read itself: root's
+/// 0600 copy is refused (before, the worker loaded it as root for them), the 0644 one is added.
+#[test]
+fn a_control_group_member_cannot_load_a_file_it_cannot_read() {
+    use std::os::unix::fs::PermissionsExt;
+    let t = TestDir::new();
+    let mut d = started(&t, "[control]\ngroup = \"nogroup\"\n");
+    std::fs::set_permissions(t.path(), std::fs::Permissions::from_mode(0o711)).unwrap();
+    let models = t.join("models");
+    std::fs::set_permissions(&models, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let secret = models.join("secret.gguf");
+    std::fs::copy(model(&t, "models/b.gguf"), &secret).unwrap();
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let open = model(&t, "models/b.gguf");
+    std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let add = |name: &str, path: &str| {
+        as_nobody(&d, &["add", name, "--model", path, "--ram-limit", "64M"])
+    };
+    add("stolen", secret.to_str().unwrap())
+        .expect_code(1)
+        .expect_says(&["not readable by uid 65534"]);
+    let status = d.status().unwrap();
+    assert!(
+        status["instances"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|i| i["name"] != "stolen"),
+        "nothing added"
+    );
+    add("mine", &open)
+        .expect_code(0)
+        .expect_says(&["mine is ready"]);
+    // Root may add what only root can read.
+    d.cli(&[
+        "add",
+        "rootonly",
+        "--model",
+        secret.to_str().unwrap(),
+        "--ram-limit",
+        "64M",
+    ])
+    .expect_code(0);
+    assert_eq!(d.terminate().code(), Some(0));
+}
+
 #[test]
 fn garbage_oversized_and_stalled_clients_do_not_disturb_status() {
     let t = TestDir::new();

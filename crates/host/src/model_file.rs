@@ -33,6 +33,49 @@ pub enum ModelFileError {
     NotGguf { path: PathBuf },
 }
 
+/// Whether user `uid` (primary group `gid`, with its supplementary groups) could open `path`
+/// for reading. A fresh thread takes that identity (raw `setgroups`/`setresgid`/`setresuid`
+/// system calls, which change only the calling thread, unlike libc's wrappers that change every
+/// thread of the process) and opens the file; its credentials end with it. No child process:
+/// the supervisor reaps every child. Blocks (user lookup): run it off the event loop.
+pub fn readable_by(path: &Path, uid: u32, gid: u32) -> Result<bool, String> {
+    use nix::libc;
+    let user = nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid))
+        .map_err(|e| format!("cannot look up uid {uid}: {e}"))?;
+    let primary = nix::unistd::Gid::from_raw(gid);
+    let groups: Vec<libc::gid_t> = match &user {
+        Some(u) => std::ffi::CString::new(u.name.as_bytes())
+            .ok()
+            .and_then(|name| nix::unistd::getgrouplist(&name, primary).ok())
+            .unwrap_or_else(|| vec![primary]),
+        None => vec![primary],
+    }
+    .into_iter()
+    .map(nix::unistd::Gid::as_raw)
+    .collect();
+    let path = path.to_path_buf();
+    let check = std::thread::spawn(move || -> Result<bool, String> {
+        let keep: libc::c_long = -1;
+        // SAFETY: plain system calls on values owned by this thread; they change only this
+        // thread's credentials, and the thread ends right after the open.
+        let failed = unsafe {
+            libc::syscall(libc::SYS_setgroups, groups.len(), groups.as_ptr()) != 0
+                || libc::syscall(libc::SYS_setresgid, keep, libc::c_long::from(gid), keep) != 0
+                || libc::syscall(libc::SYS_setresuid, keep, libc::c_long::from(uid), keep) != 0
+        };
+        if failed {
+            return Err(format!(
+                "cannot take uid {uid}'s identity: {}",
+                std::io::Error::last_os_error()
+            ));
+        }
+        Ok(File::open(&path).is_ok())
+    });
+    check
+        .join()
+        .map_err(|_| "the permission check panicked".to_owned())?
+}
+
 /// Checks `path` and returns its size. Reads 4 bytes; never the whole file.
 pub fn probe_model_file(path: &Path) -> Result<ModelFile, ModelFileError> {
     let owned = || path.to_path_buf();

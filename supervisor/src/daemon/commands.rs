@@ -8,6 +8,7 @@ use belljar_host::{cpu_count, probe_model_file};
 use belljar_protocol::control::{AddRequest, AskRequest, Command, OkReply, Response};
 use belljar_protocol::worker::{Prompt, SupervisorMsg};
 
+use super::control::Peer;
 use super::events::{Entry, Event};
 use super::instance::{AfterStop, Instance, ReplyTx, State};
 use super::{Daemon, persist, refused, usage};
@@ -17,7 +18,7 @@ fn ok(message: String) -> Response {
 }
 
 impl Daemon {
-    pub(super) fn on_control(&mut self, cmd: Command, reply: ReplyTx) {
+    pub(super) fn on_control(&mut self, cmd: Command, reply: ReplyTx, peer: Peer) {
         if self.stopping && !matches!(cmd, Command::Status(_)) {
             let _ = reply.send(refused("the supervisor is shutting down".into()));
             return;
@@ -26,7 +27,7 @@ impl Daemon {
             Command::Status(_) => {
                 let _ = reply.send(Response::Status(Box::new(self.status())));
             }
-            Command::Add(req) => self.add(req, reply),
+            Command::Add(req) => self.add(req, reply, peer),
             Command::Remove(r) => self.remove(&r.name, reply),
             Command::Restart(r) => self.restart(&r.name, reply),
             Command::Ask(a) => self.ask(a, reply),
@@ -35,9 +36,11 @@ impl Daemon {
 
     /// What planning an added instance needs from the loop, so the plan itself (file reads)
     /// can run anywhere.
-    fn plan_input(&self, req: &AddRequest) -> PlanInput {
+    fn plan_input(&self, req: &AddRequest, peer: Option<Peer>) -> PlanInput {
         PlanInput {
             req: req.clone(),
+            // Root and the supervisor's own user may load any model it can read.
+            peer: peer.filter(|p| p.uid != 0 && p.uid != self.cfg.access.own_uid.as_raw()),
             config: self.cfg.config.clone(),
             state_dir: self.cfg.state_dir.clone(),
             others: self.instances.len(),
@@ -110,7 +113,7 @@ impl Daemon {
 
     /// Checks the name, then plans the instance on the blocking pool (the model's header and
     /// the observations are read from disk); `finish_add` goes on when the plan is ready.
-    fn add(&mut self, req: AddRequest, reply: ReplyTx) {
+    fn add(&mut self, req: AddRequest, reply: ReplyTx, peer: Peer) {
         if self.adding.contains_key(&req.name) {
             let _ = reply.send(refused(format!(
                 "instance {} is being added by another request; wait for it to finish",
@@ -129,7 +132,7 @@ impl Daemon {
             });
             return;
         }
-        let input = self.plan_input(&req);
+        let input = self.plan_input(&req, Some(peer));
         let events = self.events.clone();
         let name = req.name.clone();
         self.adding.insert(name.clone(), (req, reply));
@@ -288,7 +291,7 @@ impl Daemon {
                 tracing::warn!(instance = %req.name, "a persisted instance has the name of a mode instance; the mode's wins");
                 continue;
             }
-            match plan(&self.plan_input(&req)) {
+            match plan(&self.plan_input(&req, None)) {
                 Ok(p) => {
                     let inst = self.added_instance(p, &req);
                     tracing::info!(instance = %req.name, "restoring an instance added at run time");
@@ -308,6 +311,9 @@ impl Daemon {
 #[derive(Debug)]
 struct PlanInput {
     req: AddRequest,
+    /// The client, when it is neither root nor the supervisor's user: it may only add a model
+    /// it could read itself.
+    peer: Option<Peer>,
     config: belljar_config::Config,
     state_dir: std::path::PathBuf,
     /// How many instances there are already (they share the CPUs).
@@ -330,6 +336,24 @@ fn plan(input: &PlanInput) -> Result<Plan, Response> {
     let req = &input.req;
     let name = InstanceName::parse(&req.name).map_err(|e| usage(e.to_string()))?;
     let file = probe_model_file(&req.model).map_err(|e| usage(e.to_string()))?;
+    if let Some(p) = input.peer {
+        match belljar_host::model_file::readable_by(&req.model, p.uid, p.gid) {
+            Ok(true) => {}
+            Ok(false) => {
+                return Err(refused(format!(
+                    "{} is not readable by uid {}: a member of the control group may only add a model it could read itself; fix the file's permissions or ask root to add it",
+                    req.model.display(),
+                    p.uid
+                )));
+            }
+            Err(e) => {
+                return Err(refused(format!(
+                    "cannot check who may read {}: {e}",
+                    req.model.display()
+                )));
+            }
+        }
+    }
     let section = InstanceSection {
         model: Some(req.model.clone()),
         ram_limit: req.ram_limit.map(Size),

@@ -81,11 +81,11 @@ pub(super) async fn accept_loop(
 }
 
 async fn serve_one(mut stream: UnixStream, events: mpsc::UnboundedSender<Event>, access: Access) {
-    let Some(command) = handshake(&mut stream, &access).await else {
+    let Some((command, peer)) = handshake(&mut stream, &access).await else {
         return;
     };
     let (tx, mut rx) = mpsc::unbounded_channel();
-    if events.send(Event::Control(command, tx)).is_err() {
+    if events.send(Event::Control(command, tx, peer)).is_err() {
         let _ = send(
             &mut stream,
             &error("the supervisor is shutting down".into(), 3),
@@ -101,9 +101,25 @@ async fn serve_one(mut stream: UnixStream, events: mpsc::UnboundedSender<Event>,
     }
 }
 
+/// Who sent a command (SO_PEERCRED).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Peer {
+    pub uid: u32,
+    pub gid: u32,
+}
+
+impl Peer {
+    /// The supervisor's own requests (a metrics scrape's status).
+    pub const SUPERVISOR: Peer = Peer { uid: 0, gid: 0 };
+}
+
 /// Peer check, hello exchange and the command; answers and returns None when any of it fails.
-async fn handshake(stream: &mut UnixStream, access: &Access) -> Option<Command> {
+async fn handshake(stream: &mut UnixStream, access: &Access) -> Option<(Command, Peer)> {
     let cred = stream.peer_cred().ok()?;
+    let peer = Peer {
+        uid: cred.uid(),
+        gid: cred.gid(),
+    };
     if !access.allows(cred.uid(), cred.gid()).await {
         tracing::warn!(uid = cred.uid(), pid = ?cred.pid(), "control connection refused: not root, the supervisor's user or the control group");
         let _ = send(stream, &error(
@@ -140,7 +156,7 @@ async fn handshake(stream: &mut UnixStream, access: &Access) -> Option<Command> 
     .await
     .ok()?;
     match receive(stream, REQUEST_DEADLINE).await {
-        Ok(c) => Some(c),
+        Ok(c) => Some((c, peer)),
         Err(e) => {
             let _ = send(stream, &error(format!("bad request: {e}"), 2)).await;
             None

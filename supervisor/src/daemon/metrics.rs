@@ -320,7 +320,11 @@ fn reply(code: StatusCode, content_type: &str, body: String) -> Reply {
 async fn scrape(events: &mpsc::UnboundedSender<Event>) -> Result<String, String> {
     let (tx, mut rx) = mpsc::unbounded_channel();
     events
-        .send(Event::Control(Command::Status(StatusQuery {}), tx))
+        .send(Event::Control(
+            Command::Status(StatusQuery {}),
+            tx,
+            super::control::Peer::SUPERVISOR,
+        ))
         .map_err(|_| "the supervisor is stopping".to_owned())?;
     match tokio::time::timeout(SCRAPE_TIMEOUT, rx.recv()).await {
         Ok(Some(Response::Status(report))) => render(&report).map_err(|e| e.to_string()),

@@ -122,7 +122,8 @@ enum Event {
         name: String,
         generation: u64,
     },
-    Control(belljar_protocol::control::Command, ReplyTx),
+    /// A command, its client, and who sent it.
+    Control(belljar_protocol::control::Command, ReplyTx, control::Peer),
     /// The cgroup's OOM state may have changed (eventfd on v1, inotify on v2).
     Oom {
         name: String,
@@ -304,7 +305,7 @@ impl Daemon {
                     }
                 }
             }
-            Event::Control(cmd, reply) => self.on_control(cmd, reply),
+            Event::Control(cmd, reply, peer) => self.on_control(cmd, reply, peer),
             Event::Oom { name, generation } => self.on_oom_event(&name, generation),
             Event::PressureWake => {
                 if self.cfg.config.pressure.enabled && !self.stopping {
