@@ -274,7 +274,15 @@ impl Daemon {
             let _ = reply.send(refused(format!("{} is not reachable", a.name)));
             return;
         }
-        self.asks.insert(id, (a.name, reply));
+        let generation = worker.generation;
+        self.asks.insert(
+            id,
+            super::Ask {
+                instance: a.name,
+                generation,
+                client: reply,
+            },
+        );
     }
 
     /// Instances added at run time by an earlier supervisor: back, with their sessions.

@@ -128,12 +128,12 @@ impl Daemon {
         let orphaned: Vec<u64> = self
             .asks
             .iter()
-            .filter(|(_, (n, _))| n == name)
+            .filter(|(_, a)| a.instance == name)
             .map(|(id, _)| *id)
             .collect();
         for id in orphaned {
-            if let Some((_, client)) = self.asks.remove(&id) {
-                let _ = client.send(refused(why.to_owned()));
+            if let Some(ask) = self.asks.remove(&id) {
+                let _ = ask.client.send(refused(why.to_owned()));
             }
         }
     }

@@ -154,6 +154,15 @@ struct Exiting {
     stats: Option<RunStats>,
 }
 
+/// An `ask` in flight: where it went and who waits for it.
+#[derive(Debug)]
+struct Ask {
+    instance: String,
+    /// The run (link generation) it was sent to.
+    generation: u64,
+    client: ReplyTx,
+}
+
 struct Daemon {
     cfg: DaemonConfig,
     instances: BTreeMap<String, Instance>,
@@ -162,7 +171,9 @@ struct Daemon {
     generation: u64,
     stopping: bool,
     /// In-flight `ask`s by request id: the instance and the client.
-    asks: BTreeMap<u64, (String, ReplyTx)>,
+    /// In-flight `ask`s by request id: the instance and run it went to, and the client. A reply
+    /// counts only from that instance's that run.
+    asks: BTreeMap<u64, Ask>,
     next_ask: u64,
     /// The origin of the monotonic clock the restart policy sees.
     epoch: Instant,
@@ -359,24 +370,28 @@ impl Daemon {
             },
             WorkerMsg::Heartbeat(_) => Input::Heartbeat,
             WorkerMsg::Token(t) => {
-                if let Some((_, client)) = self.asks.get(&t.id) {
-                    let _ = client.send(Response::Token(TokenText { text: t.text }));
+                if let Some(ask) = self.ask_of(t.id, name, generation) {
+                    let _ = ask.client.send(Response::Token(TokenText { text: t.text }));
                 }
                 return;
             }
             WorkerMsg::Done(d) => {
-                if let Some((_, client)) = self.asks.remove(&d.id) {
-                    let _ = client.send(Response::Done(AskDone {
-                        tokens: d.tokens,
-                        ms: d.ms,
-                    }));
+                if self.ask_of(d.id, name, generation).is_some() {
+                    if let Some(ask) = self.asks.remove(&d.id) {
+                        let _ = ask.client.send(Response::Done(AskDone {
+                            tokens: d.tokens,
+                            ms: d.ms,
+                        }));
+                    }
                 }
                 return;
             }
             WorkerMsg::Error(e) => {
-                match e.id.and_then(|id| self.asks.remove(&id)) {
-                    Some((_, client)) => {
-                        let _ = client.send(refused(e.message));
+                let mine =
+                    e.id.filter(|id| self.ask_of(*id, name, generation).is_some());
+                match mine.and_then(|id| self.asks.remove(&id)) {
+                    Some(ask) => {
+                        let _ = ask.client.send(refused(e.message));
                     }
                     None => tracing::warn!(instance = %name, "worker reported: {}", e.message),
                 }
@@ -457,6 +472,14 @@ impl Daemon {
                 inst.link = None;
             }
         }
+    }
+
+    /// The ask `id`, if it went to this instance's this run (a worker cannot answer for
+    /// another).
+    fn ask_of(&self, id: u64, name: &str, generation: u64) -> Option<&Ask> {
+        self.asks
+            .get(&id)
+            .filter(|a| a.instance == name && a.generation == generation)
     }
 
     fn instance_status(&self, name: &str, i: &Instance) -> InstanceStatus {

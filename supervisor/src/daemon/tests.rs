@@ -656,3 +656,101 @@ async fn a_slow_cgroup_destroy_does_not_block_the_loop() {
     let b = workers.remove("b").unwrap();
     h.stop(vec![("a".into(), a), ("b".into(), b)]).await;
 }
+
+/// An `ask` over the control socket: every response until the last.
+async fn ask(socket: &Path, name: &str) -> Vec<Response> {
+    use belljar_protocol::control::AskRequest;
+    let mut s = UnixStream::connect(socket).await.unwrap();
+    write_frame(
+        &mut s,
+        &ClientHello {
+            protocol_version: PROTOCOL_VERSION,
+        },
+    )
+    .await
+    .unwrap();
+    let _: ServerHello = decode(&read_frame(&mut s, MAX_FRAME).await.unwrap().unwrap()).unwrap();
+    let ask = Command::Ask(AskRequest {
+        name: name.into(),
+        prompt: "hi".into(),
+        max_tokens: 4,
+        ignore_eos: false,
+    });
+    write_frame(&mut s, &ask).await.unwrap();
+    let mut got = Vec::new();
+    loop {
+        let r: Response = decode(&read_frame(&mut s, MAX_FRAME).await.unwrap().unwrap()).unwrap();
+        let done = !matches!(r, Response::Token(_));
+        got.push(r);
+        if done {
+            return got;
+        }
+    }
+}
+
+/// A worker cannot answer another instance's request: a's Token and Done carrying the id of an
+/// `ask` sent to b are dropped; b's own answer reaches the client. (Replies used to be matched
+/// by id alone.)
+#[tokio::test(start_paused = true)]
+async fn a_worker_cannot_answer_for_another_instance() {
+    use belljar_protocol::worker::{Done, Token};
+    let mut h = Harness::start(
+        "[defaults]\nmodel = \"m.gguf\"\nheartbeat_interval = \"1h\"\n[instances.a]\n\
+         [instances.b]\n[modes.m]\ninstances = [\"a\", \"b\"]\n[pressure]\nenabled = false\n",
+    );
+    let mut workers = BTreeMap::new();
+    for _ in 0..2 {
+        let (name, mut w) = h.next_worker().await;
+        w.ready().await;
+        workers.insert(name, w);
+    }
+    // Ready is processed: status says so.
+    while instance(&h.status().await, "b").state != "ready" {}
+    let socket = h.socket.clone();
+    let client = tokio::spawn(async move { ask(&socket, "b").await });
+    let b = workers.get_mut("b").unwrap();
+    let SupervisorMsg::Prompt(p) = b.receive().await else {
+        panic!("b gets the prompt");
+    };
+    let a = workers.get_mut("a").unwrap();
+    a.send(&WorkerMsg::Token(Token {
+        id: p.id,
+        text: "[injected by a]".into(),
+    }))
+    .await;
+    a.send(&WorkerMsg::Done(Done {
+        id: p.id,
+        tokens: 1,
+        ms: 1,
+    }))
+    .await;
+    // a's frames are processed before b's (the loop handles each link in order; a status round
+    // trip after them proves they were read).
+    h.status().await;
+    let b = workers.get_mut("b").unwrap();
+    b.send(&WorkerMsg::Token(Token {
+        id: p.id,
+        text: "from b".into(),
+    }))
+    .await;
+    b.send(&WorkerMsg::Done(Done {
+        id: p.id,
+        tokens: 1,
+        ms: 2,
+    }))
+    .await;
+    let got = client.await.unwrap();
+    let text: Vec<String> = got
+        .iter()
+        .filter_map(|r| match r {
+            Response::Token(t) => Some(t.text.clone()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(text, ["from b"], "{got:?}");
+    assert!(
+        matches!(got.last(), Some(Response::Done(d)) if d.ms == 2),
+        "b's Done, not a's: {got:?}"
+    );
+    h.stop(workers.into_iter().collect()).await;
+}
