@@ -75,7 +75,8 @@ pub fn init(format: LogFormat) {
             .flatten_event(true)
             .with_current_span(false)
             .with_env_filter(filter())
-            .with_writer(std::io::stderr)
+            .with_writer(|| Lossy(std::io::stderr()))
+            .log_internal_errors(false)
             .try_init();
     } else {
         // Message IDs are for journal queries; on a terminal they are noise.
@@ -89,11 +90,29 @@ pub fn init(format: LogFormat) {
             .fmt_fields(fields)
             .with_env_filter(filter())
             .with_ansi(std::io::stderr().is_terminal())
-            .with_writer(std::io::stderr)
+            .with_writer(|| Lossy(std::io::stderr()))
+            .log_internal_errors(false)
             .try_init();
     }
     if let Some(e) = fallback {
         tracing::warn!("journald is not reachable ({e}); logging to stderr");
+    }
+}
+
+/// A log stream whose write errors are dropped: a reader that went away (`run 2>&1 | tee log`
+/// and tee died first on Ctrl-C) loses the lines, and the supervisor goes on stopping its workers.
+/// (Rust ignores SIGPIPE, so a closed pipe is an EPIPE here, never a signal.)
+struct Lossy<W>(W);
+
+impl<W: std::io::Write> std::io::Write for Lossy<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let _ = self.0.write_all(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        let _ = self.0.flush();
+        Ok(())
     }
 }
 

@@ -1,5 +1,6 @@
 //! `supervisor`: parses the command line and hands it to the library.
 
+use std::io::Write;
 use std::process::ExitCode;
 
 use belljar_supervisor::cli::Cli;
@@ -10,7 +11,8 @@ fn main() -> ExitCode {
     match belljar_supervisor::commands::dispatch(cli) {
         Ok(exit) => exit.into(),
         Err(e) => {
-            eprintln!("error: {e}");
+            // Never a panic on a closed stderr: the exit code still tells.
+            let _ = writeln!(std::io::stderr(), "error: {e}");
             e.exit().into()
         }
     }

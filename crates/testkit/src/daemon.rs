@@ -64,6 +64,39 @@ impl Daemon {
         parent_rel: String,
         wrapper: &[&str],
     ) -> Daemon {
+        Self::spawn(t, config, mode, env, parent_rel, wrapper, None)
+    }
+
+    /// As [`Daemon::start`], with the supervisor's stdout and stderr given (for example a pipe
+    /// whose reader is gone); [`Daemon::stderr`] is then empty.
+    pub fn start_with_output(
+        t: &TestDir,
+        config: &str,
+        mode: &str,
+        stdout: Stdio,
+        stderr: Stdio,
+    ) -> Daemon {
+        let parent_rel = unique_parent(mode);
+        Self::spawn(
+            t,
+            config,
+            mode,
+            &[],
+            parent_rel,
+            &[],
+            Some((stdout, stderr)),
+        )
+    }
+
+    fn spawn(
+        t: &TestDir,
+        config: &str,
+        mode: &str,
+        env: &[(&str, &str)],
+        parent_rel: String,
+        wrapper: &[&str],
+        output: Option<(Stdio, Stdio)>,
+    ) -> Daemon {
         let config_path = t.write("budgets.toml", config);
         let runtime = t.join("run");
         let state = t.join("state");
@@ -71,7 +104,15 @@ impl Daemon {
             "supervisor-{}.stderr",
             COUNTER.fetch_add(1, Ordering::Relaxed)
         ));
-        let stderr = std::fs::File::create(&stderr_path).expect("stderr file");
+        let (stdout, stderr) = match output {
+            Some(o) => o,
+            None => (
+                Stdio::null(),
+                std::fs::File::create(&stderr_path)
+                    .expect("stderr file")
+                    .into(),
+            ),
+        };
         let mut cmd = match wrapper.split_first() {
             Some((first, rest)) => {
                 let mut c = Command::new(first);
@@ -94,7 +135,7 @@ impl Daemon {
         .arg("--state-dir")
         .arg(&state)
         .stdin(Stdio::null())
-        .stdout(Stdio::null())
+        .stdout(stdout)
         .stderr(stderr);
         // Tests read the log from stderr, also on machines where journald is reachable.
         cmd.env("BELLJAR_LOG_FORMAT", "text");
