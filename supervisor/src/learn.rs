@@ -56,7 +56,7 @@ pub fn identity(model: &Path, header_crc32: u32) -> Option<ModelIdentity> {
 /// moved aside: learning starts afresh, nothing else depends on it).
 pub fn load(state_dir: &Path) -> Vec<Observation> {
     let file = state_dir.join(OBSERVATIONS_FILE);
-    let Ok(text) = std::fs::read_to_string(&file) else {
+    let Ok(text) = belljar_host::safe_fs::read_own_file(state_dir, OBSERVATIONS_FILE) else {
         return Vec::new();
     };
     serde_json::from_str(&text).unwrap_or_else(|e| {

@@ -34,6 +34,8 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    // Conversations are private: session files 0600, dirs 0700, whoever the worker runs as.
+    nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {

@@ -1,5 +1,6 @@
 //! The only crate that touches /proc, /sys (and later NVML): host memory readings, model-file
-//! probes and CPU counts. Every root path is injected; the defaults are consts beside the code.
+//! probes and CPU counts, and the files root makes where other users could interfere
+//! ([`safe_fs`]: no link followed, no other owner trusted). Every root path is injected; the defaults are consts beside the code.
 
 pub mod cgroup;
 pub mod gpu;
@@ -8,6 +9,7 @@ pub mod model_file;
 pub mod pressure;
 pub mod proc_ctl;
 pub mod process;
+pub mod safe_fs;
 pub mod spawn;
 
 pub use meminfo::{MemInfoError, ProcRoot, read_host_memory};

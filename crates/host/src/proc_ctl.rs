@@ -34,15 +34,11 @@ pub struct DirLock {
 /// Takes the exclusive lock of `dir`, failing at once when another process holds it.
 pub fn lock_dir(dir: &Path) -> Result<DirLock, LockError> {
     let path = dir.join(".lock");
-    let file = File::options()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&path)
-        .map_err(|source| LockError::Io {
-            path: path.clone(),
-            source,
-        })?;
+    // Never through a link: a `.lock` planted as a symlink is refused (ELOOP).
+    let file = crate::safe_fs::open_lock_file(dir, ".lock").map_err(|source| LockError::Io {
+        path: path.clone(),
+        source,
+    })?;
     match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
         Ok(lock) => Ok(DirLock { _lock: lock }),
         Err((_, nix::errno::Errno::EWOULDBLOCK)) => Err(LockError::Held(dir.to_path_buf(), path)),

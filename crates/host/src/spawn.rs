@@ -40,7 +40,8 @@ pub struct SpawnRequest {
     pub user: Option<String>,
     /// The child's `oom_score_adj`.
     pub oom_score_adj: i32,
-    /// The instance's state directory: created, and given to `user`.
+    /// The instance's session directory (`<state>/instances/<name>`): created (`instances` 0700,
+    /// this one 0700 and given to `user`); the child starts in it.
     pub state_dir: PathBuf,
 }
 
@@ -66,12 +67,10 @@ pub fn spawn(req: &SpawnRequest, cgroups: &dyn CgroupBackend) -> Result<Spawned,
         ),
         None => None,
     };
-    std::fs::create_dir_all(&req.state_dir)
-        .map_err(|e| format!("cannot create {}: {e}", req.state_dir.display()))?;
-    if let Some(u) = &user {
-        nix::unistd::chown(&req.state_dir, Some(u.uid), Some(u.gid))
-            .map_err(|e| format!("cannot give {} to {}: {e}", req.state_dir.display(), u.name))?;
-    }
+    // 0700 and the worker's own; the worker starts in it (the state dir above is root's 0700,
+    // so an unprivileged worker reaches its session dir only as its working directory).
+    crate::safe_fs::session_dir(&req.state_dir, user.as_ref().map(|u| (u.uid, u.gid)))
+        .map_err(|e| e.to_string())?;
 
     // A fresh cgroup per start, so peak and event counters are this run's.
     let dir = &req.cgroup;
@@ -93,6 +92,7 @@ pub fn spawn(req: &SpawnRequest, cgroups: &dyn CgroupBackend) -> Result<Spawned,
         }
     }
     cmd.envs(req.env.iter().map(|(k, v)| (k, v)))
+        .current_dir(&req.state_dir)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());

@@ -96,23 +96,14 @@ pub fn run(global: &GlobalArgs, args: &RunArgs) -> Result<Exit, CliError> {
         ),
         None => None,
     };
-    private_dir(&runtime_dir, if group.is_some() { 0o750 } else { 0o700 })?;
-    if let Some(gid) = group {
-        nix::unistd::chown(&runtime_dir, None, Some(gid)).map_err(|e| {
-            CliError::Usage(format!(
-                "cannot give {} to the control group: {e}",
-                runtime_dir.display()
-            ))
-        })?;
-    }
-    // A worker running as `worker_user` must be able to pass through the state dir to its own
-    // instance dir (which it owns): traversable, not listable.
-    let state_mode = if specs.iter().any(|s| s.worker_user.is_some()) {
-        0o711
-    } else {
-        0o700
-    };
-    private_dir(&state_dir, state_mode)?;
+    // Refused when a link, another user's or group/world-writable (belljar_host::safe_fs).
+    private_dir(
+        &runtime_dir,
+        if group.is_some() { 0o750 } else { 0o700 },
+        group,
+    )?;
+    // 0700 even with `worker_user`: a worker starts in its own session dir (its cwd).
+    private_dir(&state_dir, 0o700, None)?;
     let lock = |dir: &Path| {
         proc_ctl::lock_dir(dir).map_err(|e| match e {
             LockError::Held(..) => CliError::Refused(e.to_string()),
@@ -335,14 +326,10 @@ fn cgroup_parent(
     Ok((cgroups.root().join(DEFAULT_PARENT), true))
 }
 
-/// Creates `dir` (and parents) and gives it `mode` (0700: private to this user).
-fn private_dir(dir: &Path, mode: u32) -> Result<(), CliError> {
-    std::fs::create_dir_all(dir)
-        .and_then(|()| std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode)))
-        .map_err(|e| {
-            CliError::Usage(format!(
-                "cannot create {}: {e}; pass another directory",
-                dir.display()
-            ))
-        })
+/// Creates `dir` (and parents) and gives it `mode` (0700: private to this user) and `group`,
+/// or refuses it (exit 2): see `belljar_host::safe_fs::private_dir`.
+fn private_dir(dir: &Path, mode: u32, group: Option<nix::unistd::Gid>) -> Result<(), CliError> {
+    belljar_host::safe_fs::private_dir(dir, mode, group)
+        .map(drop)
+        .map_err(|e| CliError::Usage(format!("{e}; nothing was started")))
 }

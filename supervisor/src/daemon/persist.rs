@@ -1,8 +1,7 @@
 //! Instances added at run time, kept in `<state dir>/instances.json` so they come back after the
-//! supervisor restarts. Written atomically: temp file, fsync, rename, fsync of the directory.
+//! supervisor restarts. Written atomically: temp file, fsync, rename, fsync of the directory; read
+//! only when this user owns it.
 
-use std::fs::File;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use belljar_protocol::control::AddRequest;
@@ -17,7 +16,7 @@ pub fn path(state_dir: &Path) -> PathBuf {
 /// moved aside (never silently overwritten) and reported.
 pub fn load(state_dir: &Path) -> Result<Vec<AddRequest>, String> {
     let file = path(state_dir);
-    let text = match std::fs::read_to_string(&file) {
+    let text = match belljar_host::safe_fs::read_own_file(state_dir, ADDED_FILE) {
         Ok(t) => t,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
         Err(e) => return Err(format!("cannot read {}: {e}", file.display())),
@@ -42,16 +41,10 @@ pub fn save(state_dir: &Path, added: &[AddRequest]) -> std::io::Result<()> {
 }
 
 /// Replaces `dir/name` with `bytes` so that a crash leaves the old or the new file, never half
-/// of one: temp file, fsync, rename, fsync of the directory.
+/// of one: temp file, fsync, rename, fsync of the directory; never through a link
+/// (`belljar_host::safe_fs::write_atomic`).
 pub fn write_atomic(dir: &Path, name: &str, bytes: &[u8]) -> std::io::Result<()> {
-    let tmp = dir.join(format!(".{name}.tmp"));
-    {
-        let mut f = File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-    }
-    std::fs::rename(&tmp, dir.join(name))?;
-    File::open(dir)?.sync_all()
+    belljar_host::safe_fs::write_atomic(dir, name, bytes)
 }
 
 #[cfg(test)]
@@ -78,5 +71,20 @@ mod tests {
         assert!(e.contains("moved it to"), "{e}");
         assert!(dir.path().join("instances.json.corrupt").exists());
         assert!(load(dir.path()).unwrap().is_empty());
+    }
+
+    /// Issue 16: a `.instances.json.tmp` symlink planted in the state dir made root overwrite the
+    /// link's target.
+    #[test]
+    fn a_planted_temp_symlink_does_not_redirect_the_write() {
+        let dir = tempfile::tempdir().unwrap();
+        let victim = dir.path().join("victim");
+        std::fs::write(&victim, "root's file").unwrap();
+        let state = dir.path().join("state");
+        std::fs::create_dir(&state).unwrap();
+        std::os::unix::fs::symlink(&victim, state.join(".instances.json.tmp")).unwrap();
+        save(&state, &[]).unwrap();
+        assert_eq!(std::fs::read_to_string(&victim).unwrap(), "root's file");
+        assert!(load(&state).unwrap().is_empty());
     }
 }

@@ -40,8 +40,16 @@ pub fn request(
         args.push(v);
     };
     push("--instance", name.into());
-    push("--model", spec.model.clone().into());
-    push("--state-dir", state_dir.clone().into());
+    // The worker starts in its session dir (belljar_host::spawn), which is all it may reach
+    // when it runs as `worker_user` (the state dir is root's, 0700): a relative model path is
+    // made absolute first.
+    push(
+        "--model",
+        std::path::absolute(&spec.model)
+            .unwrap_or_else(|_| spec.model.clone())
+            .into(),
+    );
+    push("--state-dir", ".".into());
     push("--ctx", spec.ctx.to_string().into());
     push("--gpu-layers", gpu_layers.to_string().into());
     push("--gpu-device", spec.gpu_device.to_string().into());
