@@ -436,7 +436,7 @@ impl Machine {
         match input {
             Input::Admit => self.admit(now, ctx),
             Input::Spawned { pid } => self.spawned(pid),
-            Input::SpawnFailed(e) => self.spawn_failed(&e),
+            Input::SpawnFailed(e) => self.spawn_failed(&e, now, ctx),
             Input::Hello { valid } => self.hello(valid),
             Input::Loading(f) => self.loading(f, now),
             Input::Ready {
@@ -524,16 +524,42 @@ impl Machine {
         }
     }
 
-    fn spawn_failed(&mut self, e: &str) {
+    /// The run could not be started (EMFILE, EAGAIN, a missing binary...): a failure like a
+    /// crash. The restart policy retries it with backoff, counted by the crash-loop breaker, so
+    /// a spawn that can never work still ends `failed` after `start_limit_burst` starts.
+    fn spawn_failed(&mut self, e: &str, now: Instant, ctx: &Ctx<'_>) {
         if self.run.as_ref().is_none_or(|r| r.pid.is_some()) {
             return;
         }
         self.run = None;
-        self.release();
-        self.set(State::Failed, format!("cannot start: {e}"));
-        self.log(Event::Failed, format!("cannot start: {e}"));
-        self.out
-            .push(Action::Reply(Reply::Waiters(Err(self.reason.clone()))));
+        let ended = Ended {
+            class: ExitClass::Failure,
+            last_exit: "spawn-failed".to_owned(),
+            what: format!("could not be started: {e}"),
+        };
+        self.last_exit = Some(ended.last_exit.clone());
+        self.out.push(Action::Warn(format!("cannot start: {e}")));
+        self.out.push(Action::Reply(Reply::Waiters(Err(format!(
+            "{} did not become ready: {}",
+            self.name, ended.what
+        )))));
+        let decision = if ctx.stopping {
+            Decision::Stay
+        } else {
+            let t = now - self.epoch;
+            decide(
+                &self.settings.restart,
+                &mut self.restart_state,
+                ended.class,
+                Duration::ZERO,
+                t,
+                ctx.jitter,
+            )
+        };
+        self.apply(decision, &ended, "", now);
+        if !self.state.holds_allocation() {
+            self.release();
+        }
     }
 
     // ---- the worker's messages ----

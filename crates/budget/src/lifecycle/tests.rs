@@ -186,15 +186,70 @@ fn row_3_spawned_records_the_pid_and_logs() {
 }
 
 #[test]
-fn row_4_a_spawn_failure_releases_and_fails() {
-    let mut h = H::new();
+fn row_4_a_spawn_failure_is_retried_with_backoff_until_the_breaker() {
+    let mut s = settings();
+    s.restart.start_limit_burst = 2;
+    let mut h = H::with(s, 1024 * MB);
+    h.step(Input::Admit);
+    // EMFILE and the like are temporary: backoff, the allocation kept, the waiters told.
+    let a = h.step(Input::SpawnFailed("Too many open files".into()));
+    assert_eq!(h.m.state, State::Backoff);
+    assert!(h.m.run.is_none());
+    assert!(!a.contains(&Action::Release), "kept while in backoff");
+    assert_eq!(h.ledger.get("a"), Some(100 * MB));
+    assert_eq!(logs(&a), [Event::RestartScheduled]);
+    assert!(has(
+        &a,
+        |x| matches!(x, Action::Warn(w) if w.contains("Too many open files"))
+    ));
+    assert!(has(&a, |x| matches!(
+        x,
+        Action::Reply(Reply::Waiters(Err(e))) if e.contains("Too many open files")
+    )));
+    assert_eq!(h.m.last_exit.as_deref(), Some("spawn-failed"));
+    assert!(
+        h.m.reason.contains("could not be started"),
+        "{}",
+        h.m.reason
+    );
+    assert_eq!(h.m.next_deadline(), Some(h.now + S(1)));
+    // The retry spawns again...
+    h.advance(S(1));
+    assert_eq!(h.step(Input::Timer), [Action::CheckRestart]);
+    let a = h.step(Input::RestartCheck {
+        memory: Ok(mem(1024 * MB)),
+        critical: false,
+        gpu_released: true,
+    });
+    assert!(has(&a, |x| matches!(x, Action::Spawn { .. })));
+    // ...and a spawn that keeps failing ends `failed` at the crash-loop breaker, released.
+    let a = h.step(Input::SpawnFailed("no such file".into()));
+    assert_eq!(h.m.state, State::Failed);
+    assert!(h.m.reason.contains("crash loop"), "{}", h.m.reason);
+    assert!(a.contains(&Action::Release));
+    assert_eq!(logs(&a), [Event::Failed]);
+    assert_eq!(h.m.next_deadline(), None);
+}
+
+#[test]
+fn row_4_a_spawn_failure_with_restart_never_or_while_stopping_releases() {
+    let mut s = settings();
+    s.restart.mode = RestartMode::Never;
+    let mut h = H::with(s, 1024 * MB);
     h.step(Input::Admit);
     let a = h.step(Input::SpawnFailed("no such file".into()));
     assert_eq!(h.m.state, State::Failed);
-    assert!(h.m.run.is_none());
     assert!(a.contains(&Action::Release));
     assert_eq!(logs(&a), [Event::Failed]);
-    assert_eq!(h.m.reason, "cannot start: no such file");
+
+    let mut h = H::new();
+    h.step(Input::Admit);
+    h.stopping = true;
+    let a = h.step(Input::SpawnFailed("no such file".into()));
+    assert_eq!(h.m.state, State::Stopped);
+    assert!(a.contains(&Action::Release));
+    // A second answer for the same run changes nothing.
+    assert!(h.step(Input::SpawnFailed("again".into())).is_empty());
 }
 
 #[test]
