@@ -112,6 +112,15 @@ pub fn run(global: &GlobalArgs, args: &RunArgs) -> Result<Exit, CliError> {
     };
     let _runtime_lock = lock(&runtime_dir)?;
     let _state_lock = lock(&state_dir)?;
+    // Connections, pipes and cgroup files each take a descriptor: a soft limit of 1024 is
+    // soon reached, so take the hard limit (connections are also capped per listener).
+    match proc_ctl::raise_nofile_limit() {
+        Ok((before, after)) if before != after => {
+            tracing::info!("raised the open-files limit from {before} to {after}");
+        }
+        Ok(_) => {}
+        Err(e) => tracing::warn!("cannot raise the open-files limit: {e}"),
+    }
     proc_ctl::set_child_subreaper()
         .map_err(|e| CliError::Refused(format!("cannot become a subreaper: {e}")))?;
     // The kernel's OOM killer must never pick the supervisor first.
@@ -146,6 +155,10 @@ pub fn run(global: &GlobalArgs, args: &RunArgs) -> Result<Exit, CliError> {
         cgroup_parent(&*cgroups, args.cgroup_parent.as_deref(), &proc_root)?;
     cgroups
         .prepare_parent(&parent)
+        .map_err(|e| CliError::Refused(e.to_string()))?;
+    // One supervisor per cgroup parent, before any leftover is removed: a second one would
+    // destroy the first one's workers.
+    let _parent_lock = proc_ctl::lock_cgroup_parent(&parent, proc_root.path())
         .map_err(|e| CliError::Refused(e.to_string()))?;
     for leftover in cgroups
         .subdirs(&parent)

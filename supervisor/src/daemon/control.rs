@@ -62,15 +62,30 @@ fn in_supplementary_group(uid: Uid, group: Gid) -> bool {
     })
 }
 
+/// At most this many control connections are served at once; further ones wait in the
+/// kernel's listen queue (costing the supervisor no file descriptor) until one ends. A stranger
+/// is refused at once by its peer credentials and an idle client is dropped after
+/// [`HANDSHAKE_DEADLINE`], so only allowed users streaming answers (`ask`) hold a slot for long.
+pub const MAX_CONTROL_CONNECTIONS: usize = 64;
+
 pub(super) async fn accept_loop(
     listener: UnixListener,
     events: mpsc::UnboundedSender<Event>,
     access: Access,
 ) {
+    let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_CONTROL_CONNECTIONS));
     loop {
+        // A slot first, then the connection: beyond the cap, clients queue in the kernel.
+        let Ok(slot) = slots.clone().acquire_owned().await else {
+            return;
+        };
         match listener.accept().await {
             Ok((stream, _)) => {
-                tokio::spawn(serve_one(stream, events.clone(), access.clone()));
+                let (events, access) = (events.clone(), access.clone());
+                tokio::spawn(async move {
+                    serve_one(stream, events, access).await;
+                    drop(slot);
+                });
             }
             Err(e) => {
                 tracing::warn!("control socket accept failed: {e}");

@@ -364,9 +364,19 @@ async fn handle(
     })
 }
 
+/// At most this many metrics connections are served at once; further ones wait in the kernel's
+/// listen queue (costing the supervisor no file descriptor) until one ends. A client that sends
+/// no request is dropped after [`HEADER_TIMEOUT`].
+pub const MAX_METRICS_CONNECTIONS: usize = 16;
+
 /// Serves until the runtime stops; one task per connection, HTTP/1.1.
 pub(super) async fn serve(listener: TcpListener, events: mpsc::UnboundedSender<Event>) {
+    let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_METRICS_CONNECTIONS));
     loop {
+        // A slot first, then the connection: beyond the cap, clients queue in the kernel.
+        let Ok(slot) = slots.clone().acquire_owned().await else {
+            return;
+        };
         let stream = match listener.accept().await {
             Ok((s, _)) => s,
             Err(e) => {
@@ -385,6 +395,7 @@ pub(super) async fn serve(listener: TcpListener, events: mpsc::UnboundedSender<E
             if let Err(e) = conn.await {
                 tracing::debug!("metrics: connection ended: {e}");
             }
+            drop(slot);
         });
     }
 }
