@@ -351,6 +351,62 @@ fn status_without_a_supervisor_is_exit_3() {
     .expect_says(&["cannot reach the supervisor", "--runtime-dir"]);
 }
 
+/// By default workers run as `belljar-worker` (packaging/belljar.sysusers), never as root;
+/// a worker user that does not exist is refused before anything starts, naming the fix.
+#[test]
+fn workers_run_as_belljar_worker_by_default_and_a_missing_user_is_refused() {
+    assert!(
+        is_root(),
+        "daemon tests create real cgroups: run them as root"
+    );
+    let t = TestDir::new();
+    let mut d = Daemon::start(&t, &matrix_config(&t), "single", &[]);
+    let status = d.wait_status("subject ready", |s| all_in(s, "ready"));
+    let pid = instance(&status, "subject")["pid"].as_u64().unwrap();
+    let uid: u32 = read(Path::new(&format!("/proc/{pid}")), "status")
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))
+        .and_then(|l| l.split_whitespace().next()?.parse().ok())
+        .unwrap();
+    let expected = nix::unistd::User::from_name("belljar-worker")
+        .unwrap()
+        .expect("scripts/deps.sh creates belljar-worker")
+        .uid
+        .as_raw();
+    assert_eq!(uid, expected, "the worker runs as belljar-worker");
+    assert_eq!(d.terminate().code(), Some(0));
+
+    let t = TestDir::new();
+    let config = matrix_config(&t).replace(
+        "[defaults]\n",
+        "[defaults]\nworker_user = \"belljar-no-such-user\"\n",
+    );
+    let mut d = Daemon::start(&t, &config, "single", &[]);
+    assert_eq!(d.wait().code(), Some(2));
+    let said = d.stderr();
+    assert!(
+        said.contains("worker_user \"belljar-no-such-user\" does not exist")
+            && said.contains("nothing was started"),
+        "{said}"
+    );
+    assert!(!d.parent().exists(), "no cgroup was created");
+
+    // A model the worker's user cannot read is refused at start, naming the fix.
+    use std::os::unix::fs::PermissionsExt;
+    let t = TestDir::new();
+    let config = matrix_config(&t);
+    let private = t.join("models");
+    std::fs::set_permissions(&private, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let mut d = Daemon::start(&t, &config, "single", &[]);
+    assert_eq!(d.wait().code(), Some(2));
+    let said = d.stderr();
+    assert!(
+        said.contains("worker_user \"belljar-worker\" cannot read the model"),
+        "{said}"
+    );
+    assert!(!d.parent().exists(), "no cgroup was created");
+}
+
 #[test]
 fn worker_user_runs_the_worker_unprivileged_in_its_cgroup() {
     use std::os::unix::fs::{MetadataExt, PermissionsExt};

@@ -73,8 +73,12 @@ pub struct InstanceSpec {
     pub heartbeat_interval: HumanDuration,
     pub load_stall_timeout: HumanDuration,
     pub stop_timeout: HumanDuration,
+    /// The user workers run as (`None`: root, only with `worker_user = "root"`).
     pub worker_user: Option<String>,
 }
+
+/// The user workers run as by default, created by packaging/belljar.sysusers.
+pub const DEFAULT_WORKER_USER: &str = "belljar-worker";
 
 impl InstanceSpec {
     /// The restart policy's keys.
@@ -276,10 +280,15 @@ impl Config {
             heartbeat_interval: pick!(heartbeat_interval, schema::secs(1)),
             load_stall_timeout: pick!(load_stall_timeout, schema::secs(60)),
             stop_timeout: pick!(stop_timeout, schema::secs(10)),
-            worker_user: section
-                .worker_user
-                .clone()
-                .or_else(|| d.worker_user.clone()),
+            worker_user: {
+                let user = section
+                    .worker_user
+                    .clone()
+                    .or_else(|| d.worker_user.clone())
+                    .unwrap_or_else(|| DEFAULT_WORKER_USER.to_owned());
+                // Workers run unprivileged unless the config says `worker_user = "root"`.
+                (user != "root").then_some(user)
+            },
         }
     }
 }

@@ -38,13 +38,17 @@ pub struct TestDir {
 }
 
 impl TestDir {
+    /// A fresh temp dir, 0711: workers run as `belljar-worker` by default and must pass through
+    /// it to the models the test writes (files 0644, dirs 0755 under the usual umask).
     pub fn new() -> TestDir {
-        TestDir {
-            dir: tempfile::Builder::new()
-                .prefix("belljar-test-")
-                .tempdir()
-                .expect("temp dir"),
-        }
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::Builder::new()
+            .prefix("belljar-test-")
+            .tempdir()
+            .expect("temp dir");
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o711))
+            .expect("chmod the temp dir");
+        TestDir { dir }
     }
 
     pub fn path(&self) -> &Path {

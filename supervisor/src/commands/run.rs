@@ -96,6 +96,41 @@ pub fn run(global: &GlobalArgs, args: &RunArgs) -> Result<Exit, CliError> {
         ),
         None => None,
     };
+    // Workers run as `worker_user` (default belljar-worker): it must exist before anything
+    // starts.
+    let mut users: Vec<&str> = specs
+        .iter()
+        .filter_map(|s| s.worker_user.as_deref())
+        .collect();
+    users.sort_unstable();
+    users.dedup();
+    for user in users {
+        let found = nix::unistd::User::from_name(user)
+            .map_err(|e| CliError::Usage(format!("cannot look up worker_user {user:?}: {e}")))?;
+        let Some(found) = found else {
+            return Err(CliError::Usage(missing_worker_user(user)));
+        };
+        // The worker opens its model as that user: a model it cannot read is refused now,
+        // rather than as a crash loop of exit 65.
+        for spec in specs
+            .iter()
+            .filter(|s| s.worker_user.as_deref() == Some(user))
+        {
+            let readable = belljar_host::model_file::readable_by(
+                &spec.model,
+                found.uid.as_raw(),
+                found.gid.as_raw(),
+            )
+            .map_err(CliError::Usage)?;
+            if !readable {
+                return Err(CliError::Usage(format!(
+                    "instance {}: worker_user {user:?} cannot read the model {} (workers run unprivileged): make the file readable by it and every directory on its path searchable (for example chmod o+r on the file and o+x on the directories), or move the model under /var/lib/belljar; nothing was started",
+                    spec.name,
+                    spec.model.display()
+                )));
+            }
+        }
+    }
     // Refused when a link, another user's or group/world-writable (belljar_host::safe_fs).
     private_dir(
         &runtime_dir,
@@ -345,4 +380,17 @@ fn private_dir(dir: &Path, mode: u32, group: Option<nix::unistd::Gid>) -> Result
     belljar_host::safe_fs::private_dir(dir, mode, group)
         .map(drop)
         .map_err(|e| CliError::Usage(format!("{e}; nothing was started")))
+}
+
+/// The refusal when a worker's user does not exist, with the one command that creates it.
+fn missing_worker_user(user: &str) -> String {
+    if user == belljar_config::DEFAULT_WORKER_USER {
+        format!(
+            "worker_user {user:?} (the default) does not exist: create it with `systemd-sysusers packaging/belljar.sysusers` (the file ships with belljar; `useradd --system --no-create-home --shell /usr/sbin/nologin {user}` does the same), or set worker_user = \"root\" to run workers as root; nothing was started"
+        )
+    } else {
+        format!(
+            "worker_user {user:?} does not exist: create it (`useradd --system --no-create-home --shell /usr/sbin/nologin {user}`) or choose another worker_user; nothing was started"
+        )
+    }
 }
