@@ -136,7 +136,39 @@ pub fn session_dir(path: &Path, owner: Option<(Uid, Gid)>) -> Result<(), DirErro
         source,
     };
     fchown(&fd, Some(uid), Some(gid)).map_err(io)?;
-    fchmod(&fd, Mode::from_bits_truncate(0o700)).map_err(io)
+    fchmod(&fd, Mode::from_bits_truncate(0o700)).map_err(io)?;
+    adopt_files(&fd, path, uid, gid).map_err(io)
+}
+
+/// The regular files in a session dir become the worker user's, 0600: sessions written by an
+/// older version (as root, 0644) stay usable by an unprivileged worker and private. Links and
+/// anything else are left alone; nothing is followed.
+fn adopt_files(dir: &OwnedFd, path: &Path, uid: Uid, gid: Gid) -> nix::Result<()> {
+    let Ok(entries) = std::fs::read_dir(path) else {
+        return Ok(());
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Ok(file) = openat(
+            dir,
+            name.as_os_str(),
+            OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_NONBLOCK | OFlag::O_CLOEXEC,
+            Mode::empty(),
+        ) else {
+            continue; // a link (ELOOP) or gone
+        };
+        let st = fstat(&file)?;
+        if SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT != SFlag::S_IFREG {
+            continue;
+        }
+        if st.st_uid != uid.as_raw() || st.st_gid != gid.as_raw() {
+            fchown(&file, Some(uid), Some(gid))?;
+        }
+        if st.st_mode & 0o777 != 0o600 {
+            fchmod(&file, Mode::from_bits_truncate(0o600))?;
+        }
+    }
+    Ok(())
 }
 
 /// Opens (creating it 0600 if missing) the file `name` in `dir` for writing, never through a
@@ -410,6 +442,28 @@ mod tests {
         assert_eq!(mode(&state.join("instances")), 0o700);
         assert_eq!(mode(&s), 0o700);
         assert_eq!(std::fs::metadata(&s).unwrap().uid(), nobody.uid.as_raw());
+        // A session an older version left (root's, 0644) becomes the worker's, 0600; a link in
+        // it is not followed.
+        std::fs::write(s.join("session.log"), "old turns").unwrap();
+        std::fs::set_permissions(
+            s.join("session.log"),
+            std::fs::Permissions::from_mode(0o644),
+        )
+        .unwrap();
+        let outside = t.path().join("outside");
+        std::fs::write(&outside, "root's").unwrap();
+        std::os::unix::fs::symlink(&outside, s.join("session.state")).unwrap();
+        session_dir(&s, Some((nobody.uid, nobody.gid))).unwrap();
+        let log = std::fs::metadata(s.join("session.log")).unwrap();
+        assert_eq!(log.uid(), nobody.uid.as_raw());
+        assert_eq!(log.permissions().mode() & 0o777, 0o600);
+        assert_eq!(
+            std::fs::metadata(&outside).unwrap().uid(),
+            0,
+            "not followed"
+        );
+        std::fs::remove_file(s.join("session.state")).unwrap();
+        std::fs::remove_file(s.join("session.log")).unwrap();
         // A link planted in its place is refused, its target untouched.
         std::fs::remove_dir(&s).unwrap();
         let target = t.path().join("elsewhere");
