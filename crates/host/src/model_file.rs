@@ -34,11 +34,30 @@ pub enum ModelFileError {
 }
 
 /// Whether user `uid` (primary group `gid`, with its supplementary groups) could open `path`
-/// for reading. A fresh thread takes that identity (raw `setgroups`/`setresgid`/`setresuid`
-/// system calls, which change only the calling thread, unlike libc's wrappers that change every
-/// thread of the process) and opens the file; its credentials end with it. No child process:
-/// the supervisor reaps every child. Blocks (user lookup): run it off the event loop.
+/// for reading (every directory on the way searchable, the file readable).
 pub fn readable_by(path: &Path, uid: u32, gid: u32) -> Result<bool, String> {
+    let path = path.to_path_buf();
+    as_user(uid, gid, move || File::open(&path).is_ok())
+}
+
+/// Whether user `uid` (primary group `gid`, with its supplementary groups) could execute `path`.
+pub fn executable_by(path: &Path, uid: u32, gid: u32) -> Result<bool, String> {
+    let path = path.to_path_buf();
+    as_user(uid, gid, move || {
+        nix::unistd::access(&path, nix::unistd::AccessFlags::X_OK).is_ok()
+    })
+}
+
+/// Runs `check` on a fresh thread that has taken user `uid`'s identity (its groups, then
+/// `gid` and `uid` as real and effective ids) through raw `setgroups`/`setresgid`/`setresuid`
+/// system calls, which change only the calling thread, unlike libc's wrappers that change
+/// every thread of the process; the credentials end with the thread. No child process: the
+/// supervisor reaps every child. Blocks (user lookup): run it off the event loop.
+fn as_user<T: Send + 'static>(
+    uid: u32,
+    gid: u32,
+    check: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, String> {
     use nix::libc;
     let user = nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid))
         .map_err(|e| format!("cannot look up uid {uid}: {e}"))?;
@@ -53,15 +72,15 @@ pub fn readable_by(path: &Path, uid: u32, gid: u32) -> Result<bool, String> {
     .into_iter()
     .map(nix::unistd::Gid::as_raw)
     .collect();
-    let path = path.to_path_buf();
-    let check = std::thread::spawn(move || -> Result<bool, String> {
+    let thread = std::thread::spawn(move || -> Result<T, String> {
         let keep: libc::c_long = -1;
+        let (uid, gid) = (libc::c_long::from(uid), libc::c_long::from(gid));
         // SAFETY: plain system calls on values owned by this thread; they change only this
-        // thread's credentials, and the thread ends right after the open.
+        // thread's credentials, and the thread ends right after the check.
         let failed = unsafe {
             libc::syscall(libc::SYS_setgroups, groups.len(), groups.as_ptr()) != 0
-                || libc::syscall(libc::SYS_setresgid, keep, libc::c_long::from(gid), keep) != 0
-                || libc::syscall(libc::SYS_setresuid, keep, libc::c_long::from(uid), keep) != 0
+                || libc::syscall(libc::SYS_setresgid, gid, gid, keep) != 0
+                || libc::syscall(libc::SYS_setresuid, uid, uid, keep) != 0
         };
         if failed {
             return Err(format!(
@@ -69,9 +88,9 @@ pub fn readable_by(path: &Path, uid: u32, gid: u32) -> Result<bool, String> {
                 std::io::Error::last_os_error()
             ));
         }
-        Ok(File::open(&path).is_ok())
+        Ok(check())
     });
-    check
+    thread
         .join()
         .map_err(|_| "the permission check panicked".to_owned())?
 }

@@ -96,6 +96,19 @@ pub fn run(global: &GlobalArgs, args: &RunArgs) -> Result<Exit, CliError> {
         ),
         None => None,
     };
+    let worker_bin = match &args.worker {
+        Some(p) => p.clone(),
+        None => std::env::current_exe()
+            .ok()
+            .and_then(|e| e.parent().map(|d| d.join("worker")))
+            .unwrap_or_else(|| PathBuf::from("worker")),
+    };
+    if !worker_bin.is_file() {
+        return Err(CliError::Usage(format!(
+            "the worker binary {} does not exist; build it (cargo build --release --workspace --bins) or pass --worker PATH",
+            worker_bin.display()
+        )));
+    }
     // Workers run as `worker_user` (default belljar-worker): it must exist before anything
     // starts.
     let mut users: Vec<&str> = specs
@@ -122,6 +135,18 @@ pub fn run(global: &GlobalArgs, args: &RunArgs) -> Result<Exit, CliError> {
                 found.gid.as_raw(),
             )
             .map_err(CliError::Usage)?;
+            let runnable = belljar_host::model_file::executable_by(
+                &worker_bin,
+                found.uid.as_raw(),
+                found.gid.as_raw(),
+            )
+            .map_err(CliError::Usage)?;
+            if !runnable {
+                return Err(CliError::Usage(format!(
+                    "worker_user {user:?} cannot execute the worker binary {} (workers run unprivileged): make it and every directory on its path accessible to that user, or install the binaries under /usr/local/bin; nothing was started",
+                    worker_bin.display()
+                )));
+            }
             if !readable {
                 return Err(CliError::Usage(format!(
                     "instance {}: worker_user {user:?} cannot read the model {} (workers run unprivileged): make the file readable by it and every directory on its path searchable (for example chmod o+r on the file and o+x on the directories), or move the model under /var/lib/belljar; nothing was started",
@@ -168,20 +193,6 @@ pub fn run(global: &GlobalArgs, args: &RunArgs) -> Result<Exit, CliError> {
     // and sheds, so it runs ahead of them (needs privilege; otherwise the nice value stays).
     if let Err(e) = proc_ctl::set_own_nice(SUPERVISOR_NICE) {
         tracing::debug!("cannot raise the supervisor's scheduling priority: {e}");
-    }
-
-    let worker_bin = match &args.worker {
-        Some(p) => p.clone(),
-        None => std::env::current_exe()
-            .ok()
-            .and_then(|e| e.parent().map(|d| d.join("worker")))
-            .unwrap_or_else(|| PathBuf::from("worker")),
-    };
-    if !worker_bin.is_file() {
-        return Err(CliError::Usage(format!(
-            "the worker binary {} does not exist; build it (cargo build --release --workspace --bins) or pass --worker PATH",
-            worker_bin.display()
-        )));
     }
 
     let cgroups = cgroup::detect(args.cgroup_root.as_deref())
