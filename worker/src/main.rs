@@ -34,8 +34,6 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    // Conversations are private: session files 0600, dirs 0700, whoever the worker runs as.
-    nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {
@@ -49,7 +47,12 @@ fn main() -> ExitCode {
     };
     init_logging();
     let result = match &cli.command {
-        Command::Serve(args) => backend().and_then(|b| serve::run(args, &b)),
+        Command::Serve(args) => {
+            // Conversations are private: session files 0600, dirs 0700, whoever the worker
+            // runs as. (Only for serve: a model made by make-model is for workers to read.)
+            nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
+            backend().and_then(|b| serve::run(args, &b))
+        }
         Command::MakeModel(args) => make_model::run(args),
         Command::Inspect(args) => backend().and_then(|b| inspect::run(args, &b)),
     };
