@@ -78,15 +78,7 @@ pub fn private_dir(path: &Path, mode: u32, group: Option<Gid>) -> Result<Private
         path: parent.clone(),
         source: Errno::from_raw(e.raw_os_error().unwrap_or(0)),
     })?;
-    let parent_fd = nix::fcntl::open(
-        &parent,
-        OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
-        Mode::empty(),
-    )
-    .map_err(|source| DirError::Io {
-        path: parent.clone(),
-        source,
-    })?;
+    let parent_fd = open_parent(&parent)?;
     let fd = make_dir_at(parent_fd.as_fd(), &name, path)?;
     check(&fd, path)?;
     set_mode(&fd, path, mode)?;
@@ -102,18 +94,23 @@ pub fn private_dir(path: &Path, mode: u32, group: Option<Gid>) -> Result<Private
     })
 }
 
-/// Opens an existing directory that [`private_dir`] made, with the same checks.
-pub fn open_private_dir(path: &Path) -> Result<PrivateDir, DirError> {
-    let (parent, name) = split(path)?;
-    let parent_fd = nix::fcntl::open(
-        &parent,
+/// Opens the directory that holds the one being made or opened.
+fn open_parent(parent: &Path) -> Result<OwnedFd, DirError> {
+    nix::fcntl::open(
+        parent,
         OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
         Mode::empty(),
     )
     .map_err(|source| DirError::Io {
-        path: parent.clone(),
+        path: parent.to_path_buf(),
         source,
-    })?;
+    })
+}
+
+/// Opens an existing directory that [`private_dir`] made, with the same checks.
+pub fn open_private_dir(path: &Path) -> Result<PrivateDir, DirError> {
+    let (parent, name) = split(path)?;
+    let parent_fd = open_parent(&parent)?;
     let fd = open_dir_at(parent_fd.as_fd(), &name, path)?;
     check(&fd, path)?;
     Ok(PrivateDir {
