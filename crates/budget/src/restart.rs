@@ -10,6 +10,9 @@
 //! - Crash-loop breaker: at most `start_limit_burst` starts within `start_limit_interval`; the
 //!   start that would exceed it is not made and the instance is `failed`. Pre-check refusals
 //!   are not starts.
+//! - Whatever the window, `start_limit_burst` starts in a row that never reached ready fail the
+//!   instance too: a start that fails slower than the window (a load the watchdog kills every
+//!   few minutes) cannot loop forever.
 
 use std::collections::VecDeque;
 use std::time::Duration;
@@ -59,6 +62,8 @@ pub struct RestartState {
     starts: VecDeque<Duration>,
     /// Failures since the last reset: the exponent of the backoff.
     pub consecutive_failures: u32,
+    /// Runs in a row that ended without ever being ready.
+    pub never_ready: u32,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -116,18 +121,27 @@ pub fn backoff(cfg: &RestartConfig, attempt: u32, jitter: f64) -> Duration {
         * cfg.backoff_factor.powi(attempt.saturating_sub(1) as i32);
     let capped = base.min(cfg.backoff_max.as_secs_f64());
     let jittered = capped * (0.9 + 0.2 * jitter.clamp(0.0, 1.0));
-    Duration::from_secs_f64(jittered.min(cfg.backoff_max.as_secs_f64()).max(0.0))
+    // Never panics: a NaN or an overflow (from a factor or durations beyond the config's
+    // bounds) gives the cap.
+    Duration::try_from_secs_f64(jittered.min(cfg.backoff_max.as_secs_f64()).max(0.0))
+        .unwrap_or(cfg.backoff_max)
 }
 
-/// Decides what follows an exit. `healthy_for` is how long the run was ready before it ended.
+/// Decides what follows an exit. `ready_for` is how long the run was ready before it ended
+/// (`None`: it never was).
 pub fn decide(
     cfg: &RestartConfig,
     state: &mut RestartState,
     class: ExitClass,
-    healthy_for: Duration,
+    ready_for: Option<Duration>,
     now: Duration,
     jitter: f64,
 ) -> Decision {
+    if ready_for.is_some() {
+        state.never_ready = 0;
+    } else if matches!(class, ExitClass::Clean | ExitClass::Failure) {
+        state.never_ready += 1;
+    }
     match class {
         ExitClass::Stopped => return Decision::Stay,
         ExitClass::Permanent => {
@@ -145,8 +159,14 @@ pub fn decide(
         }
         ExitClass::Clean | ExitClass::Failure => {}
     }
-    if healthy_for >= cfg.backoff_reset_after {
+    if ready_for.is_some_and(|d| d >= cfg.backoff_reset_after) {
         state.consecutive_failures = 0;
+    }
+    if state.never_ready >= cfg.start_limit_burst {
+        return Decision::Fail(format!(
+            "crash loop: {} starts in a row never became ready (start_limit_burst {}); `supervisor restart NAME` starts it again",
+            state.never_ready, cfg.start_limit_burst
+        ));
     }
     if !state.may_start(cfg, now) {
         return Decision::Fail(format!(
@@ -182,7 +202,9 @@ pub fn peak_reached_limit(peak: u64, limit: u64) -> bool {
 /// The kernel's `oom_score_adj` for a worker: lower priority, higher score (killed first);
 /// always above the supervisor's own -900.
 pub fn oom_score_adj(priority: i64) -> i32 {
-    (500 - priority.saturating_mul(100)).clamp(0, 1000) as i32
+    500_i64
+        .saturating_sub(priority.saturating_mul(100))
+        .clamp(0, 1000) as i32
 }
 
 #[cfg(test)]
@@ -229,15 +251,15 @@ mod tests {
         let c = cfg();
         let mut st = RestartState::default();
         assert_eq!(
-            decide(&c, &mut st, ExitClass::Stopped, S(0), S(0), 0.5),
+            decide(&c, &mut st, ExitClass::Stopped, None, S(0), 0.5),
             Decision::Stay
         );
         assert_eq!(
-            decide(&c, &mut st, ExitClass::Clean, S(0), S(0), 0.5),
+            decide(&c, &mut st, ExitClass::Clean, None, S(0), 0.5),
             Decision::Stay
         );
         assert!(matches!(
-            decide(&c, &mut st, ExitClass::Permanent, S(0), S(0), 0.5),
+            decide(&c, &mut st, ExitClass::Permanent, None, S(0), 0.5),
             Decision::Fail(_)
         ));
         let always = RestartConfig {
@@ -245,7 +267,7 @@ mod tests {
             ..c
         };
         assert!(matches!(
-            decide(&always, &mut st, ExitClass::Clean, S(0), S(0), 0.5),
+            decide(&always, &mut st, ExitClass::Clean, None, S(0), 0.5),
             Decision::Restart { .. }
         ));
         let never = RestartConfig {
@@ -253,7 +275,7 @@ mod tests {
             ..c
         };
         assert!(matches!(
-            decide(&never, &mut st, ExitClass::Failure, S(0), S(0), 0.5),
+            decide(&never, &mut st, ExitClass::Failure, None, S(0), 0.5),
             Decision::Fail(_)
         ));
     }
@@ -265,7 +287,7 @@ mod tests {
         st.record_start(S(0)); // the first start
         let mut starts = 1;
         for i in 1..20u64 {
-            match decide(&c, &mut st, ExitClass::Failure, S(0), S(i), 0.5) {
+            match decide(&c, &mut st, ExitClass::Failure, None, S(i), 0.5) {
                 Decision::Restart { .. } => {
                     st.record_start(S(i));
                     starts += 1;
@@ -288,17 +310,17 @@ mod tests {
         let mut st = RestartState::default();
         st.record_start(S(0));
         assert_eq!(
-            decide(&c, &mut st, ExitClass::PrecheckRefused, S(0), S(1), 0.5),
+            decide(&c, &mut st, ExitClass::PrecheckRefused, None, S(1), 0.5),
             Decision::WaitForMemory
         );
         assert_eq!(st.starts_within(S(300), S(1)), 0);
         for _ in 0..3 {
             st.record_start(S(2));
-            decide(&c, &mut st, ExitClass::Failure, S(0), S(2), 0.5);
+            decide(&c, &mut st, ExitClass::Failure, None, S(2), 0.5);
         }
         assert_eq!(st.consecutive_failures, 3);
         st.record_start(S(3));
-        let d = decide(&c, &mut st, ExitClass::Failure, S(600), S(700), 0.5);
+        let d = decide(&c, &mut st, ExitClass::Failure, Some(S(600)), S(700), 0.5);
         assert_eq!(
             d,
             Decision::Restart {
@@ -329,5 +351,55 @@ mod tests {
         assert!(oom_score_adj(-1) > oom_score_adj(0) && oom_score_adj(0) > oom_score_adj(1));
         assert_eq!(oom_score_adj(100), 0);
         assert_eq!(oom_score_adj(-100), 1000);
+        assert_eq!(oom_score_adj(i64::MIN), 1000, "no overflow");
+        assert_eq!(oom_score_adj(i64::MIN + 1), 1000);
+        assert_eq!(oom_score_adj(i64::MAX), 0);
+    }
+
+    #[test]
+    fn backoff_never_panics_on_huge_durations_or_factors() {
+        let c = RestartConfig {
+            backoff_initial: Duration::MAX,
+            backoff_factor: f64::MAX,
+            backoff_max: Duration::MAX,
+            ..cfg()
+        };
+        assert_eq!(backoff(&c, 1000, 0.99), Duration::MAX);
+    }
+
+    /// Starts that fail before ready, each slower than the breaker's window (a watchdog kill
+    /// every few minutes), still fail the instance after `start_limit_burst` in a row; one
+    /// run that reached ready starts the count again.
+    #[test]
+    fn starts_that_never_become_ready_fail_whatever_the_window() {
+        let c = cfg();
+        let mut st = RestartState::default();
+        let mut t = 0;
+        let mut attempts = 0;
+        loop {
+            st.record_start(S(t));
+            attempts += 1;
+            t += 1000; // longer than start_limit_interval
+            match decide(&c, &mut st, ExitClass::Failure, None, S(t), 0.5) {
+                Decision::Restart { .. } => assert!(attempts < 5, "{attempts}"),
+                Decision::Fail(reason) => {
+                    assert!(reason.contains("in a row never became ready"), "{reason}");
+                    break;
+                }
+                d => panic!("{d:?}"),
+            }
+        }
+        assert_eq!(attempts, 5);
+        let mut st = RestartState::default();
+        for _ in 0..4 {
+            decide(&c, &mut st, ExitClass::Failure, None, S(t), 0.5);
+            t += 1000;
+        }
+        decide(&c, &mut st, ExitClass::Failure, Some(S(1)), S(t), 0.5);
+        assert_eq!(st.never_ready, 0, "a ready run resets the count");
+        assert!(matches!(
+            decide(&c, &mut st, ExitClass::Failure, None, S(t + 1000), 0.5),
+            Decision::Restart { .. }
+        ));
     }
 }

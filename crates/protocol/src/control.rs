@@ -108,6 +108,48 @@ pub struct StatusReport {
     /// Every GPU NVML reports; empty without NVML.
     #[serde(default)]
     pub gpus: Vec<GpuStatus>,
+    /// Instances left out at the end of `instances` so the reply fits one frame (0: none).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub omitted: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
+impl StatusReport {
+    /// Leaves instances out, from the end, until the report encodes in at most `cap` bytes,
+    /// and counts them in `omitted`. Without instances every field is bounded, so the rest
+    /// always fits a frame.
+    pub fn fit(&mut self, cap: usize) {
+        let whole = json_len(self);
+        if whole <= cap {
+            return;
+        }
+        let mut used = whole
+            - self
+                .instances
+                .iter()
+                .map(|i| json_len(i) + 1)
+                .sum::<usize>();
+        // Room for the largest possible count in `"omitted":N,`.
+        used += 32;
+        let keep = self
+            .instances
+            .iter()
+            .take_while(|i| {
+                used += json_len(*i) + 1;
+                used <= cap
+            })
+            .count();
+        self.omitted += (self.instances.len() - keep) as u64;
+        self.instances.truncate(keep);
+    }
+}
+
+/// The length of a value's JSON.
+fn json_len<T: Serialize>(v: &T) -> usize {
+    serde_json::to_vec(v).map_or(usize::MAX / 4, |v| v.len())
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -187,4 +229,68 @@ pub struct MemoryStatus {
     pub peak: Option<u64>,
     /// The previous run's peak.
     pub last_peak: Option<u64>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn instance(n: usize) -> InstanceStatus {
+        InstanceStatus {
+            name: format!("i{n}"),
+            state: "failed".into(),
+            thrashing: false,
+            reason: "r".repeat(1000),
+            pid: None,
+            restarts: 0,
+            oom_kills: 0,
+            last_exit: None,
+            load_progress: 0.0,
+            allocated: 0,
+            estimate_source: "file".into(),
+            memory: MemoryStatus {
+                current: None,
+                limit: None,
+                reservation: None,
+                peak: None,
+                last_peak: None,
+            },
+            uptime_s: None,
+            gpu_memory: None,
+            cpu_fallback: false,
+            gpu_release: None,
+        }
+    }
+
+    #[test]
+    fn a_status_of_many_instances_fits_the_frame_cap_and_says_how_many_it_left_out() {
+        let mut r = StatusReport {
+            host: HostStatus {
+                total: 1,
+                available: 1,
+                level: "normal".into(),
+                psi_some_avg10: None,
+                source: "host".into(),
+            },
+            budget: BudgetStatus {
+                usable: 1,
+                allocated: 0,
+            },
+            instances: (0..3000).map(instance).collect(),
+            metrics_addr: None,
+            gpus: vec![],
+            omitted: 0,
+        };
+        assert!(serde_json::to_vec(&r).unwrap().len() > crate::MAX_FRAME);
+        r.fit(crate::MAX_FRAME);
+        let len = serde_json::to_vec(&r).unwrap().len();
+        assert!(len <= crate::MAX_FRAME, "{len}");
+        assert!(r.omitted > 0);
+        assert_eq!(r.instances.len() as u64 + r.omitted, 3000);
+        // Nearly full: no more than one instance's worth of room is wasted.
+        assert!(len + 1200 > crate::MAX_FRAME, "{len}");
+        let small = r.clone();
+        r.fit(crate::MAX_FRAME);
+        assert_eq!(r, small, "fitting twice changes nothing");
+    }
 }

@@ -22,6 +22,50 @@ pub enum WorkerMsg {
     Error(ErrorReply),
 }
 
+impl WorkerMsg {
+    /// The message as the supervisor may keep it: every text cut to [`crate::MAX_TEXT`] bytes,
+    /// and an error for a number no worker can mean (a non-finite or out-of-range load
+    /// fraction), which the supervisor drops with a warning.
+    pub fn sanitized(self) -> Result<WorkerMsg, String> {
+        let short = |mut text: String| {
+            crate::cut(&mut text, crate::MAX_TEXT);
+            text
+        };
+        Ok(match self {
+            WorkerMsg::Hello(h) => WorkerMsg::Hello(Hello {
+                instance: short(h.instance),
+                ..h
+            }),
+            WorkerMsg::Refused(r) => WorkerMsg::Refused(Refused {
+                reason: short(r.reason),
+                ..r
+            }),
+            WorkerMsg::Failed(f) => WorkerMsg::Failed(Failed {
+                reason: short(f.reason),
+                ..f
+            }),
+            WorkerMsg::Loading(l) if !(0.0..=1.0).contains(&l.fraction) => {
+                return Err(format!(
+                    "a load fraction of {} (it must be a number from 0 to 1)",
+                    l.fraction
+                ));
+            }
+            WorkerMsg::Token(t) => WorkerMsg::Token(Token {
+                text: short(t.text),
+                ..t
+            }),
+            WorkerMsg::Error(e) => WorkerMsg::Error(ErrorReply {
+                message: short(e.message),
+                ..e
+            }),
+            other @ (WorkerMsg::Loading(_)
+            | WorkerMsg::Ready(_)
+            | WorkerMsg::Heartbeat(_)
+            | WorkerMsg::Done(_)) => other,
+        })
+    }
+}
+
 /// Supervisor -> worker.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type")]
@@ -236,5 +280,38 @@ mod tests {
         assert!(serde_json::from_str::<SupervisorMsg>(r#"{"type":"Nope"}"#).is_err());
         let s = serde_json::to_string(&RestoredFrom::State).unwrap();
         assert_eq!(s, r#""state""#);
+    }
+
+    #[test]
+    fn sanitized_cuts_texts_and_refuses_impossible_fractions() {
+        let huge = "x".repeat(1 << 20);
+        let failed = WorkerMsg::Failed(Failed {
+            reason: huge.clone(),
+            exit_code: 65,
+            gpu_alloc: false,
+        });
+        let WorkerMsg::Failed(f) = failed.sanitized().unwrap() else {
+            panic!("the variant changed");
+        };
+        assert!(f.reason.len() <= crate::MAX_TEXT);
+        assert_eq!(f.exit_code, 65);
+        // 1e39 does not fit an f32: serde makes it infinite.
+        let inf: WorkerMsg = serde_json::from_str(r#"{"type":"Loading","fraction":1e39}"#).unwrap();
+        let err = inf.sanitized().unwrap_err();
+        assert!(err.contains("inf"), "{err}");
+        for bad in [f32::NAN, -0.5, 1.5, f32::NEG_INFINITY] {
+            assert!(
+                WorkerMsg::Loading(Loading { fraction: bad })
+                    .sanitized()
+                    .is_err()
+            );
+        }
+        let fine = WorkerMsg::Loading(Loading { fraction: 0.5 });
+        assert_eq!(fine.clone().sanitized().unwrap(), fine);
+        let token = WorkerMsg::Token(Token { id: 1, text: huge });
+        let WorkerMsg::Token(t) = token.sanitized().unwrap() else {
+            panic!("the variant changed");
+        };
+        assert!(t.text.len() <= crate::MAX_TEXT);
     }
 }

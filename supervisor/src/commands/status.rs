@@ -102,6 +102,12 @@ fn table(r: &StatusReport, color: bool) -> String {
         let reason: String = reason.chars().take(WIDTH - 4).collect();
         out.push_str(&format!("    {reason}\n"));
     }
+    if r.omitted > 0 {
+        out.push_str(&format!(
+            "... and {} more instances, left out to fit one reply\n",
+            r.omitted
+        ));
+    }
     out
 }
 
@@ -173,6 +179,7 @@ mod tests {
                 total: 80 << 30,
                 level: "emergency".into(),
             }],
+            omitted: 0,
         };
 
         let text = table(&r, false);

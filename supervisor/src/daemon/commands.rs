@@ -121,7 +121,12 @@ impl Daemon {
             )));
             return;
         }
-        if let Some(existing) = self.instances.get(&req.name) {
+        if let Some(existing) = self.instances.get_mut(&req.name) {
+            if existing.unconfirmed && existing.added.as_ref() == Some(&req) {
+                // The same add again while the first waits for ready: both hear the outcome.
+                existing.waiters.push(reply);
+                return;
+            }
             let _ = reply.send(if existing.added.as_ref() == Some(&req) {
                 ok(format!("{} already exists with this spec; nothing changed", req.name))
             } else {
@@ -163,10 +168,8 @@ impl Daemon {
             let _ = reply.send(refused(why));
             return;
         }
-        if let Err(e) = self.save_added(Some(&req), None) {
-            let _ = reply.send(refused(format!("cannot persist {name}: {e}")));
-            return;
-        }
+        // Persisted once it is ready (`confirm_add`); a first run that fails removes it again.
+        inst.unconfirmed = true;
         Entry::of(Event::Added, &name, &inst).log(format_args!(
             "added (reservation {})",
             belljar_budget::Size(inst.required())
@@ -200,16 +203,61 @@ impl Daemon {
         Ok(())
     }
 
-    /// Rewrites the persisted list with `added` included and `removed` left out.
+    /// Rewrites the persisted list with `added` included and `removed` and unconfirmed adds
+    /// left out.
     fn save_added(&self, added: Option<&AddRequest>, removed: Option<&str>) -> std::io::Result<()> {
         let list: Vec<AddRequest> = self
             .instances
             .iter()
-            .filter(|(n, _)| Some(n.as_str()) != removed)
+            .filter(|(n, i)| Some(n.as_str()) != removed && !i.unconfirmed)
             .filter_map(|(_, i)| i.added.clone())
             .chain(added.cloned())
             .collect();
         persist::save(&self.cfg.state_dir, &list)
+    }
+
+    /// The first run of an instance added at run time became ready (`Ok`) or ended before
+    /// (`Err`): persist it, or refuse the `add` and remove it again. A bad model file (the
+    /// worker's permanent exit) is exit 2, as for the client's own checks.
+    pub(super) fn settle_add(&mut self, name: &str, outcome: Result<String, String>) {
+        let outcome = match outcome {
+            Ok(message) => {
+                if let Some(inst) = self.instances.get_mut(name) {
+                    inst.unconfirmed = false;
+                }
+                match self.save_added(None, None) {
+                    Ok(()) => Ok(message),
+                    Err(e) => Err(refused(format!(
+                        "cannot persist {name}: {e}; it is stopped and nothing was added"
+                    ))),
+                }
+            }
+            Err(why) => {
+                let permanent = self.instances.get(name).is_some_and(|i| {
+                    i.machine.last_class == Some(belljar_budget::restart::ExitClass::Permanent)
+                });
+                let message = format!("{why}; nothing was added");
+                Err(if permanent {
+                    usage(message)
+                } else {
+                    refused(message)
+                })
+            }
+        };
+        let Some(inst) = self.instances.get_mut(name) else {
+            return;
+        };
+        let response = match outcome {
+            Ok(message) => ok(message),
+            Err(r) => {
+                inst.unconfirmed = true;
+                inst.roll_back = true;
+                r
+            }
+        };
+        for w in inst.waiters.drain(..) {
+            let _ = w.send(response.clone());
+        }
     }
 
     fn remove(&mut self, name: &str, reply: ReplyTx) {

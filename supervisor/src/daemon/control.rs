@@ -108,13 +108,20 @@ async fn serve_one(mut stream: UnixStream, events: mpsc::UnboundedSender<Event>,
         .await;
         return;
     }
-    while let Some(response) = rx.recv().await {
+    while let Some(mut response) = rx.recv().await {
         let last = !matches!(response, Response::Token(_));
+        if let Response::Status(report) = &mut response {
+            // Off the loop: a status of many instances leaves the last out rather than fail.
+            report.fit(belljar_protocol::MAX_FRAME - STATUS_ENVELOPE);
+        }
         if send(&mut stream, &response).await.is_err() || last {
             return;
         }
     }
 }
+
+/// Bytes a status report's frame adds around the report (the response's tag).
+const STATUS_ENVELOPE: usize = 64;
 
 /// Who sent a command (SO_PEERCRED).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

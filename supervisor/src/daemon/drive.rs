@@ -41,6 +41,15 @@ impl Daemon {
                 }
             }
         }
+        if self.instances.get(name).is_some_and(|i| i.roll_back) {
+            if let Some(inst) = self.instances.get_mut(name) {
+                inst.roll_back = false;
+            }
+            self.drive(
+                name,
+                Input::Stop(belljar_budget::lifecycle::AfterStop::Remove),
+            );
+        }
         if freed {
             self.retry_waiting();
         }
@@ -109,6 +118,7 @@ impl Daemon {
             Err(message) => refused(message),
         };
         match reply {
+            Reply::Waiters(r) if inst.unconfirmed => self.settle_add(name, r),
             Reply::Waiters(r) => {
                 for w in inst.waiters.drain(..) {
                     let _ = w.send(response(r.clone()));

@@ -53,8 +53,13 @@ pub struct Instance {
     pub vram: u64,
     /// The current run's link and cgroup.
     pub link: Option<Link>,
-    /// Set for instances added at run time (persisted in the state dir).
+    /// Set for instances added at run time (persisted in the state dir once confirmed).
     pub added: Option<AddRequest>,
+    /// Added at run time and not yet ready: not persisted, and removed again (the `add`
+    /// refused) if its first run ends before it is ready.
+    pub unconfirmed: bool,
+    /// An unconfirmed add failed: the instance goes once the current input is carried out.
+    pub roll_back: bool,
     /// Clients waiting for this instance to become ready (add, restart).
     pub waiters: Vec<ReplyTx>,
     /// The client that asked for the current stop (remove, restart).
@@ -122,6 +127,8 @@ impl Instance {
             vram: a.vram,
             link: None,
             added: None,
+            unconfirmed: false,
+            roll_back: false,
             waiters: Vec::new(),
             stopper: None,
             thrash: Default::default(),

@@ -452,6 +452,7 @@ mod tests {
                 total: 80 << 30,
                 level: "normal".into(),
             }],
+            omitted: 0,
         };
         let text = super::render(&r).unwrap();
         for line in [

@@ -340,6 +340,13 @@ impl Daemon {
             return; // a message from a previous run of this instance
         };
         let greeted = inst.machine.run.as_ref().is_some_and(|r| r.greeted);
+        let msg = match msg.sanitized() {
+            Ok(m) => m,
+            Err(why) => {
+                tracing::warn!(instance = %name, "dropped a worker message with {why}");
+                return;
+            }
+        };
         let input = match msg {
             WorkerMsg::Hello(h) if !greeted => {
                 if h.protocol_version != PROTOCOL_VERSION {
@@ -536,7 +543,8 @@ impl Daemon {
                 total: host.total,
                 available: host.available,
                 level: self.level.as_str().to_owned(),
-                psi_some_avg10: belljar_host::pressure::psi_some_avg10(&self.cfg.proc_root),
+                psi_some_avg10: belljar_host::pressure::psi_some_avg10(&self.cfg.proc_root)
+                    .filter(|v| v.is_finite()),
                 source: source.as_str().to_owned(),
             },
             budget: BudgetStatus {
@@ -562,6 +570,7 @@ impl Daemon {
                         .to_owned(),
                 })
                 .collect(),
+            omitted: 0,
         }
     }
 }

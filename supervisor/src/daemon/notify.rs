@@ -36,7 +36,9 @@ impl Daemon {
 
     pub(super) fn notify_watchdog(&mut self) {
         self.notify(&[NotifyState::Watchdog]);
-        self.watchdog_at = self.watchdog.map(|half| super::clock() + half);
+        self.watchdog_at = self
+            .watchdog
+            .map(|half| belljar_budget::lifecycle::later(super::clock(), half));
     }
 
     pub(super) fn notify_stopping(&self) {

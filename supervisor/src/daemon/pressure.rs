@@ -84,7 +84,10 @@ impl Daemon {
 
     pub(super) fn pressure_tick(&mut self) {
         let p = self.cfg.config.pressure.clone();
-        self.pressure_at = Some(super::clock() + p.interval.0);
+        self.pressure_at = Some(belljar_budget::lifecycle::later(
+            super::clock(),
+            p.interval.0,
+        ));
         self.detect_thrashing(p.thrash_window.0, p.thrash_majflt_rate);
         self.gpu_tick();
         if !p.enabled {

@@ -313,6 +313,7 @@ impl Harness {
         let root = tmp.path().join("cgroup");
         let parent = root.join("belljar");
         let config_path = tmp.path().join("budgets.toml");
+        std::fs::create_dir(tmp.path().join("state")).unwrap();
         let config = belljar_config::Config::parse(toml, &config_path).unwrap();
         let admitted = Admitted {
             estimate: 64 << 20,
@@ -486,11 +487,17 @@ async fn the_breaker_fails_a_crash_loop_within_its_window_only() {
              start_limit_interval = \"{window}\"\nload_stall_timeout = \"1h\""
         )));
         // Starts at 0, ~1 s and ~3 s: 3 within the window either way.
+        // Each run gets ready before it crashes: starts that never get ready have a breaker of
+        // their own (row 43), whatever the window.
         let (_, mut w) = h.next_worker().await;
         for _ in 0..2 {
+            w.ready().await;
+            h.status().await;
             h.exit(&w, "a", Exit::Code(1)).await;
             (_, w) = h.next_worker().await;
         }
+        w.ready().await;
+        h.status().await;
         h.exit(&w, "a", Exit::Code(1)).await;
         let s = h.status().await;
         let a = instance(&s, "a");
@@ -753,4 +760,119 @@ async fn a_worker_cannot_answer_for_another_instance() {
         "b's Done, not a's: {got:?}"
     );
     h.stop(workers.into_iter().collect()).await;
+}
+
+/// A worker cannot break `status` for every client: a reason near the frame cap is cut to
+/// `MAX_TEXT` before it is kept, and a load fraction of 1e39 (infinite as an f32, which JSON
+/// spells null) is dropped. Both used to make every `status` fail.
+#[tokio::test(start_paused = true)]
+async fn a_worker_cannot_break_status_with_a_huge_reason_or_an_infinite_fraction() {
+    use belljar_protocol::worker::Failed;
+    let mut h = Harness::start(&config("restart = \"never\""));
+    let (name, mut w) = h.next_worker().await;
+    w.loading(0.25).await;
+    write_frame(
+        &mut w.link,
+        &serde_json::json!({"type": "Loading", "fraction": 1e39}),
+    )
+    .await
+    .unwrap();
+    let s = h.status().await;
+    assert_eq!(instance(&s, &name).load_progress, 0.25);
+    w.send(&WorkerMsg::Failed(Failed {
+        reason: "x".repeat(1_000_000),
+        exit_code: 65,
+        gpu_alloc: false,
+    }))
+    .await;
+    h.status().await; // the Failed frame is handled before the exit
+    h.exit(&w, &name, Exit::Code(65)).await;
+    let s = h.status().await;
+    let i = instance(&s, &name);
+    assert_eq!(i.state, "failed");
+    assert!(i.reason.contains("bytes cut]"), "{}", i.reason);
+    assert!(
+        i.reason.len() < 2 * belljar_protocol::MAX_TEXT,
+        "{}",
+        i.reason.len()
+    );
+    h.stop(vec![]).await;
+}
+
+/// An `add` is kept only once its first run is ready: a worker that fails on the model (a
+/// permanent exit) makes the add exit 2 and leaves nothing behind (no instance, nothing in
+/// instances.json); one that gets ready is persisted. (A failed add used to stay, `failed`,
+/// persisted, and the client exited 1.)
+#[tokio::test(start_paused = true)]
+async fn an_add_that_never_gets_ready_leaves_nothing_and_a_bad_model_is_exit_2() {
+    use belljar_protocol::control::AddRequest;
+    use belljar_protocol::worker::Failed;
+    let mut h = Harness::start(&config("heartbeat_interval = \"1h\""));
+    let (_, a) = h.next_worker().await;
+    let model = h._tmp.path().join("added.gguf");
+    let shape = belljar_gguf::writer::ModelShape {
+        layers: 1,
+        width: 64,
+        ff: 128,
+        heads: 2,
+        kv_heads: 2,
+        vocab: 300,
+        context_length: 512,
+        f16: false,
+        seed: 1,
+    };
+    shape.write(std::fs::File::create(&model).unwrap()).unwrap();
+    let add = |name: &str| {
+        Command::Add(AddRequest {
+            name: name.into(),
+            model: model.clone(),
+            ram_limit: Some(64 << 20),
+            ctx: None,
+            gpu_layers: None,
+            gpu_device: None,
+            priority: None,
+        })
+    };
+    let persisted = |dir: &Path| std::fs::read_to_string(dir.join("state/instances.json"));
+    let socket = h.socket.clone();
+    let cmd = add("bad");
+    let client = tokio::spawn(async move { control(&socket, &cmd).await });
+    let (name, mut w) = h.next_worker().await;
+    assert_eq!(name, "bad");
+    w.send(&WorkerMsg::Failed(Failed {
+        reason: "not a model llama.cpp can load".into(),
+        exit_code: 65,
+        gpu_alloc: false,
+    }))
+    .await;
+    h.status().await; // the Failed frame is handled before the exit
+    h.exit(&w, "bad", Exit::Code(65)).await;
+    match client.await.unwrap() {
+        Response::Error(e) => {
+            assert_eq!(e.exit_code, 2, "{}", e.message);
+            assert!(e.message.contains("nothing was added"), "{}", e.message);
+            assert!(e.message.contains("not a model"), "{}", e.message);
+        }
+        other => panic!("{other:?}"),
+    }
+    let s = h.status().await;
+    assert!(s.instances.iter().all(|i| i.name != "bad"), "{s:?}");
+    assert!(!persisted(h._tmp.path()).unwrap_or_default().contains("bad"));
+    assert_eq!(s.budget.allocated, 64 << 20, "only a's reservation is held");
+
+    let socket = h.socket.clone();
+    let cmd = add("good");
+    let client = tokio::spawn(async move { control(&socket, &cmd).await });
+    let (name, mut g) = h.next_worker().await;
+    assert_eq!(name, "good");
+    assert!(
+        !persisted(h._tmp.path())
+            .unwrap_or_default()
+            .contains("good")
+    );
+    g.ready().await;
+    let r = client.await.unwrap();
+    assert!(matches!(r, Response::Ok(_)), "{r:?}");
+    assert!(persisted(h._tmp.path()).unwrap().contains("\"good\""));
+    h.stop(vec![("a".into(), a), ("good".into(), g)]).await;
 }

@@ -85,6 +85,27 @@ pub enum Exit {
     Signal(i32),
 }
 
+/// The signals that stop a worker cleanly when someone other than the supervisor sends them,
+/// as systemd counts them: SIGHUP, SIGINT, SIGPIPE, SIGTERM (Linux numbers).
+const STOP_SIGNALS: [(i32, &str); 4] = [
+    (1, "SIGHUP"),
+    (2, "SIGINT"),
+    (13, "SIGPIPE"),
+    (15, "SIGTERM"),
+];
+
+/// `t + d`, or the latest instant there is when that overflows (a duration far beyond the
+/// config's bounds): time arithmetic never panics.
+pub fn later(t: Instant, d: Duration) -> Instant {
+    let mut d = d;
+    loop {
+        if let Some(at) = t.checked_add(d) {
+            return at;
+        }
+        d /= 2;
+    }
+}
+
 /// The kernel's counters of one run's cgroup, read before the cgroup goes.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct RunStats {
@@ -340,6 +361,8 @@ pub struct Machine {
     pub restarts: u64,
     pub oom_kills: u64,
     pub last_exit: Option<String>,
+    /// The last exit's class for the restart policy (a permanent one is bad input).
+    pub last_class: Option<ExitClass>,
     pub last_peak: Option<u64>,
     /// Progress of the last run that loaded (kept after it exits, as status always showed).
     pub load_progress: f32,
@@ -369,6 +392,7 @@ impl Machine {
             restarts: 0,
             oom_kills: 0,
             last_exit: None,
+            last_class: None,
             last_peak: None,
             load_progress: 0.0,
             gpu: GpuState::default(),
@@ -414,9 +438,9 @@ impl Machine {
         match self.state {
             State::Ready => run
                 .last_heartbeat
-                .map(|t| t + self.settings.heartbeat_interval * 3),
+                .map(|t| later(t, self.settings.heartbeat_interval.saturating_mul(3))),
             State::Starting | State::Loading => {
-                Some(run.last_progress + self.settings.load_stall_timeout)
+                Some(later(run.last_progress, self.settings.load_stall_timeout))
             }
             _ => None,
         }
@@ -551,7 +575,7 @@ impl Machine {
                 &self.settings.restart,
                 &mut self.restart_state,
                 ended.class,
-                Duration::ZERO,
+                None,
                 t,
                 ctx.jitter,
             )
@@ -581,6 +605,12 @@ impl Machine {
     }
 
     fn loading(&mut self, fraction: f32, now: Instant) {
+        if !(0.0..=1.0).contains(&fraction) {
+            self.out.push(Action::Warn(format!(
+                "ignored a load fraction of {fraction}: it must be from 0 to 1"
+            )));
+            return;
+        }
         let starting = self.state == State::Starting;
         let Some(run) = self.run.as_mut().filter(|r| r.greeted) else {
             return;
@@ -684,6 +714,7 @@ impl Machine {
             );
         }
         self.last_exit = Some(ended.last_exit.clone());
+        self.last_class = Some(ended.class);
         let mut log = self.entry(Event::Exited, ended.what.clone());
         log.with_run = true;
         log.exit_reason = Some(ended.last_exit.clone());
@@ -692,7 +723,7 @@ impl Machine {
             "{} did not become ready: {}",
             self.name, ended.what
         )))));
-        let healthy_for = run.ready_since.map_or(Duration::ZERO, |t| now - t);
+        let ready_for = run.ready_since.map(|t| now.saturating_duration_since(t));
         let decision = if ctx.stopping {
             Decision::Stay
         } else {
@@ -702,7 +733,7 @@ impl Machine {
                 &cfg,
                 &mut self.restart_state,
                 ended.class,
-                healthy_for,
+                ready_for,
                 t,
                 ctx.jitter,
             )
@@ -743,10 +774,24 @@ impl Machine {
                 "oom-kill".to_owned(),
                 format!("OOM-killed at limit {}", Size(limit)),
             ),
+            // The supervisor signals a worker only with SIGKILL through its cgroup, and only
+            // while stopping it or for the watchdog (both above): any other signal came from
+            // outside. As systemd does, SIGTERM, SIGINT, SIGHUP and SIGPIPE are a clean stop.
+            Exit::Signal(s) if STOP_SIGNALS.iter().any(|(n, _)| *n == s) => {
+                let name = STOP_SIGNALS
+                    .iter()
+                    .find(|(n, _)| *n == s)
+                    .map_or("", |(_, w)| w);
+                (
+                    ExitClass::Clean,
+                    format!("external-stop:{name}"),
+                    format!("stopped by {name} from outside the supervisor"),
+                )
+            }
             Exit::Signal(s) => (
                 ExitClass::Failure,
                 format!("signal:{s}"),
-                format!("killed by signal {s}"),
+                format!("killed by signal {s} from outside the supervisor"),
             ),
             Exit::Code(c) => match kind(c) {
                 ExitKind::Clean => (
@@ -832,7 +877,7 @@ impl Machine {
                 );
                 log.exit_reason = Some(ended.last_exit.clone());
                 self.out.push(Action::Log(Box::new(log)));
-                self.restart_at = Some(now + MEMORY_RECHECK);
+                self.restart_at = Some(later(now, MEMORY_RECHECK));
             }
             Decision::Restart { delay, attempt } => {
                 let mut log = self.entry(
@@ -846,7 +891,7 @@ impl Machine {
                 log.exit_reason = Some(ended.last_exit.clone());
                 log.restart = Some((attempt, delay));
                 self.out.push(Action::Log(Box::new(log)));
-                self.restart_at = Some(now + delay);
+                self.restart_at = Some(later(now, delay));
                 self.set(
                     State::Backoff,
                     format!(
@@ -913,7 +958,7 @@ impl Machine {
         self.restart_at = None;
         // A GPU run's VRAM must be confirmed released before the next one counts on it.
         if !gpu_released {
-            self.restart_at = Some(now + GPU_RELEASE_POLL);
+            self.restart_at = Some(later(now, GPU_RELEASE_POLL));
             self.reason = "waiting for NVML to confirm the last run's VRAM is released".into();
             return;
         }
@@ -939,7 +984,7 @@ impl Machine {
             ),
         }
         if self.state == State::WaitingForMemory {
-            self.restart_at = Some(now + MEMORY_RECHECK);
+            self.restart_at = Some(later(now, MEMORY_RECHECK));
         }
     }
 
@@ -966,7 +1011,7 @@ impl Machine {
         };
         self.out.push(Action::Shutdown);
         if self.state != State::Stopping {
-            run.stop_deadline = Some(now + self.settings.stop_timeout);
+            run.stop_deadline = Some(later(now, self.settings.stop_timeout));
             self.set(State::Stopping, "shutting down");
         }
         true

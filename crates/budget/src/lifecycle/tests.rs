@@ -113,6 +113,27 @@ impl H {
         self
     }
 
+    /// Admitted, spawned and greeted: loading.
+    fn admitted(mut self) -> H {
+        self.step(Input::Admit);
+        self.step(Input::Spawned { pid: 42 });
+        self.step(Input::Hello { valid: true });
+        self
+    }
+
+    /// A due restart made at once: checked, spawned and greeted.
+    fn restart_now(&mut self) {
+        assert_eq!(self.step(Input::Timer), [Action::CheckRestart]);
+        let a = self.step(Input::RestartCheck {
+            memory: Ok(mem(1024 * MB)),
+            critical: false,
+            gpu_released: true,
+        });
+        assert!(has(&a, |x| matches!(x, Action::Spawn { .. })), "{a:?}");
+        self.step(Input::Spawned { pid: 43 });
+        self.step(Input::Hello { valid: true });
+    }
+
     fn exit(&mut self, exit: Exit, oom_kill: u64, peak: Option<u64>) -> Vec<Action> {
         self.step(Input::Exited {
             exit,
@@ -819,4 +840,64 @@ fn row_41_a_stop_drops_a_pending_spawn() {
     assert_eq!(a.last(), Some(&Action::Forget));
     // A late answer to the dropped spawn is ignored.
     assert!(h.step(Input::Spawned { pid: 9 }).is_empty());
+}
+
+#[test]
+fn row_42_a_stop_signal_from_outside_is_a_clean_stop() {
+    let mut h = H::new().ready();
+    let a = h.exit(Exit::Signal(15), 0, None);
+    assert_eq!(h.m.state, State::Stopped);
+    assert_eq!(h.m.last_exit.as_deref(), Some("external-stop:SIGTERM"));
+    assert!(
+        h.m.reason.contains("from outside the supervisor"),
+        "{}",
+        h.m.reason
+    );
+    assert!(a.contains(&Action::Release));
+    let mut always = settings();
+    always.restart.mode = RestartMode::Always;
+    let mut h = H::with(always, 1024 * MB).ready();
+    h.exit(Exit::Signal(1), 0, None);
+    assert_eq!(h.m.state, State::Backoff);
+    assert_eq!(h.m.last_exit.as_deref(), Some("external-stop:SIGHUP"));
+    // A SIGKILL from outside (no OOM, no watchdog) stays a failure, as systemd counts it.
+    let mut h = H::new().ready();
+    h.exit(Exit::Signal(9), 0, None);
+    assert_eq!(h.m.state, State::Backoff);
+    assert_eq!(h.m.last_exit.as_deref(), Some("signal:9"));
+}
+
+#[test]
+fn row_43_starts_in_a_row_that_never_become_ready_fail_however_slow() {
+    let mut h = H::new().admitted();
+    for attempt in 1..=5 {
+        // Each start loads for longer than start_limit_interval, then the watchdog kills it.
+        h.now += S(400);
+        let a = h.step(Input::Timer);
+        assert!(a.contains(&Action::Kill), "attempt {attempt}: {a:?}");
+        h.exit(Exit::Signal(9), 0, None);
+        assert_eq!(h.m.last_exit.as_deref(), Some("watchdog"));
+        if attempt < 5 {
+            assert_eq!(h.m.state, State::Backoff, "attempt {attempt}");
+            h.now += S(60);
+            h.restart_now();
+        }
+    }
+    assert_eq!(h.m.state, State::Failed);
+    assert!(
+        h.m.reason.contains("in a row never became ready"),
+        "{}",
+        h.m.reason
+    );
+}
+
+#[test]
+fn row_44_an_impossible_load_fraction_is_ignored() {
+    let mut h = H::new().admitted();
+    h.step(Input::Loading(0.25));
+    for bad in [f32::INFINITY, f32::NAN, 2.0, -1.0] {
+        let a = h.step(Input::Loading(bad));
+        assert!(matches!(a.as_slice(), [Action::Warn(_)]), "{a:?}");
+        assert_eq!(h.m.load_progress, 0.25);
+    }
 }
