@@ -169,6 +169,7 @@ pub struct HostStatus {
     /// `normal`, `warning`, `critical`, `emergency` ([pressure]).
     pub level: String,
     /// The system's memory PSI `some avg10` (percent), when the kernel has PSI.
+    #[serde(default, deserialize_with = "crate::finite::option_f32")]
     pub psi_some_avg10: Option<f32>,
     /// Where `total`/`available` come from: `host` (MemAvailable) or `cgroup` (the tightest
     /// limited cgroup above belljar's instances, e.g. a container's or pod's).
@@ -198,6 +199,7 @@ pub struct InstanceStatus {
     /// `null`, `oom-kill`, `signal:N`, `exit:N`, `watchdog`, `precheck-refused`, `stopped`.
     pub last_exit: Option<String>,
     /// 0.0 to 1.0 while loading; 1.0 once ready.
+    #[serde(deserialize_with = "crate::finite::f32")]
     pub load_progress: f32,
     /// The ledger allocation held now (0 when none).
     pub allocated: u64,

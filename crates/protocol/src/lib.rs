@@ -4,6 +4,7 @@
 
 pub mod control;
 pub mod exit;
+mod finite;
 pub mod frame;
 pub mod worker;
 

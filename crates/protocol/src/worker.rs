@@ -153,6 +153,7 @@ impl Failed {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Loading {
     /// 0.0 ..= 1.0 over model load and session restore together.
+    #[serde(deserialize_with = "crate::finite::f32")]
     pub fraction: f32,
 }
 

@@ -1,0 +1,14 @@
+//! Worker link, supervisor -> worker: any bytes as a frame payload decoded as `SupervisorMsg`;
+//! whatever decodes must round-trip within the frame cap.
+#![no_main]
+
+use belljar_fuzz::{round_trip, start_case};
+use belljar_protocol::worker::SupervisorMsg;
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| {
+    start_case();
+    if let Some(SupervisorMsg::Pressure(p)) = round_trip::<SupervisorMsg>(data) {
+        assert_eq!(p.level.to_string(), p.level.as_str());
+    }
+});
