@@ -3,6 +3,7 @@
 
 pub mod daemon;
 pub mod link;
+pub mod raw;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
