@@ -375,7 +375,7 @@ fn plan(input: &PlanInput) -> Result<Plan, Response> {
     let threads = (cpu_count() / others.saturating_add(1)).max(1);
     let spec = input.config.spec(&name, &section, threads);
     let policy = input.config.budget_policy();
-    let e = crate::estimating::estimate(&spec, file.size, &crate::learn::load(&input.state_dir));
+    let e = crate::estimating::estimate(&spec, &file, &crate::learn::load(&input.state_dir));
     let (estimate, source) = e.planned.estimate(&policy);
     let required = required(spec.ram_limit, estimate);
     let cap = policy.per_instance_cap(input.capacity);
