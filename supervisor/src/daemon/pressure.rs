@@ -84,7 +84,13 @@ impl Daemon {
 
     pub(super) fn pressure_tick(&mut self) {
         let p = self.cfg.config.pressure.clone();
-        self.pressure_at = Some(super::clock() + p.interval.0);
+        // Checked: `interval` is bounded (at most a day), but no clock addition may panic.
+        let now = super::clock();
+        self.pressure_at = Some(
+            now.checked_add(p.interval.0)
+                .or_else(|| now.checked_add(belljar_budget::limits::MAX_DURATION))
+                .unwrap_or(now),
+        );
         self.detect_thrashing(p.thrash_window.0, p.thrash_majflt_rate);
         self.gpu_tick();
         if !p.enabled {
