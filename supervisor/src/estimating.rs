@@ -6,7 +6,7 @@ use belljar_budget::PlannedInstance;
 use belljar_budget::estimate::{Breakdown, ModelFacts, Origin, gguf, learned};
 use belljar_budget::gpu::model_vram;
 use belljar_config::InstanceSpec;
-use belljar_host::model_file::model_facts;
+use belljar_host::ModelFile;
 
 use crate::learn::{self, ModelIdentity, Observation};
 
@@ -22,13 +22,17 @@ pub struct Estimated {
     pub gguf_error: Option<String>,
 }
 
-/// Reads the model's header (never its tensors) and the observations for this model+ctx+mmap.
-pub fn estimate(spec: &InstanceSpec, file_size: u64, observations: &[Observation]) -> Estimated {
-    let (facts, identity, gguf_error) = match model_facts(&spec.model) {
-        Ok((facts, crc)) => (Some(facts), learn::identity(&spec.model, crc), None),
-        Err(e) => (None, None, Some(e)),
+/// The estimate from a probed model file (its header's facts, read once by the probe) and the
+/// observations for this model+ctx+mmap.
+pub fn estimate(spec: &InstanceSpec, file: &ModelFile, observations: &[Observation]) -> Estimated {
+    let identity = Some(learn::identity(file));
+    let (facts, breakdown, gguf_error) = match &file.facts {
+        Ok(f) => match gguf(f, spec.ctx, spec.use_mmap) {
+            Ok(b) => (Some(*f), Some(b), None),
+            Err(e) => (None, None, Some(format!("{}: {e}", file.path.display()))),
+        },
+        Err(e) => (None, None, Some(e.clone())),
     };
-    let breakdown = facts.map(|f| gguf(&f, spec.ctx, spec.use_mmap));
     let learned = identity
         .as_ref()
         .and_then(|id| learned(&learn::peaks(observations, id, spec.ctx, spec.use_mmap)));
@@ -36,7 +40,7 @@ pub fn estimate(spec: &InstanceSpec, file_size: u64, observations: &[Observation
         planned: PlannedInstance {
             name: spec.name.to_string(),
             model: spec.model.display().to_string(),
-            file_size,
+            file_size: file.size,
             ram_limit: spec.ram_limit,
             priority: spec.priority,
             gguf: breakdown.map(|b| b.total),
@@ -55,7 +59,9 @@ pub fn vram(spec: &InstanceSpec, e: &Estimated) -> Result<u64, String> {
         return Ok(0);
     }
     match &e.facts {
-        Some(f) => Ok(model_vram(f, spec.gpu_layers, spec.ctx).total),
+        Some(f) => model_vram(f, spec.gpu_layers, spec.ctx)
+            .map(|v| v.total)
+            .map_err(|e| e.to_string()),
         None => Err(e
             .gguf_error
             .clone()

@@ -33,38 +33,49 @@ pub struct Observation {
     pub peak: u64,
 }
 
-/// The identity of a model file and its header checksum.
-pub fn identity(model: &Path, header_crc32: u32) -> Option<ModelIdentity> {
-    let meta = std::fs::metadata(model).ok()?;
-    let mtime = meta.modified().ok()?;
-    let mtime_ns = match mtime.duration_since(std::time::UNIX_EPOCH) {
-        Ok(d) => d.as_nanos() as i128,
-        Err(e) => -(e.duration().as_nanos() as i128),
-    };
-    Some(ModelIdentity {
-        path: std::fs::canonicalize(model)
-            .unwrap_or_else(|_| model.to_path_buf())
+/// The identity of a probed model file: its size and mtime from the probe's open descriptor
+/// and the checksum of the header it read.
+pub fn identity(file: &belljar_host::ModelFile) -> ModelIdentity {
+    ModelIdentity {
+        path: std::fs::canonicalize(&file.path)
+            .unwrap_or_else(|_| file.path.clone())
             .display()
             .to_string(),
-        size: meta.len(),
-        mtime_ns,
-        header_crc32,
+        size: file.size,
+        mtime_ns: file.mtime_ns,
+        header_crc32: file.header_crc32,
+    }
+}
+
+/// Why observations.json could not be used.
+#[derive(Debug)]
+pub struct Corrupt {
+    pub path: std::path::PathBuf,
+    pub reason: String,
+}
+
+/// The recorded observations, read only: none when the file is missing or unreadable; `Err`
+/// when it is not valid (the caller decides what to do: `validate` reports it and leaves it).
+pub fn read(state_dir: &Path) -> Result<Vec<Observation>, Corrupt> {
+    let Ok(text) = belljar_host::safe_fs::read_own_file(state_dir, OBSERVATIONS_FILE) else {
+        return Ok(Vec::new());
+    };
+    serde_json::from_str(&text).map_err(|e| Corrupt {
+        path: state_dir.join(OBSERVATIONS_FILE),
+        reason: e.to_string(),
     })
 }
 
-/// The recorded observations; none when the file is missing or unreadable (a corrupt file is
-/// moved aside: learning starts afresh, nothing else depends on it).
+/// The recorded observations for `run` (and its writer): a corrupt file is moved aside and
+/// learning starts afresh (nothing else depends on it). Only `run` changes the state dir.
 pub fn load(state_dir: &Path) -> Vec<Observation> {
-    let file = state_dir.join(OBSERVATIONS_FILE);
-    let Ok(text) = belljar_host::safe_fs::read_own_file(state_dir, OBSERVATIONS_FILE) else {
-        return Vec::new();
-    };
-    serde_json::from_str(&text).unwrap_or_else(|e| {
+    read(state_dir).unwrap_or_else(|c| {
         tracing::warn!(
-            "{} is not valid ({e}); moved aside, learning starts afresh",
-            file.display()
+            "{} is not valid ({}); moved aside, learning starts afresh",
+            c.path.display(),
+            c.reason
         );
-        let _ = std::fs::rename(&file, file.with_extension("json.corrupt"));
+        let _ = std::fs::rename(&c.path, c.path.with_extension("json.corrupt"));
         Vec::new()
     })
 }
@@ -194,6 +205,11 @@ mod tests {
     fn a_corrupt_file_is_moved_aside() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join(OBSERVATIONS_FILE), "{not json").unwrap();
+        assert!(read(dir.path()).is_err(), "read reports it");
+        assert!(
+            dir.path().join(OBSERVATIONS_FILE).exists(),
+            "and leaves it where it is"
+        );
         assert!(load(dir.path()).is_empty());
         assert!(dir.path().join("observations.json.corrupt").exists());
     }

@@ -218,3 +218,44 @@ fn estimate_prints_every_term_and_refuses_bad_files_clearly() {
     );
     assert_eq!(o.code, Some(2), "{}", o.stderr);
 }
+
+/// A header whose KV term overflows 64 bits (2^31 layers x 2^31 KV heads x 2^32 per-head
+/// widths) once made the KV cache 0 B; it is refused naming the fields.
+#[test]
+fn an_overflowing_header_is_refused_naming_the_field() {
+    let t = TestDir::new();
+    let mut h = b"GGUF\x03\0\0\0".to_vec();
+    let string = |h: &mut Vec<u8>, s: &str| {
+        h.extend((s.len() as u64).to_le_bytes());
+        h.extend(s.as_bytes());
+    };
+    let pairs: [(&str, u32); 6] = [
+        ("llama.block_count", 1 << 31),
+        ("llama.embedding_length", 4096),
+        ("llama.attention.head_count", 32),
+        ("llama.attention.head_count_kv", 1 << 31),
+        ("llama.attention.key_length", 1 << 31),
+        ("llama.attention.value_length", 1 << 31),
+    ];
+    h.extend(0u64.to_le_bytes()); // tensors
+    h.extend((pairs.len() as u64 + 1).to_le_bytes());
+    string(&mut h, "general.architecture");
+    h.extend(8u32.to_le_bytes());
+    string(&mut h, "llama");
+    for (k, v) in pairs {
+        string(&mut h, k);
+        h.extend(4u32.to_le_bytes());
+        h.extend(v.to_le_bytes());
+    }
+    // Padded to the alignment, as a writer would: the file holds its header whole.
+    h.resize(h.len().div_ceil(32) * 32, 0);
+    let path = t.join("crafted.gguf");
+    std::fs::write(&path, &h).unwrap();
+    let o = run("supervisor", &["estimate", path.to_str().unwrap()]);
+    assert_eq!(o.code, Some(2), "{}\n{}", o.stdout, o.stderr);
+    assert!(
+        o.stderr.contains("KV cache") && o.stderr.contains("block_count"),
+        "{}",
+        o.stderr
+    );
+}

@@ -431,3 +431,117 @@ fn completions_and_man_page_are_generated_from_the_cli() {
         .expect_code(2)
         .expect_says(&["possible values"]);
 }
+
+// --- issue #17: inputs that hung, passed or changed state -----------------------------------
+
+/// Runs `supervisor ARGS`, killing it after 20 s: a hang is a failure, not a stuck suite.
+fn run_bounded(args: &[&str]) -> Run {
+    use std::io::Read;
+    use std::process::{Command, Stdio};
+    let mut child = Command::new(belljar_testkit::bin("supervisor"))
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let started = std::time::Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if started.elapsed() > std::time::Duration::from_secs(20) {
+            // Not yet reaped, so the pid is still this child's.
+            child.kill().unwrap();
+            child.wait().unwrap();
+            panic!("supervisor {args:?} hung (killed after 20 s)");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    let (mut stdout, mut stderr) = (String::new(), String::new());
+    child
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut stdout)
+        .unwrap();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .unwrap();
+    Run {
+        code: status.code(),
+        stdout,
+        stderr,
+    }
+}
+
+/// A FIFO as the config once blocked `validate` forever in open(2).
+#[test]
+fn bad_config_is_a_fifo() {
+    let t = TestDir::new();
+    let fifo = t.join("budgets.toml");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+    run_bounded(&["validate", "--config", fifo.to_str().unwrap()])
+        .expect_code(2)
+        .expect_says(&["budgets.toml", "not a regular file", "--config"]);
+}
+
+/// A model whose tensor data runs past the end of the file is refused as a bad model file
+/// (exit 2) before anything is planned around it; before, `validate` fell back to the file
+/// rule with a warning and passed.
+#[test]
+fn bad_model_truncated() {
+    let t = setup("");
+    let model = t.join("models/m.gguf");
+    let bytes = std::fs::read(&model).unwrap();
+    std::fs::write(&model, &bytes[..bytes.len() * 2 / 3]).unwrap();
+    validate(&t, &["--assume-total", "16G"])
+        .expect_code(2)
+        .expect_says(&["instance", "m.gguf", "truncated", "download it again"]);
+}
+
+/// `validate` is read-only: a corrupt observations.json is reported and left where it is
+/// (only `run` moves it aside).
+#[test]
+fn validate_leaves_a_corrupt_observations_file_alone() {
+    let t = setup("");
+    let state = t.join("state");
+    std::fs::create_dir(&state).unwrap();
+    std::fs::write(state.join("observations.json"), "{not json").unwrap();
+    let config = t.join("budgets.toml");
+    let o = run_bounded(&[
+        "--state-dir",
+        state.to_str().unwrap(),
+        "validate",
+        "--config",
+        config.to_str().unwrap(),
+        "--assume-total",
+        "16G",
+    ]);
+    o.expect_code(0)
+        .expect_says(&["observations.json", "not valid", "supervisor run"]);
+    assert_eq!(
+        std::fs::read_to_string(state.join("observations.json")).unwrap(),
+        "{not json",
+        "the file is untouched"
+    );
+    assert!(!state.join("observations.json.corrupt").exists());
+}
+
+/// Two reservations of 8 EiB once added up to "0 B" and passed.
+#[test]
+fn reservations_adding_up_past_16_eib_fail() {
+    let t = setup("");
+    t.write(
+        "budgets.toml",
+        "[budget]\ntotal = \"16777215T\"\nper_instance_max = 1.0\n\
+         [defaults]\nmodel = \"models/m.gguf\"\nram_limit = \"8388608T\"\n\
+         [instances.a]\n[instances.b]\n[modes.m]\ninstances = [\"a\", \"b\"]\n",
+    );
+    validate(&t, &["--assume-total", "16777215T"])
+        .expect_code(1)
+        .expect_says(&["FAILED", "more than 16 EiB"]);
+}

@@ -124,34 +124,70 @@ pub struct Breakdown {
     pub reclaimable: u64,
 }
 
+/// A term of the estimate that does not fit 64 bits: the header's numbers are corrupt or
+/// crafted (no real model comes near).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "its {term} overflows 64 bits ({fields}); the header is corrupt or crafted: use another model file"
+)]
+pub struct Overflow {
+    pub term: &'static str,
+    pub fields: String,
+}
+
 /// The KV cache of a model at `ctx` cells (K and V, every layer, f16).
-pub fn kv_cache(m: &ModelFacts, ctx: u32) -> u64 {
-    let per_cell = u64::from(m.block_count)
-        * u64::from(m.kv_heads)
-        * (u64::from(m.key_length) + u64::from(m.value_length))
-        * KV_ELEMENT;
-    per_cell.saturating_mul(u64::from(ctx))
+pub fn kv_cache(m: &ModelFacts, ctx: u32) -> Result<u64, Overflow> {
+    u64::from(m.block_count)
+        .checked_mul(u64::from(m.kv_heads))
+        .and_then(|v| v.checked_mul(u64::from(m.key_length) + u64::from(m.value_length)))
+        .and_then(|v| v.checked_mul(KV_ELEMENT))
+        .and_then(|v| v.checked_mul(u64::from(ctx)))
+        .ok_or_else(|| Overflow {
+            term: "KV cache",
+            fields: format!(
+                "block_count {} x head_count_kv {} x (key_length {} + value_length {}) x {KV_ELEMENT} bytes x ctx {ctx}",
+                m.block_count, m.kv_heads, m.key_length, m.value_length
+            ),
+        })
 }
 
 /// The GGUF-aware estimate of a worker's peak in its cgroup at `ctx`, with or without mmap.
-pub fn gguf(m: &ModelFacts, ctx: u32, mmap: bool) -> Breakdown {
+/// Every term is checked: a header whose numbers overflow is an error naming them, never a
+/// wrapped (small) or saturated estimate.
+pub fn gguf(m: &ModelFacts, ctx: u32, mmap: bool) -> Result<Breakdown, Overflow> {
     let (weights, page_cache) = if mmap {
         (m.file_size, 0)
     } else {
         (m.tensor_bytes, m.file_size)
     };
-    let kv = kv_cache(m, ctx);
-    let compute = kv_cache(m, 1)
-        .saturating_mul(UBATCH)
-        .saturating_add(COMPUTE_PER_WIDTH.saturating_mul(u64::from(m.embedding)))
-        .saturating_add(COMPUTE_PER_CTX * u64::from(ctx));
-    let sum = weights
-        .saturating_add(page_cache)
-        .saturating_add(kv)
-        .saturating_add(compute)
-        .saturating_add(BASELINE);
+    let kv = kv_cache(m, ctx)?;
+    let compute = kv_cache(m, 1)?
+        .checked_mul(UBATCH)
+        .and_then(|v| v.checked_add(COMPUTE_PER_WIDTH * u64::from(m.embedding)))
+        .and_then(|v| v.checked_add(COMPUTE_PER_CTX * u64::from(ctx)))
+        .ok_or_else(|| Overflow {
+            term: "compute buffer",
+            fields: format!(
+                "a {UBATCH}-token micro-batch's K/V of block_count {} x head_count_kv {} x (key_length {} + value_length {}), embedding_length {}",
+                m.block_count, m.kv_heads, m.key_length, m.value_length, m.embedding
+            ),
+        })?;
+    let total_overflow = || Overflow {
+        term: "total",
+        fields: format!(
+            "weights {weights} + page cache {page_cache} + KV cache {kv} + compute {compute} bytes"
+        ),
+    };
+    let sum = [page_cache, kv, compute, BASELINE]
+        .into_iter()
+        .try_fold(weights, u64::checked_add)
+        .ok_or_else(total_overflow)?;
     let margin = sum / 100 * MARGIN_PERCENT;
-    Breakdown {
+    let total = sum
+        .checked_add(margin)
+        .and_then(checked_align_up)
+        .ok_or_else(total_overflow)?;
+    Ok(Breakdown {
         ctx,
         mmap,
         weights,
@@ -160,9 +196,18 @@ pub fn gguf(m: &ModelFacts, ctx: u32, mmap: bool) -> Breakdown {
         compute,
         baseline: BASELINE,
         margin,
-        total: align_up(sum.saturating_add(margin)),
+        total,
         reclaimable: page_cache,
-    }
+    })
+}
+
+/// Whether every term of the estimate fits 64 bits at any ctx the config allows
+/// ([`crate::limits::MAX_CTX`]), with or without mmap: a model that passes has an estimate at
+/// every ctx.
+pub fn check_facts(m: &ModelFacts) -> Result<(), Overflow> {
+    gguf(m, crate::limits::MAX_CTX, false)?;
+    gguf(m, crate::limits::MAX_CTX, true)?;
+    Ok(())
 }
 
 /// Observed peaks of earlier runs of the same model at the same ctx and mmap: the estimate is
@@ -182,6 +227,11 @@ pub fn learned(peaks: &[u64]) -> Option<u64> {
 /// down), and 64 KiB is a multiple of every page size Linux uses, so the limit the kernel stores
 /// is exactly the ledger's allocation.
 pub const GRANULE: u64 = 64 << 10;
+
+/// Rounds up to a whole [`GRANULE`]; `None` past the largest multiple.
+pub fn checked_align_up(bytes: u64) -> Option<u64> {
+    bytes.div_ceil(GRANULE).checked_mul(GRANULE)
+}
 
 /// Rounds up to a whole [`GRANULE`].
 pub fn align_up(bytes: u64) -> u64 {
@@ -203,6 +253,43 @@ pub fn required(ram_limit: Option<Size>, estimate: u64) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A crafted header once wrapped the KV term to 0 B: 2^31 layers x 2^31 KV heads x
+    /// (2^31 + 2^31) per-head widths x 2 bytes is 2^96.
+    #[test]
+    fn an_overflowing_term_is_an_error_naming_the_fields() {
+        let m = ModelFacts {
+            block_count: 1 << 31,
+            kv_heads: 1 << 31,
+            key_length: 1 << 31,
+            value_length: 1 << 31,
+            ..facts()
+        };
+        let e = gguf(&m, 1, true).unwrap_err();
+        assert_eq!(e.term, "KV cache");
+        let said = e.to_string();
+        assert!(
+            said.contains("block_count 2147483648") && said.contains("another model file"),
+            "{said}"
+        );
+        assert!(check_facts(&m).is_err());
+        // Each factor fits, the product at the largest ctx does not.
+        let wide = ModelFacts {
+            block_count: 1 << 16,
+            kv_heads: 1 << 10,
+            key_length: 1 << 12,
+            value_length: 1 << 12,
+            ..facts()
+        };
+        assert!(gguf(&wide, 1, true).is_ok());
+        assert!(check_facts(&wide).is_err(), "checked at MAX_CTX");
+        let huge_file = ModelFacts {
+            file_size: u64::MAX - 1,
+            ..facts()
+        };
+        assert_eq!(gguf(&huge_file, 1, true).unwrap_err().term, "total");
+        check_facts(&facts()).unwrap();
+    }
     use proptest::prelude::*;
 
     const RULE: EstimateRule = EstimateRule {
@@ -240,9 +327,12 @@ mod tests {
 
     #[test]
     fn kv_is_two_x_layers_x_ctx_x_kv_heads_x_head_dim_x_f16() {
-        assert_eq!(kv_cache(&facts(), 16384), 2 * 6 * 16384 * 14 * 64 * 2);
         assert_eq!(
-            kv_cache(&facts(), 16384),
+            kv_cache(&facts(), 16384).unwrap(),
+            2 * 6 * 16384 * 14 * 64 * 2
+        );
+        assert_eq!(
+            kv_cache(&facts(), 16384).unwrap(),
             336 * MIB,
             "llama.cpp's reported KV buffer"
         );
@@ -250,27 +340,27 @@ mod tests {
             kv_heads: 2,
             ..facts()
         };
-        assert_eq!(kv_cache(&gqa, 16384), 48 * MIB);
+        assert_eq!(kv_cache(&gqa, 16384).unwrap(), 48 * MIB);
     }
 
     #[test]
     fn every_term_of_the_breakdown() {
         let m = facts();
-        let b = gguf(&m, 4096, true);
+        let b = gguf(&m, 4096, true).unwrap();
         assert_eq!(b.weights, m.file_size, "mmap: the file's pages");
         assert_eq!(b.page_cache, 0);
         assert_eq!(b.reclaimable, 0);
         assert_eq!(b.kv, 84 * MIB);
         assert_eq!(
             b.compute,
-            kv_cache(&m, 1) * UBATCH + COMPUTE_PER_WIDTH * 896 + COMPUTE_PER_CTX * 4096
+            kv_cache(&m, 1).unwrap() * UBATCH + COMPUTE_PER_WIDTH * 896 + COMPUTE_PER_CTX * 4096
         );
         assert_eq!(b.baseline, BASELINE);
         let sum = b.weights + b.kv + b.compute + b.baseline;
         assert_eq!(b.margin, sum / 100 * MARGIN_PERCENT);
         assert_eq!(b.total, align_up(sum + b.margin));
         assert_eq!(b.total % GRANULE, 0);
-        let n = gguf(&m, 4096, false);
+        let n = gguf(&m, 4096, false).unwrap();
         assert_eq!(n.weights, m.tensor_bytes, "no mmap: an anonymous copy");
         assert_eq!(
             n.page_cache, m.file_size,
@@ -283,7 +373,7 @@ mod tests {
     #[test]
     fn the_estimate_tracks_the_measured_peaks() {
         // bench/estimate.py on this machine: 290M at ctx 16384, mmap, peaked at 680341504.
-        let b = gguf(&facts(), 16384, true);
+        let b = gguf(&facts(), 16384, true).unwrap();
         let err = (b.total as f64 - 680_341_504.0) / 680_341_504.0;
         assert!((0.0..0.10).contains(&err), "{err}");
     }
@@ -332,9 +422,9 @@ mod tests {
                 tensor_bytes: u64::from(layers + more_layers) * 990_000,
                 ..m
             };
-            prop_assert!(gguf(&m, ctx, mmap).total <= gguf(&m, ctx + more_ctx, mmap).total);
-            prop_assert!(gguf(&m, ctx, mmap).total <= gguf(&bigger, ctx, mmap).total);
-            prop_assert!(gguf(&m, ctx, mmap).total >= BASELINE);
+            prop_assert!(gguf(&m, ctx, mmap).unwrap().total <= gguf(&m, ctx + more_ctx, mmap).unwrap().total);
+            prop_assert!(gguf(&m, ctx, mmap).unwrap().total <= gguf(&bigger, ctx, mmap).unwrap().total);
+            prop_assert!(gguf(&m, ctx, mmap).unwrap().total >= BASELINE);
         }
 
         #[test]

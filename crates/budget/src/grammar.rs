@@ -77,16 +77,30 @@ impl Size {
             return number
                 .parse::<u64>()
                 .map(Size)
-                .map_err(|_| err("the number is too large".into()));
+                .map_err(|_| err(too_large()));
         }
-        let Some((_, iec)) = UNITS.iter().find(|(u, _)| *u == unit) else {
+        let Some(power) = UNITS.iter().position(|(u, _)| *u == unit) else {
             return Err(err(unit_hint(number, unit)));
         };
-        // bytesize does the arithmetic; the unit policy above is ours.
-        let parsed: bytesize::ByteSize = format!("{number} {iec}")
-            .parse()
-            .map_err(|e: String| err(e))?;
-        Ok(Size(parsed.as_u64()))
+        // Exact decimal arithmetic in u128, checked: a size past u64 is an error, never a
+        // saturated (or wrapped) value. Fractions of a byte are dropped.
+        let multiplier = 1u128 << (10 * (power % 4 + 1));
+        let (whole, fraction) = number.split_once('.').unwrap_or((number, ""));
+        let whole: u128 = whole.parse().map_err(|_| err(too_large()))?;
+        // 19 digits keep the fraction exact to far below a byte at any unit.
+        let digits = &fraction[..fraction.len().min(19)];
+        let fraction_bytes = if digits.is_empty() {
+            0
+        } else {
+            let scale = 10u128.pow(digits.len() as u32);
+            digits.parse::<u128>().map_err(|_| err(too_large()))? * multiplier / scale
+        };
+        whole
+            .checked_mul(multiplier)
+            .and_then(|b| b.checked_add(fraction_bytes))
+            .and_then(|b| u64::try_from(b).ok())
+            .map(Size)
+            .ok_or_else(|| err(too_large()))
     }
 
     /// Parses a size that must not be zero (most keys: a zero limit is never what was meant).
@@ -100,6 +114,12 @@ impl Size {
         }
         Ok(size)
     }
+}
+
+/// The hint for a size past what 64 bits hold.
+fn too_large() -> String {
+    "the size is too large: sizes are at most 16 EiB (18446744073709551615 bytes, or \"16777215T\")"
+        .into()
 }
 
 /// The hint for a unit outside the grammar: point at the base-1024 spelling that was probably
@@ -298,6 +318,26 @@ mod tests {
         assert!(e.contains("did you mean 500MiB?"), "{e}");
         let e = Size::parse("8gb").unwrap_err().to_string();
         assert!(e.contains("did you mean 8GiB?"), "{e}");
+    }
+
+    #[test]
+    fn a_size_past_16_eib_is_an_error_not_a_saturated_value() {
+        for bad in [
+            "99999999999T",
+            "16777216T",
+            "17179869184G",
+            "18446744073709551616",
+        ] {
+            let e = Size::parse(bad).unwrap_err().to_string();
+            assert!(e.contains("too large"), "{bad}: {e}");
+            assert!(e.contains("16 EiB"), "{bad}: {e}");
+        }
+        // The largest sizes still parse exactly.
+        assert_eq!(Size::parse("16777215T").unwrap(), Size(16_777_215 << 40));
+        assert_eq!(Size::parse("18446744073709551615").unwrap(), Size(u64::MAX));
+        assert_eq!(Size::parse("0.5K").unwrap(), Size(512));
+        assert_eq!(Size::parse("1.5G").unwrap(), Size(3 << 29));
+        assert_eq!(Size::parse("0.1K").unwrap(), Size(102));
     }
 
     #[test]

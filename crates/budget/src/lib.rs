@@ -9,6 +9,7 @@ pub mod gpu;
 pub mod grammar;
 pub mod ledger;
 pub mod lifecycle;
+pub mod limits;
 pub mod precheck;
 pub mod pressure;
 pub mod priority;

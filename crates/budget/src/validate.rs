@@ -205,9 +205,11 @@ pub fn validate(
     let usable = policy.usable(host.total);
     let cap = policy.per_instance_cap(usable);
     let (instances, models) = rows(policy, planned);
-    let total_required: u64 = instances.iter().map(|i| i.required).sum();
-    let margin = i128::from(usable) - i128::from(total_required);
-    let available_margin = i128::from(host.available) - i128::from(total_required);
+    // Summed in u128: reservations that add up past u64 fail below, never wrap to a small total.
+    let sum: u128 = instances.iter().map(|i| u128::from(i.required)).sum();
+    let total_required = u64::try_from(sum).unwrap_or(u64::MAX);
+    let margin = i128::from(usable) - sum as i128;
+    let available_margin = i128::from(host.available) - sum as i128;
     let totals = Totals {
         usable,
         cap,
@@ -215,7 +217,21 @@ pub fn validate(
         margin,
         available_margin,
     };
-    let (issues, recommendations) = findings(policy, host, &instances, &totals);
+    let (mut issues, recommendations) = findings(policy, host, &instances, &totals);
+    if sum > u128::from(u64::MAX) {
+        issues.insert(
+            0,
+            format!(
+                "the reservations add up to more than 16 EiB ({sum} bytes), more than any machine has: lower the ram_limit of {}",
+                instances
+                    .iter()
+                    .filter(|i| i.required > i.estimate)
+                    .map(|i| i.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        );
+    }
     ValidationReport {
         mode: mode.to_owned(),
         passed: issues.is_empty(),
@@ -316,7 +332,7 @@ fn findings(
             "the mode requires {} in total, over the usable {} by {}",
             Size(total_required),
             Size(usable),
-            Size(margin.unsigned_abs() as u64)
+            Size(clamp64(margin.unsigned_abs()))
         ));
     }
     if available_margin < 0 {
@@ -324,7 +340,7 @@ fn findings(
             "the mode requires {} but only {} is available now: short by {}",
             Size(total_required),
             Size(host.available),
-            Size(available_margin.unsigned_abs() as u64)
+            Size(clamp64(available_margin.unsigned_abs()))
         ));
     }
     // The totals as they would be after the cap recommendations above are applied, so the
@@ -340,15 +356,20 @@ fn findings(
             ..i.clone()
         })
         .collect();
-    let freed_by_caps = total_required - capped.iter().map(|i| i.required).sum::<u64>();
-    let deficit = margin.min(available_margin) + i128::from(freed_by_caps);
+    let capped_sum: u128 = capped.iter().map(|i| u128::from(i.required)).sum();
+    let freed_by_caps = instances
+        .iter()
+        .map(|i| u128::from(i.required))
+        .sum::<u128>()
+        - capped_sum;
+    let deficit = margin.min(available_margin) + freed_by_caps as i128;
     if deficit < 0 {
-        let deficit = deficit.unsigned_abs() as u64;
+        let deficit = clamp64(deficit.unsigned_abs());
         recommendations.extend(reduction_plan(&capped, deficit));
         if available_margin < 0 {
             recommendations.push(format!(
                 "or free at least {} of memory on this machine (other processes use {})",
-                Size(available_margin.unsigned_abs() as u64),
+                Size(clamp64(available_margin.unsigned_abs())),
                 Size(host.used())
             ));
         }
@@ -433,7 +454,7 @@ fn reduction_plan(instances: &[InstanceRow], deficit: u64) -> Vec<String> {
             if freed >= remaining {
                 break;
             }
-            freed += i.estimate;
+            freed = i.estimate.saturating_add(freed);
             drops.push(format!("{} (frees {})", i.name, Size(i.estimate)));
         }
         let lead = if out.is_empty() { "" } else { "and " };
@@ -445,12 +466,17 @@ fn reduction_plan(instances: &[InstanceRow], deficit: u64) -> Vec<String> {
     out
 }
 
+/// A byte count past u64 shown as the largest (only reservations that already failed get there).
+fn clamp64(v: u128) -> u64 {
+    u64::try_from(v).unwrap_or(u64::MAX)
+}
+
 fn size(b: u64) -> String {
     Size(b).to_string()
 }
 
 fn signed(m: i128) -> String {
-    let v = Size(m.unsigned_abs() as u64);
+    let v = Size(clamp64(m.unsigned_abs()));
     if m < 0 {
         format!("-{v}")
     } else {
@@ -607,6 +633,37 @@ mod tests {
             gguf: None,
             learned: None,
         }
+    }
+
+    /// Two 8 EiB reservations add up past u64: the total must not wrap to 0 B and pass.
+    #[test]
+    fn totals_that_overflow_fail_instead_of_wrapping() {
+        let p = BudgetPolicy {
+            per_instance_max: 1.0,
+            total: Some(Size(u64::MAX)),
+            ..policy()
+        };
+        let host = HostMemory {
+            total: u64::MAX,
+            available: u64::MAX,
+        };
+        let eight_eib = 8u64 << 60;
+        let r = validate(
+            "m",
+            &p,
+            host,
+            &[
+                inst("a", MIB, Some(eight_eib), 0),
+                inst("b", MIB, Some(eight_eib), 0),
+            ],
+        );
+        assert!(!r.passed, "{r}");
+        assert!(r.total_required >= eight_eib, "{r}");
+        assert!(
+            r.issues.iter().any(|i| i.contains("more than 16 EiB")),
+            "{:?}",
+            r.issues
+        );
     }
 
     #[test]

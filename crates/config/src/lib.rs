@@ -11,6 +11,7 @@ pub use belljar_budget::restart::RestartMode;
 use belljar_budget::{BudgetPolicy, EstimateRule, HumanDuration, InstanceName, Size};
 use serde::Serialize;
 
+pub use schema::rules;
 pub use schema::{
     BudgetSection, ControlSection, EstimateSource, GpuSection, InstanceSection, LoggingSection,
     PressureSection, RawConfig,
@@ -136,8 +137,16 @@ impl Config {
                     ),
                 ));
             }
+            // The deserializers enforce the same rules with the key's line; this is the one
+            // function `add` uses too, so the two cannot drift apart.
+            section
+                .check()
+                .map_err(|e| ctx.at(key.span().start, format!("[instances.{name}] {e}")))?;
             instances.insert(name, resolve(section));
         }
+        raw.defaults
+            .check()
+            .map_err(|e| ctx.file(format!("[defaults] {e}")))?;
 
         let mut modes = BTreeMap::new();
         for (key, mode) in raw.modes {
@@ -268,7 +277,10 @@ impl Config {
             gpu_device: pick!(gpu_device, 0),
             priority: pick!(priority, 0),
             use_mmap: pick!(use_mmap, true),
-            threads: pick!(threads, default_threads),
+            threads: pick!(
+                threads,
+                default_threads.min(belljar_budget::limits::MAX_THREADS)
+            ),
             swap_max: pick!(swap_max, Size(0)),
             restart: pick!(restart, RestartMode::OnFailure),
             backoff_initial: pick!(backoff_initial, schema::secs(1)),

@@ -181,3 +181,56 @@ fn instance_names_are_checked() {
     let s = parse("[instances.a]\n").unwrap_err().to_string();
     assert!(s.contains("instance a has no model"), "{s}");
 }
+
+/// Values that once passed `validate` and then crashed `run` (exit 101) or the worker: each is
+/// refused with its bound in the message.
+#[test]
+fn values_past_their_bounds_are_refused_with_the_bound() {
+    let cases = [
+        ("backoff_max = \"100000000years\"", "at most 1day"),
+        ("stop_timeout = \"10000000000years\"", "at most 1day"),
+        ("heartbeat_interval = \"100000000000years\"", "at most 1day"),
+        ("load_stall_timeout = \"2days\"", "at most 1day"),
+        ("backoff_initial = \"25h\"", "at most 1day"),
+        ("backoff_reset_after = \"1000years\"", "at most 1day"),
+        ("start_limit_interval = \"1000years\"", "at most 1day"),
+        ("threads = 4294967295", "at most 1024"),
+        ("ctx = 4294967295", "at most 16777216"),
+        (
+            "priority = -9223372036854775808",
+            "between -1000000 and 1000000",
+        ),
+        (
+            "priority = 9223372036854775807",
+            "between -1000000 and 1000000",
+        ),
+        ("gpu_layers = 4294967295", "at most 65536"),
+        ("backoff_factor = 1e300", "at most 100"),
+        ("start_limit_burst = 4294967295", "at most 1000000"),
+    ];
+    for (line, bound) in cases {
+        let text = format!("[defaults]\nmodel = \"m.gguf\"\n{line}\n");
+        let e = parse(&text).unwrap_err().to_string();
+        assert!(e.contains(bound), "{line}: {e}");
+        assert!(e.contains(":3:"), "{line}: the error has its line: {e}");
+    }
+    for (section, line) in [
+        ("pressure", "interval = \"100000000000years\""),
+        ("pressure", "settle = \"2days\""),
+        ("pressure", "thrash_window = \"2days\""),
+        ("gpu", "settle = \"2days\""),
+        ("gpu", "release_timeout = \"2days\""),
+        ("logging", "worker_output_interval = \"2days\""),
+    ] {
+        let e = parse(&format!("[{section}]\n{line}\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("at most 1day"), "[{section}] {line}: {e}");
+    }
+    // The bounds themselves are accepted.
+    parse(
+        "[defaults]\nmodel = \"m.gguf\"\nbackoff_max = \"1day\"\nthreads = 1024\n\
+         ctx = 16777216\npriority = -1000000\n[pressure]\ninterval = \"24h\"\n",
+    )
+    .unwrap();
+}

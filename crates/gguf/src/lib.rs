@@ -5,7 +5,7 @@ pub mod format;
 pub mod reader;
 pub mod writer;
 
-pub use reader::{Header, ReadError, TensorInfo, Value, read_header};
+pub use reader::{Header, ReadError, TensorInfo, Value, read_header, read_header_limited};
 pub use writer::{ModelShape, ShapeError};
 
 #[cfg(test)]

@@ -1,5 +1,10 @@
 //! A bounded reader of GGUF headers: metadata and tensor infos, never tensor data. Hostile
 //! counts and lengths end in an error at EOF or at a limit, never in a huge allocation.
+//!
+//! Memory stays proportional to what is kept, not to the header's size: metadata arrays (the
+//! vocabulary, its scores and merges: most of a header) are skipped as they are read and only
+//! their element type and length are kept (a vocabulary's size is its length); no estimate
+//! needs their elements. At most [`MAX_HEADER`] bytes are read.
 
 use std::io::{self, Read};
 
@@ -11,6 +16,10 @@ pub const MAX_STRING: u64 = 1 << 20;
 pub const MAX_ARRAY: u64 = 1 << 24;
 /// Most tensors / metadata entries accepted.
 pub const MAX_ENTRIES: u64 = 1 << 20;
+/// Most bytes of a header read (metadata and tensor infos): 128 MiB. The largest headers of
+/// published models (vocabularies of ~256k tokens with scores and merges) are a few tens of
+/// MiB; a longer one is corrupt or crafted and ends in [`ReadError::TooLarge`].
+pub const MAX_HEADER: u64 = 128 << 20;
 /// Preallocation cap: larger counts grow as data actually arrives.
 const PREALLOC: u64 = 4096;
 
@@ -24,6 +33,11 @@ pub enum ReadError {
     Truncated(&'static str),
     #[error("malformed GGUF header: {0}")]
     Malformed(String),
+    #[error(
+        "the GGUF header is larger than {} MiB, the most belljar reads of a header (published models' headers are a few tens of MiB): the file is corrupt or not a model; copy or download it again",
+        .limit >> 20
+    )]
+    TooLarge { limit: u64 },
     #[error("cannot read GGUF header: {0}")]
     Io(#[from] io::Error),
 }
@@ -35,7 +49,11 @@ pub enum Value {
     Float(f64),
     Bool(bool),
     Str(String),
-    Array(Vec<Value>),
+    /// An array, skipped while reading: only its element type and length are kept.
+    Array {
+        elem: u32,
+        len: u64,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -104,15 +122,60 @@ impl Header {
             _ => None,
         }
     }
+
+    /// The length of an array value (`tokenizer.ggml.tokens`: the vocabulary's size).
+    pub fn array_len(&self, key: &str) -> Option<u64> {
+        match self.get(key)? {
+            Value::Array { len, .. } => Some(*len),
+            _ => None,
+        }
+    }
+
+    /// The least size of a file holding this header's tensors: where the last tensor's data
+    /// ends (a tensor of a type whose layout is unknown counts from its offset only). A file
+    /// shorter than this is truncated. Saturates: an extent past `u64::MAX` is longer than any
+    /// file.
+    pub fn min_file_size(&self) -> u64 {
+        let end = self
+            .tensors
+            .iter()
+            .map(|t| t.offset.saturating_add(t.bytes().unwrap_or(0)))
+            .max()
+            .unwrap_or(0);
+        if self.tensors.is_empty() {
+            return self.header_len;
+        }
+        self.data_offset().saturating_add(end)
+    }
 }
 
 struct R<T> {
     inner: T,
     pos: u64,
+    limit: u64,
 }
 
 impl<T: Read> R<T> {
+    /// Refuses to go past the header cap before reading `n` more bytes.
+    fn budget(&self, n: u64) -> Result<(), ReadError> {
+        match self.pos.checked_add(n) {
+            Some(end) if end <= self.limit => Ok(()),
+            _ => Err(ReadError::TooLarge { limit: self.limit }),
+        }
+    }
+    /// Reads and drops `n` bytes.
+    fn skip(&mut self, n: u64, what: &'static str) -> Result<(), ReadError> {
+        self.budget(n)?;
+        let skipped =
+            io::copy(&mut (&mut self.inner).take(n), &mut io::sink()).map_err(|e| eof(e, what))?;
+        if skipped != n {
+            return Err(ReadError::Truncated(what));
+        }
+        self.pos += n;
+        Ok(())
+    }
     fn bytes<const N: usize>(&mut self, what: &'static str) -> Result<[u8; N], ReadError> {
+        self.budget(N as u64)?;
         let mut b = [0u8; N];
         self.inner.read_exact(&mut b).map_err(|e| eof(e, what))?;
         self.pos += N as u64;
@@ -135,6 +198,7 @@ impl<T: Read> R<T> {
     }
     fn string(&mut self, what: &'static str) -> Result<String, ReadError> {
         let len = self.count(what, MAX_STRING)?;
+        self.budget(len)?;
         let mut buf = Vec::with_capacity(len.min(PREALLOC) as usize);
         (&mut self.inner)
             .take(len)
@@ -146,7 +210,7 @@ impl<T: Read> R<T> {
         self.pos += len;
         String::from_utf8(buf).map_err(|_| ReadError::Malformed(format!("{what} is not UTF-8")))
     }
-    fn value(&mut self, ty: u32, depth: u32) -> Result<Value, ReadError> {
+    fn value(&mut self, ty: u32) -> Result<Value, ReadError> {
         let what = "a metadata value";
         let ty = ValueType::from_u32(ty)
             .ok_or_else(|| ReadError::Malformed(format!("unknown metadata value type {ty}")))?;
@@ -168,20 +232,43 @@ impl<T: Read> R<T> {
             },
             ValueType::String => Value::Str(self.string("a string value")?),
             ValueType::Array => {
-                if depth > 0 {
-                    return Err(ReadError::Malformed(
-                        "nested arrays are not supported".into(),
-                    ));
-                }
                 let elem = self.u32("an array type")?;
-                let n = self.count("array element", MAX_ARRAY)?;
-                let mut v = Vec::with_capacity(n.min(PREALLOC) as usize);
-                for _ in 0..n {
-                    v.push(self.value(elem, depth + 1)?);
-                }
-                Value::Array(v)
+                let len = self.count("array element", MAX_ARRAY)?;
+                self.skip_array(elem, len)?;
+                Value::Array { elem, len }
             }
         })
+    }
+}
+
+impl<T: Read> R<T> {
+    /// Reads past an array's elements without keeping them.
+    fn skip_array(&mut self, elem: u32, len: u64) -> Result<(), ReadError> {
+        let what = "an array";
+        let ty = ValueType::from_u32(elem)
+            .ok_or_else(|| ReadError::Malformed(format!("unknown array element type {elem}")))?;
+        let width: u64 = match ty {
+            ValueType::U8 | ValueType::I8 | ValueType::Bool => 1,
+            ValueType::U16 | ValueType::I16 => 2,
+            ValueType::U32 | ValueType::I32 | ValueType::F32 => 4,
+            ValueType::U64 | ValueType::I64 | ValueType::F64 => 8,
+            ValueType::Array => {
+                return Err(ReadError::Malformed(
+                    "nested arrays are not supported".into(),
+                ));
+            }
+            ValueType::String => {
+                for _ in 0..len {
+                    let n = self.count("a string in an array", MAX_STRING)?;
+                    self.skip(n, "a string in an array")?;
+                }
+                return Ok(());
+            }
+        };
+        let bytes = len
+            .checked_mul(width)
+            .ok_or(ReadError::TooLarge { limit: self.limit })?;
+        self.skip(bytes, what)
     }
 }
 
@@ -193,11 +280,19 @@ fn eof(e: io::Error, what: &'static str) -> ReadError {
     }
 }
 
-/// Reads the header (metadata and tensor infos) from the start of a GGUF stream.
+/// Reads the header (metadata and tensor infos) from the start of a GGUF stream, at most
+/// [`MAX_HEADER`] bytes of it. Consumes exactly the header's bytes (`header_len`), so a
+/// reader wrapped around the stream sees the header and nothing more.
 pub fn read_header<T: Read>(input: T) -> Result<Header, ReadError> {
+    read_header_limited(input, MAX_HEADER)
+}
+
+/// [`read_header`] with another cap on the header's bytes.
+pub fn read_header_limited<T: Read>(input: T, limit: u64) -> Result<Header, ReadError> {
     let mut r = R {
         inner: input,
         pos: 0,
+        limit,
     };
     let magic = r.bytes::<4>("the magic")?;
     if &magic != MAGIC {
@@ -213,7 +308,7 @@ pub fn read_header<T: Read>(input: T) -> Result<Header, ReadError> {
     for _ in 0..n_kv {
         let key = r.string("a metadata key")?;
         let ty = r.u32("a metadata type")?;
-        metadata.push((key, r.value(ty, 0)?));
+        metadata.push((key, r.value(ty)?));
     }
     let mut tensors = Vec::with_capacity(n_tensors.min(PREALLOC) as usize);
     for _ in 0..n_tensors {

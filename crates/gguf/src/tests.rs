@@ -55,10 +55,15 @@ fn header_describes_the_shape() {
     assert_eq!(h.get_u64("llama.context_length"), Some(512));
     assert_eq!(h.get_u64("llama.rope.dimension_count"), Some(16));
     assert_eq!(h.get_u64("llama.vocab_size"), Some(400));
-    let Some(Value::Array(tokens)) = h.get("tokenizer.ggml.tokens") else {
-        panic!("no tokens")
-    };
-    assert_eq!(tokens.len(), 400);
+    // The vocabulary's size is its array's length (the elements are skipped, not kept).
+    assert_eq!(h.array_len("tokenizer.ggml.tokens"), Some(400));
+    assert_eq!(
+        h.get("tokenizer.ggml.tokens"),
+        Some(&Value::Array {
+            elem: format::ValueType::String as u32,
+            len: 400
+        })
+    );
     assert_eq!(h.tensors.len(), 3 * 9 + 3);
     let k = h
         .tensors
@@ -75,6 +80,7 @@ fn header_describes_the_shape() {
         Some(data.len() as u64),
         "the infos account for every byte"
     );
+    assert_eq!(h.min_file_size(), data.len() as u64);
 }
 
 #[test]
@@ -157,4 +163,85 @@ proptest! {
         let _ = read_header(&data[..]);
         let _ = read_header(&with_magic[..]);
     }
+}
+
+/// A header of `pairs` string values of 1 MiB each, made as it is read (never held in memory).
+struct Lazy {
+    pairs: u64,
+    next: u64,
+    pending: std::collections::VecDeque<u8>,
+    filler: u64,
+}
+
+impl Lazy {
+    fn new(pairs: u64) -> Lazy {
+        let mut start = b"GGUF\x03\0\0\0".to_vec();
+        start.extend(0u64.to_le_bytes());
+        start.extend(pairs.to_le_bytes());
+        Lazy {
+            pairs,
+            next: 0,
+            pending: start.into(),
+            filler: 0,
+        }
+    }
+}
+
+impl std::io::Read for Lazy {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if self.pending.is_empty() && self.filler == 0 && self.next < self.pairs {
+            let key = format!("k{:07}", self.next);
+            self.pending.extend((key.len() as u64).to_le_bytes());
+            self.pending.extend(key.as_bytes());
+            self.pending.extend(8u32.to_le_bytes());
+            self.pending.extend((1u64 << 20).to_le_bytes());
+            self.filler = 1 << 20;
+            self.next += 1;
+        }
+        if !self.pending.is_empty() {
+            let n = buf.len().min(self.pending.len());
+            for b in buf.iter_mut().take(n) {
+                *b = self.pending.pop_front().unwrap();
+            }
+            return Ok(n);
+        }
+        let n = buf.len().min(self.filler as usize);
+        buf[..n].fill(b'a');
+        self.filler -= n as u64;
+        Ok(n)
+    }
+}
+
+#[test]
+fn a_header_past_the_cap_is_refused() {
+    // 200 MiB of metadata: past the documented cap of the header reader.
+    let err = read_header(std::io::BufReader::new(Lazy::new(200))).unwrap_err();
+    let said = err.to_string();
+    assert!(
+        said.contains("larger than") && said.contains("128 MiB"),
+        "{said}"
+    );
+    // Under the cap the same kind of header reads.
+    let h = read_header(std::io::BufReader::new(Lazy::new(3))).unwrap();
+    assert_eq!(h.metadata.len(), 3);
+}
+
+#[test]
+fn the_cap_is_a_parameter_and_a_header_reads_exactly_its_bytes() {
+    let data = bytes(&small());
+    let h = read_header(&data[..]).unwrap();
+    let len = h.header_len;
+    assert!(
+        read_header_limited(&data[..], len).is_ok(),
+        "the cap is inclusive"
+    );
+    assert!(matches!(
+        read_header_limited(&data[..], len - 1),
+        Err(ReadError::TooLarge { .. })
+    ));
+    // The reader consumes the header and nothing after it (a checksum over what it read is a
+    // checksum of the header).
+    let mut cursor = std::io::Cursor::new(&data[..]);
+    read_header(&mut cursor).unwrap();
+    assert_eq!(cursor.position(), len);
 }

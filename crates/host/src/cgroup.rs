@@ -356,7 +356,11 @@ pub fn destroy<B: CgroupBackend + ?Sized>(
     for child in backend.subdirs(dir)? {
         destroy(backend, &child, timeout)?;
     }
-    let deadline = Instant::now() + timeout;
+    // Checked: a timeout past what the clock can add waits "forever" (until the far end).
+    let now = Instant::now();
+    let deadline = now
+        .checked_add(timeout)
+        .unwrap_or(now + Duration::from_secs(86_400 * 365));
     loop {
         if backend.procs(dir)?.is_empty() {
             break;

@@ -9,6 +9,7 @@ pub mod model_file;
 pub mod pressure;
 pub mod proc_ctl;
 pub mod process;
+pub mod regular;
 pub mod safe_fs;
 pub mod spawn;
 

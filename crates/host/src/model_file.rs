@@ -1,5 +1,6 @@
-//! A cheap probe of a model file before anything is planned around it: it exists, is a regular
-//! readable file, starts with the GGUF magic, and how large it is.
+//! A probe of a model file before anything is planned around it: it exists, is a regular
+//! readable file, has a GGUF header that reads (bounded) and describes no more data than the
+//! file holds; how large it is, and what its header says for the estimates.
 
 use std::fs::File;
 use std::io::Read;
@@ -12,6 +13,12 @@ pub const GGUF_MAGIC: &[u8; 4] = b"GGUF";
 pub struct ModelFile {
     pub path: PathBuf,
     pub size: u64,
+    /// The file's modification time (ns since the epoch; negative before it).
+    pub mtime_ns: i128,
+    /// CRC-32 of the header's bytes: the model's identity without hashing a multi-GB file.
+    pub header_crc32: u32,
+    /// What the GGUF-aware estimate needs, or why the header lacks it (the file rule applies).
+    pub facts: Result<belljar_budget::estimate::ModelFacts, String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -31,6 +38,14 @@ pub enum ModelFileError {
     /// what any file the supervisor can read begins with.
     #[error("model file {path} is not a GGUF file (it does not start with \"GGUF\"); convert it with llama.cpp's convert_hf_to_gguf.py or pick a .gguf file", path = .path.display())]
     NotGguf { path: PathBuf },
+    #[error("model file {path} is truncated: its header describes {expected} bytes but the file has {size}; copy or download it again", path = .path.display())]
+    Truncated {
+        path: PathBuf,
+        expected: u64,
+        size: u64,
+    },
+    #[error("model file {path} is not a usable model: {reason}", path = .path.display())]
+    BadHeader { path: PathBuf, reason: String },
 }
 
 /// Whether user `uid` (primary group `gid`, with its supplementary groups) could open `path`
@@ -95,15 +110,38 @@ fn as_user<T: Send + 'static>(
         .map_err(|_| "the permission check panicked".to_owned())?
 }
 
-/// Checks `path` and returns its size. Reads 4 bytes; never the whole file.
+/// Feeds every byte read through it to a CRC-32.
+struct Crc<R> {
+    inner: R,
+    hasher: crc32fast::Hasher,
+}
+
+impl<R: Read> Read for Crc<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.hasher.update(&buf[..n]);
+        Ok(n)
+    }
+}
+
+/// Checks `path` and reads its GGUF header, once: the file is opened first (without blocking)
+/// and its type and size come from the opened descriptor; the header is read through a bounded
+/// reader ([`belljar_gguf::reader::MAX_HEADER`]) that keeps no array elements, and its checksum
+/// is computed from the same read. Never reads tensor data.
+///
+/// A file that is not a usable model (not GGUF, a malformed or oversized header, tensor data
+/// past the end of the file, numbers whose estimate overflows) is an error; a header that
+/// merely lacks the keys the GGUF-aware estimate needs is not (`facts` says why, and the file
+/// rule applies).
 pub fn probe_model_file(path: &Path) -> Result<ModelFile, ModelFileError> {
     let owned = || path.to_path_buf();
-    let meta = std::fs::metadata(path).map_err(|e| match e.kind() {
+    let unreadable = |source| ModelFileError::Unreadable {
+        path: owned(),
+        source,
+    };
+    let (file, meta) = crate::regular::open_regular(path).map_err(|e| match e.kind() {
         std::io::ErrorKind::NotFound => ModelFileError::Missing { path: owned() },
-        _ => ModelFileError::Unreadable {
-            path: owned(),
-            source: e,
-        },
+        _ => unreadable(e),
     })?;
     if meta.is_dir() {
         return Err(ModelFileError::Directory { path: owned() });
@@ -111,87 +149,126 @@ pub fn probe_model_file(path: &Path) -> Result<ModelFile, ModelFileError> {
     if !meta.is_file() {
         return Err(ModelFileError::NotRegular { path: owned() });
     }
-    let mut magic = Vec::with_capacity(4);
-    File::open(path)
-        .and_then(|f| f.take(4).read_to_end(&mut magic))
-        .map_err(|source| ModelFileError::Unreadable {
-            path: owned(),
-            source,
-        })?;
-    if magic != GGUF_MAGIC {
-        return Err(ModelFileError::NotGguf { path: owned() });
+    let size = meta.len();
+    let mtime_ns = match meta.modified() {
+        Ok(t) => match t.duration_since(std::time::UNIX_EPOCH) {
+            Ok(d) => d.as_nanos() as i128,
+            Err(e) => -(e.duration().as_nanos() as i128),
+        },
+        Err(_) => 0,
+    };
+    let mut reader = Crc {
+        inner: std::io::BufReader::new(file),
+        hasher: crc32fast::Hasher::new(),
+    };
+    let mut magic = [0u8; 4];
+    match reader.read_exact(&mut magic) {
+        Ok(()) if &magic == GGUF_MAGIC => {}
+        Ok(()) => return Err(ModelFileError::NotGguf { path: owned() }),
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+            return Err(ModelFileError::NotGguf { path: owned() });
+        }
+        Err(e) => return Err(unreadable(e)),
     }
+    let header = belljar_gguf::reader::read_header(magic.as_slice().chain(&mut reader)).map_err(
+        |e| match e {
+            belljar_gguf::ReadError::Io(source) => unreadable(source),
+            belljar_gguf::ReadError::Magic(_) => ModelFileError::NotGguf { path: owned() },
+            belljar_gguf::ReadError::TooLarge { .. } => ModelFileError::BadHeader {
+                path: owned(),
+                reason: e.to_string(),
+            },
+            _ => ModelFileError::BadHeader {
+                path: owned(),
+                reason: format!("{e}; copy or download it again, or convert it anew"),
+            },
+        },
+    )?;
+    let header_crc32 = reader.hasher.finalize();
+    let expected = header.min_file_size();
+    if expected > size {
+        return Err(ModelFileError::Truncated {
+            path: owned(),
+            expected,
+            size,
+        });
+    }
+    let facts = match facts_of(&header, size) {
+        Ok(f) => {
+            belljar_budget::estimate::check_facts(&f).map_err(|e| ModelFileError::BadHeader {
+                path: owned(),
+                reason: e.to_string(),
+            })?;
+            Ok(f)
+        }
+        Err(e) => Err(format!("{}: {e}", path.display())),
+    };
     Ok(ModelFile {
         path: owned(),
-        size: meta.len(),
+        size,
+        mtime_ns,
+        header_crc32,
+        facts,
     })
 }
 
-/// What the GGUF-aware estimate needs from a model, read from its header only (bounded: never
-/// the tensor data), and a checksum of the header bytes that identifies the model without
-/// hashing a multi-GB file.
-pub fn model_facts(path: &Path) -> Result<(belljar_budget::estimate::ModelFacts, u32), String> {
-    use std::io::Read;
-    let file_size = std::fs::metadata(path)
-        .map_err(|e| format!("cannot read {}: {e}", path.display()))?
-        .len();
-    let file = File::open(path).map_err(|e| format!("cannot open {}: {e}", path.display()))?;
-    let header = belljar_gguf::reader::read_header(std::io::BufReader::new(file))
-        .map_err(|e| format!("{}: {e}", path.display()))?;
-    if let Some(expected) = header.expected_file_size()
-        && expected > file_size
-    {
-        return Err(format!(
-            "{} is truncated: its header describes {expected} bytes but the file has {file_size}; download it again",
-            path.display()
-        ));
-    }
+/// What the GGUF-aware estimate needs from a header; `Err` names the first key it lacks.
+fn facts_of(
+    header: &belljar_gguf::Header,
+    file_size: u64,
+) -> Result<belljar_budget::estimate::ModelFacts, String> {
     let mut tensor_bytes: u64 = 0;
     for t in &header.tensors {
         let b = t.bytes().ok_or_else(|| {
             format!(
-                "{}: tensor {} has a type ({}) whose size is unknown",
-                path.display(),
-                t.name,
-                t.ggml_type
+                "tensor {} has a type ({}) whose size is unknown",
+                t.name, t.ggml_type
             )
         })?;
-        tensor_bytes = tensor_bytes.saturating_add(b);
+        // Every tensor lies within the file (checked before), so only a header of overlapping
+        // tensors can get here.
+        tensor_bytes = tensor_bytes.checked_add(b).ok_or_else(|| {
+            format!(
+                "the tensors' sizes add up past 64 bits (at tensor {})",
+                t.name
+            )
+        })?;
     }
     // `{arch}.block_count`, `.embedding_length`, `.attention.head_count`, `.head_count_kv` and
     // the per-head K/V widths (default: embedding / heads).
     let arch = header
         .get_str("general.architecture")
-        .ok_or_else(|| format!("{}: no general.architecture", path.display()))?
+        .ok_or("no general.architecture")?
         .to_owned();
     let get = |k: &str| {
         header
             .get_u64(&format!("{arch}.{k}"))
             .and_then(|v| u32::try_from(v).ok())
     };
-    let key = |k: &str| get(k).ok_or_else(|| format!("{}: no {arch}.{k}", path.display()));
+    let key = |k: &str| get(k).ok_or_else(|| format!("no {arch}.{k}"));
     let block_count = key("block_count")?;
     let embedding = key("embedding_length")?;
     let heads = key("attention.head_count")?;
     let kv_heads = get("attention.head_count_kv").unwrap_or(heads);
     let head_dim = embedding / heads.max(1);
-    let mut raw = Vec::new();
-    File::open(path)
-        .and_then(|f| f.take(header.header_len).read_to_end(&mut raw))
-        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-    Ok((
-        belljar_budget::estimate::ModelFacts {
-            file_size,
-            tensor_bytes,
-            block_count,
-            embedding,
-            heads,
-            kv_heads,
-            key_length: get("attention.key_length").unwrap_or(head_dim),
-            value_length: get("attention.value_length").unwrap_or(head_dim),
-        },
-        crc32fast::hash(&raw),
-    ))
+    Ok(belljar_budget::estimate::ModelFacts {
+        file_size,
+        tensor_bytes,
+        block_count,
+        embedding,
+        heads,
+        kv_heads,
+        key_length: get("attention.key_length").unwrap_or(head_dim),
+        value_length: get("attention.value_length").unwrap_or(head_dim),
+    })
+}
+
+/// What the GGUF-aware estimate needs from a model, read from its header only (bounded: never
+/// the tensor data), and a checksum of the header bytes that identifies the model without
+/// hashing a multi-GB file. One open and one read ([`probe_model_file`]).
+pub fn model_facts(path: &Path) -> Result<(belljar_budget::estimate::ModelFacts, u32), String> {
+    let file = probe_model_file(path).map_err(|e| e.to_string())?;
+    Ok((file.facts?, file.header_crc32))
 }
 
 #[cfg(test)]
@@ -222,7 +299,7 @@ mod tests {
         );
         // f16 K and V, 2 KV heads of 32 at ctx 100, per layer.
         assert_eq!(
-            belljar_budget::estimate::kv_cache(&facts, 100) / 3,
+            belljar_budget::estimate::kv_cache(&facts, 100).unwrap() / 3,
             2 * 100 * 2 * 32 * 2
         );
         let size = std::fs::metadata(&path).unwrap().len();
@@ -245,12 +322,33 @@ mod tests {
         assert!(model_facts(&path).is_err(), "truncated header");
     }
 
+    fn write_model(path: &Path) -> Vec<u8> {
+        let mut bytes = Vec::new();
+        belljar_gguf::writer::ModelShape::default()
+            .write(&mut bytes)
+            .unwrap();
+        std::fs::write(path, &bytes).unwrap();
+        bytes
+    }
+
     #[test]
     fn probes() {
         let dir = tempfile::tempdir().unwrap();
         let good = dir.path().join("m.gguf");
-        std::fs::write(&good, b"GGUF\x03\0\0\0rest").unwrap();
-        assert_eq!(probe_model_file(&good).unwrap().size, 12);
+        let bytes = write_model(&good);
+        let probed = probe_model_file(&good).unwrap();
+        assert_eq!(probed.size, bytes.len() as u64);
+        assert!(probed.facts.is_ok(), "{probed:?}");
+        let bare = dir.path().join("bare.gguf");
+        // A header without tensors or keys: a GGUF file whose estimate falls back to the file rule.
+        std::fs::write(&bare, b"GGUF\x03\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0").unwrap();
+        let probed = probe_model_file(&bare).unwrap();
+        assert!(
+            probed
+                .facts
+                .unwrap_err()
+                .contains("no general.architecture")
+        );
         let bad = dir.path().join("bad.gguf");
         std::fs::write(&bad, b"PK\x03\x04").unwrap();
         assert!(matches!(
@@ -281,5 +379,53 @@ mod tests {
             probe_model_file(Path::new("/dev/null")),
             Err(ModelFileError::NotRegular { .. })
         ));
+        // A FIFO with no writer: opened without blocking, refused by the opened fd's type.
+        let fifo = dir.path().join("fifo.gguf");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        assert!(matches!(
+            probe_model_file(&fifo),
+            Err(ModelFileError::NotRegular { .. })
+        ));
+    }
+
+    /// Tensor data past the end of the file is a truncated model, refused by the probe itself
+    /// (before, only the soft header facts said so and the file rule was used instead).
+    #[test]
+    fn a_truncated_model_is_refused_by_the_probe() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("cut.gguf");
+        let bytes = write_model(&path);
+        std::fs::write(&path, &bytes[..bytes.len() - 1]).unwrap();
+        let e = probe_model_file(&path).unwrap_err();
+        assert!(matches!(e, ModelFileError::Truncated { .. }), "{e:?}");
+        let said = e.to_string();
+        assert!(
+            said.contains("truncated") && said.contains("download it again"),
+            "{said}"
+        );
+        // A malformed header is a bad model too, with the reader's reason.
+        let mut bad = bytes.clone();
+        bad[8..16].copy_from_slice(&u64::MAX.to_le_bytes());
+        std::fs::write(&path, &bad).unwrap();
+        let said = probe_model_file(&path).unwrap_err().to_string();
+        assert!(
+            said.contains("not a usable model") && said.contains("tensor count"),
+            "{said}"
+        );
+    }
+
+    /// The checksum comes from the one read of the header and equals the CRC-32 of the header's
+    /// bytes (the identity that observations.json recorded before).
+    #[test]
+    fn the_checksum_is_of_the_header_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.gguf");
+        let bytes = write_model(&path);
+        let header = belljar_gguf::read_header(&bytes[..]).unwrap();
+        let probed = probe_model_file(&path).unwrap();
+        assert_eq!(
+            probed.header_crc32,
+            crc32fast::hash(&bytes[..header.header_len as usize])
+        );
     }
 }

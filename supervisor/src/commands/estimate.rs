@@ -3,7 +3,6 @@
 use belljar_budget::Size;
 use belljar_budget::estimate::{Breakdown, EstimateRule, ModelFacts, gguf};
 use belljar_budget::gpu::{VramEstimate, model_vram};
-use belljar_host::model_file::model_facts;
 use belljar_host::probe_model_file;
 use serde::Serialize;
 
@@ -23,13 +22,14 @@ struct Output<'a> {
 }
 
 pub fn run(global: &GlobalArgs, args: &EstimateArgs) -> Result<Exit, CliError> {
-    probe_model_file(&args.model).map_err(|e| CliError::Usage(e.to_string()))?;
-    let (facts, _) = model_facts(&args.model).map_err(|e| {
+    let file = probe_model_file(&args.model).map_err(|e| CliError::Usage(e.to_string()))?;
+    let cannot = |e: String| {
         CliError::Usage(format!(
             "cannot estimate {}: {e}; the file rule still applies (estimate = \"file\")",
             args.model.display()
         ))
-    })?;
+    };
+    let facts = file.facts.map_err(cannot)?;
     // The file rule's knobs from the config when there is one, else the defaults.
     let rule = match std::fs::metadata(&global.config) {
         Ok(_) => {
@@ -42,13 +42,22 @@ pub fn run(global: &GlobalArgs, args: &EstimateArgs) -> Result<Exit, CliError> {
             min_required: Size(64 << 20),
         },
     };
-    let b = gguf(&facts, args.ctx, !args.no_mmap);
+    let b = gguf(&facts, args.ctx, !args.no_mmap)
+        .map_err(|e| cannot(format!("{}: {e}", args.model.display())))?;
+    let vram = if args.gpu_layers > 0 {
+        Some(
+            model_vram(&facts, args.gpu_layers, args.ctx)
+                .map_err(|e| cannot(format!("{}: {e}", args.model.display())))?,
+        )
+    } else {
+        None
+    };
     let out = Output {
         model: args.model.display().to_string(),
         facts,
         breakdown: &b,
         file_rule: rule.estimate(facts.file_size),
-        vram: (args.gpu_layers > 0).then(|| model_vram(&facts, args.gpu_layers, args.ctx)),
+        vram,
     };
     if args.json {
         println!(

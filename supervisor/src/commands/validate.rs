@@ -40,7 +40,15 @@ pub fn run(global: &GlobalArgs, args: &ValidateArgs) -> Result<Exit, CliError> {
         false,
         crate::paths::DEFAULT_STATE_DIR,
     );
-    let observations = crate::learn::load(&state_dir);
+    // Read only: `validate` reports a corrupt file and leaves it (`run` moves it aside).
+    let observations = crate::learn::read(&state_dir).unwrap_or_else(|c| {
+        eprintln!(
+            "warning: {} is not valid ({}); learned corrections are ignored here, and `supervisor run` will move it aside and learn afresh",
+            c.path.display(),
+            c.reason
+        );
+        Vec::new()
+    });
     let reports = modes
         .iter()
         .map(|m| report(&config, m, host, &observations))
@@ -64,12 +72,22 @@ pub fn run(global: &GlobalArgs, args: &ValidateArgs) -> Result<Exit, CliError> {
 
 /// Reads and checks the config file.
 pub fn load_config(path: &Path) -> Result<Config, CliError> {
-    let text = std::fs::read_to_string(path).map_err(|e| {
+    let cannot = |e: std::io::Error| {
         CliError::Usage(format!(
             "cannot read config {}: {e}; pass --config PATH or create budgets.toml (see docs/configuration.md)",
             path.display()
         ))
-    })?;
+    };
+    // Opened without blocking and checked through the opened descriptor: a FIFO or a device
+    // given as the config is refused instead of hanging in open(2) or read(2).
+    let (file, meta) = belljar_host::regular::open_regular(path).map_err(cannot)?;
+    if !meta.is_file() {
+        return Err(CliError::Usage(format!(
+            "config {} is not a regular file (a FIFO, a device or a directory); pass --config PATH of a budgets.toml file",
+            path.display()
+        )));
+    }
+    let text = std::io::read_to_string(file).map_err(cannot)?;
     Ok(Config::parse(&text, path)?)
 }
 
@@ -173,30 +191,29 @@ pub fn vram_verdicts(
     Ok(validate_vram(&demands, gpus, config.budget.safety_margin))
 }
 
-/// Probes each distinct model file once and describes the instances for layer 1.
+/// Probes each distinct model file once (its header read once) and describes the instances
+/// for layer 1. A file that is not a usable model (missing, not GGUF, truncated, a malformed
+/// header) is a usage error naming the instance; a header without what the GGUF estimate needs
+/// falls back to the file rule with a warning.
 pub fn plan(
     config: &Config,
     specs: &[InstanceSpec],
     observations: &[crate::learn::Observation],
 ) -> Result<Vec<Estimated>, CliError> {
-    let mut sizes = BTreeMap::new();
+    let mut files = BTreeMap::new();
     let mut planned = Vec::with_capacity(specs.len());
     for spec in specs {
-        let size = match sizes.get(&spec.model) {
-            Some(&s) => s,
-            None => {
-                let probe = probe_model_file(&spec.model).map_err(|e| {
-                    CliError::Usage(format!(
-                        "{}: instance {}: {e}",
-                        config.path.display(),
-                        spec.name
-                    ))
-                })?;
-                sizes.insert(spec.model.clone(), probe.size);
-                probe.size
-            }
-        };
-        let e = crate::estimating::estimate(spec, size, observations);
+        if !files.contains_key(&spec.model) {
+            let probe = probe_model_file(&spec.model).map_err(|e| {
+                CliError::Usage(format!(
+                    "{}: instance {}: {e}",
+                    config.path.display(),
+                    spec.name
+                ))
+            })?;
+            files.insert(spec.model.clone(), probe);
+        }
+        let e = crate::estimating::estimate(spec, &files[&spec.model], observations);
         if let (
             Some(err),
             belljar_budget::estimate::EstimateSource::Gguf

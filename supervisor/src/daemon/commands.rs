@@ -386,11 +386,32 @@ pub(super) struct Plan {
 }
 
 /// Resolves an added instance against `[defaults]` and checks what needs no ledger: the name,
-/// the model file and the per-instance cap. Reads the model's header and the observations:
-/// blocking file I/O, run off the loop.
+/// the config's per-instance rules (`InstanceSection::check`, as for the file), an absolute
+/// model path, the model file and the per-instance cap. Reads the model's header and the
+/// observations: blocking file I/O, run off the loop.
 fn plan(input: &PlanInput) -> Result<Plan, Response> {
     let req = &input.req;
     let name = InstanceName::parse(&req.name).map_err(|e| usage(e.to_string()))?;
+    let section = InstanceSection {
+        model: Some(req.model.clone()),
+        ram_limit: req.ram_limit.map(Size),
+        ctx: req.ctx,
+        gpu_layers: req.gpu_layers,
+        gpu_device: req.gpu_device,
+        priority: req.priority,
+        ..InstanceSection::default()
+    };
+    section
+        .check()
+        .map_err(|e| usage(format!("cannot add {name}: {e}")))?;
+    // A relative path would be resolved against the supervisor's working directory, which is
+    // not the client's: the client sends an absolute one (`supervisor add` canonicalizes).
+    if !req.model.is_absolute() {
+        return Err(usage(format!(
+            "cannot add {name}: the model path {} is relative; give an absolute path (`supervisor add` resolves a relative --model itself)",
+            req.model.display()
+        )));
+    }
     let file = probe_model_file(&req.model).map_err(|e| usage(e.to_string()))?;
     if let Some(p) = input.peer {
         match belljar_host::model_file::readable_by(&req.model, p.uid, p.gid) {
@@ -410,20 +431,11 @@ fn plan(input: &PlanInput) -> Result<Plan, Response> {
             }
         }
     }
-    let section = InstanceSection {
-        model: Some(req.model.clone()),
-        ram_limit: req.ram_limit.map(Size),
-        ctx: req.ctx,
-        gpu_layers: req.gpu_layers,
-        gpu_device: req.gpu_device,
-        priority: req.priority,
-        ..InstanceSection::default()
-    };
     let others = u32::try_from(input.others).unwrap_or(u32::MAX);
     let threads = (cpu_count() / others.saturating_add(1)).max(1);
     let spec = input.config.spec(&name, &section, threads);
     let policy = input.config.budget_policy();
-    let e = crate::estimating::estimate(&spec, file.size, &crate::learn::load(&input.state_dir));
+    let e = crate::estimating::estimate(&spec, &file, &crate::learn::load(&input.state_dir));
     let (estimate, source) = e.planned.estimate(&policy);
     let required = required(spec.ram_limit, estimate);
     let cap = policy.per_instance_cap(input.capacity);

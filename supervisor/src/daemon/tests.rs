@@ -13,8 +13,8 @@ use belljar_host::cgroup::{CgroupBackend, CgroupError, Limits, MemoryStats, Vers
 use belljar_host::proc_ctl::Exit;
 use belljar_host::spawn::{SpawnRequest, Spawned};
 use belljar_protocol::control::{
-    ClientHello, Command, InstanceStatus, NameRequest, Response, ServerHello, StatusQuery,
-    StatusReport,
+    AddRequest, ClientHello, Command, InstanceStatus, NameRequest, Response, ServerHello,
+    StatusQuery, StatusReport,
 };
 use belljar_protocol::tokio_io::{read_frame, write_frame};
 use belljar_protocol::worker::{
@@ -805,7 +805,6 @@ async fn a_worker_cannot_break_status_with_a_huge_reason_or_an_infinite_fraction
 /// persisted, and the client exited 1.)
 #[tokio::test(start_paused = true)]
 async fn an_add_that_never_gets_ready_leaves_nothing_and_a_bad_model_is_exit_2() {
-    use belljar_protocol::control::AddRequest;
     use belljar_protocol::worker::Failed;
     let mut h = Harness::start(&config("heartbeat_interval = \"1h\""));
     let (_, a) = h.next_worker().await;
@@ -875,4 +874,75 @@ async fn an_add_that_never_gets_ready_leaves_nothing_and_a_bad_model_is_exit_2()
     assert!(matches!(r, Response::Ok(_)), "{r:?}");
     assert!(persisted(h._tmp.path()).unwrap().contains("\"good\""));
     h.stop(vec![("a".into(), a), ("good".into(), g)]).await;
+}
+
+/// `add` applies the config's per-instance checks on the server side and wants an absolute
+/// model path: `ctx 0`, `ram_limit 0`, a ctx past its bound and a path relative to wherever the
+/// daemon runs were accepted and persisted before. Each is refused, naming the key and the fix,
+/// and nothing is added.
+#[tokio::test]
+async fn add_is_checked_like_the_config() {
+    // Instance `a` never gets a worker here: a short stop_timeout ends the test quickly.
+    let h = Harness::start(&config("stop_timeout = \"50ms\""));
+    let model = h._tmp.path().join("added.gguf");
+    belljar_gguf::ModelShape::default()
+        .write(std::fs::File::create(&model).unwrap())
+        .unwrap();
+    // The same file, relative to this process's working directory.
+    let cwd = std::env::current_dir().unwrap();
+    let up = cwd.components().count() - 1;
+    let relative = PathBuf::from("../".repeat(up)).join(model.strip_prefix("/").unwrap());
+    assert!(relative.exists() && relative.is_relative());
+    let req = |f: &dyn Fn(&mut AddRequest)| {
+        let mut r = AddRequest {
+            name: "added".into(),
+            model: model.clone(),
+            ram_limit: None,
+            ctx: None,
+            gpu_layers: None,
+            gpu_device: None,
+            priority: None,
+        };
+        f(&mut r);
+        Command::Add(r)
+    };
+    let cases: [(Command, &[&str]); 5] = [
+        (req(&|r| r.ctx = Some(0)), &["ctx", "at least 1"]),
+        (
+            req(&|r| r.ctx = Some(u32::MAX)),
+            &["ctx", "at most 16777216"],
+        ),
+        (req(&|r| r.ram_limit = Some(0)), &["ram_limit", "zero"]),
+        (
+            req(&|r| r.priority = Some(i64::MIN)),
+            &["priority", "between -1000000 and 1000000"],
+        ),
+        (
+            req(&|r| r.model = relative.clone()),
+            &["relative", "absolute path"],
+        ),
+    ];
+    for (cmd, needles) in cases {
+        let answer = tokio::time::timeout(Duration::from_secs(10), control(&h.socket, &cmd))
+            .await
+            .unwrap_or_else(|_| panic!("{cmd:?} was accepted (no refusal within 10 s)"));
+        let Response::Error(e) = answer else {
+            panic!("{cmd:?} was accepted: {answer:?}");
+        };
+        assert_eq!(e.exit_code, 2, "a usage error: {e:?}");
+        for n in needles {
+            assert!(
+                e.message.contains(n),
+                "{cmd:?}: {n:?} not in {:?}",
+                e.message
+            );
+        }
+    }
+    let s = h.status().await;
+    assert!(
+        s.instances.iter().all(|i| i.name != "added"),
+        "nothing added"
+    );
+    assert!(!h._tmp.path().join("state").join("added.json").exists());
+    h.stop(Vec::new()).await;
 }

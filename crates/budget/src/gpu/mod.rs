@@ -54,9 +54,18 @@ pub struct VramEstimate {
 
 /// The VRAM reservation of a model (from its header's facts) with `gpu_layers` offloaded at
 /// `ctx`: the per-layer KV cache is the estimate's own ([`kv_cache`]) divided by the layers.
-pub fn model_vram(m: &ModelFacts, gpu_layers: u32, ctx: u32) -> VramEstimate {
-    let per_layer = kv_cache(m, ctx) / u64::from(m.block_count.max(1));
-    vram_estimate(m.file_size, m.block_count, gpu_layers, per_layer)
+pub fn model_vram(
+    m: &ModelFacts,
+    gpu_layers: u32,
+    ctx: u32,
+) -> Result<VramEstimate, crate::estimate::Overflow> {
+    let per_layer = kv_cache(m, ctx)? / u64::from(m.block_count.max(1));
+    Ok(vram_estimate(
+        m.file_size,
+        m.block_count,
+        gpu_layers,
+        per_layer,
+    ))
 }
 
 /// The VRAM reservation of `gpu_layers` of a model of `block_count` layers. llama.cpp offloads

@@ -215,9 +215,12 @@ fn pressure_fallback_runs_on_the_cpu() {
 fn vram_estimate_is_the_offloaded_share_plus_its_kv() {
     // 32 layers, 4 GiB of weights, KV f16 at ctx 4096 with 8 KV heads of 128: 16 MiB per layer.
     let m = facts(32, 4 * GIB, 8, 128);
-    let kv = crate::estimate::kv_cache(&m, 4096) / 32;
+    let kv = crate::estimate::kv_cache(&m, 4096).unwrap() / 32;
     assert_eq!(kv, 16 * MIB);
-    assert_eq!(model_vram(&m, 16, 4096), vram_estimate(4 * GIB, 32, 16, kv));
+    assert_eq!(
+        model_vram(&m, 16, 4096).unwrap(),
+        vram_estimate(4 * GIB, 32, 16, kv)
+    );
     let half = vram_estimate(4 * GIB, 32, 16, kv);
     assert_eq!(half.offloaded_layers, 16);
     assert_eq!(half.weights, 2 * GIB);
@@ -236,7 +239,7 @@ fn vram_estimate_is_the_offloaded_share_plus_its_kv() {
 
 #[test]
 fn vram_estimate_grows_with_layers() {
-    let kv = crate::estimate::kv_cache(&facts(32, GIB, 4, 64), 2048) / 32;
+    let kv = crate::estimate::kv_cache(&facts(32, GIB, 4, 64), 2048).unwrap() / 32;
     let mut last = 0;
     for layers in 0..=40 {
         let e = vram_estimate(GIB, 32, layers, kv).total;
