@@ -232,6 +232,7 @@ impl FakeWorker {
                 turns: 0,
                 tokens: 0,
                 restored_from: RestoredFrom::New,
+                note: None,
             },
             state_bytes: 0,
         }))
