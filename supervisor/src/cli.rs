@@ -40,7 +40,7 @@ pub enum Command {
     Run(RunArgs),
     Status(StatusArgs),
     Add(AddArgs),
-    Remove(NameArgs),
+    Remove(RemoveArgs),
     Restart(NameArgs),
     Ask(AskArgs),
     Validate(ValidateArgs),
@@ -97,10 +97,25 @@ pub struct AddArgs {
 /// An instance by name.
 #[derive(Debug, Args)]
 #[command(
-    after_help = "Examples:\n  supervisor remove helper\n  supervisor restart subject\n\nExits 1 for an unknown instance."
+    after_help = "Examples:\n  supervisor restart subject\n\nExits 1 for an unknown instance."
 )]
 pub struct NameArgs {
     pub name: String,
+}
+
+/// Stop an instance and forget it; returns once it is gone.
+#[derive(Debug, Args)]
+#[command(
+    after_help = "Examples:\n  supervisor remove helper\n  supervisor remove helper --keep-session\n\n\
+Its conversation is moved aside to <state dir>/instances/NAME.removed-<UTC stamp> (adding the \
+name again starts a new one) unless --keep-session is given. Exits 1 for an unknown instance."
+)]
+pub struct RemoveArgs {
+    pub name: String,
+    /// Leave the session where it is: adding the same name again (with the same model)
+    /// continues the conversation.
+    #[arg(long)]
+    pub keep_session: bool,
 }
 
 /// Ask an instance one prompt; the reply streams to stdout as it is generated. The instance

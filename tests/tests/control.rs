@@ -226,6 +226,82 @@ fn added_instances_and_their_sessions_survive_a_supervisor_restart() {
     assert_eq!(d.terminate().code(), Some(0));
 }
 
+/// The `reason` of `name` once it is ready.
+fn ready_reason(d: &mut Daemon, name: &str) -> String {
+    let status = d.wait_status("ready", |s| {
+        s["instances"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|i| i["name"] == name && i["state"] == "ready")
+    });
+    instance(&status, name)["reason"]
+        .as_str()
+        .unwrap()
+        .to_owned()
+}
+
+/// Issue #17, 10: `remove` kept the session, so adding the name again silently restored the old
+/// conversation (and with another model replayed its token ids). Now `remove` moves it aside
+/// once the worker has stopped; `remove --keep-session` keeps it.
+#[test]
+fn remove_moves_the_session_aside_unless_it_is_kept() {
+    let t = TestDir::new();
+    let mut d = started(&t, "");
+    let a = model(&t, "models/a.gguf");
+    let b = model(&t, "models/b.gguf");
+    let instances = d.state.join("instances");
+    let ask = |d: &Daemon| {
+        d.cli(&[
+            "ask",
+            "helper",
+            "hello",
+            "--max-tokens",
+            "4",
+            "--ignore-eos",
+        ])
+        .expect_code(0);
+    };
+    d.cli(&["add", "helper", "--model", &a]).expect_code(0);
+    ask(&d);
+    d.cli(&["remove", "helper"])
+        .expect_code(0)
+        .expect_says(&["helper removed", "moved aside"]);
+    assert!(
+        !instances.join("helper").exists(),
+        "the session dir is gone"
+    );
+    let aside: Vec<std::path::PathBuf> = std::fs::read_dir(&instances)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| {
+            p.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with("helper.removed-")
+        })
+        .collect();
+    assert_eq!(aside.len(), 1, "{aside:?}");
+    assert!(
+        aside[0].join("session.log").exists(),
+        "kept aside, not deleted"
+    );
+    // The name again, with another model: a new conversation.
+    d.cli(&["add", "helper", "--model", &b]).expect_code(0);
+    let reason = ready_reason(&mut d, "helper");
+    assert!(reason.contains("0 turns restored from new"), "{reason}");
+    ask(&d);
+    // --keep-session: the conversation stays and comes back with the name.
+    d.cli(&["remove", "helper", "--keep-session"])
+        .expect_code(0)
+        .expect_says(&["helper removed", "kept"]);
+    assert!(instances.join("helper/session.log").exists());
+    d.cli(&["add", "helper", "--model", &b]).expect_code(0);
+    let reason = ready_reason(&mut d, "helper");
+    assert!(reason.contains("1 turns restored from state"), "{reason}");
+    assert_eq!(d.terminate().code(), Some(0));
+}
+
 fn as_nobody(d: &Daemon, args: &[&str]) -> belljar_testkit::Run {
     let mut cmd = std::process::Command::new("setpriv");
     cmd.args(["--reuid=65534", "--regid=65534", "--clear-groups"])

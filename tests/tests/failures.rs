@@ -315,3 +315,130 @@ fn serial_a_restart_waits_for_memory_while_a_hog_holds_it() {
     });
     finish(d);
 }
+
+/// The metadata of a session's `session.state` (`BJSESS02`, a little-endian u32 length, JSON).
+fn state_meta(session: &std::path::Path) -> serde_json::Value {
+    let bytes = std::fs::read(session.join("session.state")).unwrap();
+    let len = u32::from_le_bytes(bytes[8..12].try_into().unwrap()) as usize;
+    serde_json::from_slice(&bytes[12..12 + len]).unwrap()
+}
+
+/// Issue #17, 9: a kill between a turn's log append and its state save (BELLJAR_FAULT, the test
+/// aid) leaves the state one turn behind, so the next start re-prefills the whole conversation.
+/// With one thread that re-prefill outruns `load_stall_timeout`; it used to report no progress
+/// until done (one 2048-token batch), so the watchdog killed it, and since the repaired state
+/// was never written back, every later start did the same: the instance never came back. Now
+/// the re-prefill reports progress every quarter second or so and its state is written back at
+/// once.
+#[test]
+fn a_kill_between_log_append_and_state_save_comes_back_ready() {
+    const TIMEOUT_MS: u128 = 2000;
+    let t = TestDir::new();
+    // Slow enough on one thread that re-prefilling ~2000 tokens takes several seconds.
+    t.model(
+        "models/slow.gguf",
+        &belljar_testkit::ModelShape {
+            layers: 4,
+            width: 512,
+            ff: 1536,
+            heads: 8,
+            kv_heads: 8,
+            vocab: 1024,
+            context_length: 4096,
+            f16: false,
+            seed: 3,
+        },
+    );
+    let cfg = format!(
+        r#"
+[budget]
+min_required = "64MiB"
+headroom = "64MiB"
+
+[defaults]
+model = "models/slow.gguf"
+ctx = 4096
+threads = 1
+heartbeat_interval = "200ms"
+backoff_initial = "50ms"
+load_stall_timeout = "{TIMEOUT_MS}ms"
+
+[instances.subject]
+
+[modes.single]
+instances = ["subject"]
+"#
+    );
+    let turns = 4;
+    let mut d = Daemon::start(
+        &t,
+        &cfg,
+        "single",
+        &[
+            ("BELLJAR_FAULT", &format!("after-log-append:{turns}")),
+            ("BELLJAR_WORKER_LOG", "info"),
+        ],
+    );
+    d.wait_status("subject ready", |s| all_in(s, "ready"));
+    let first = pid_of(&d.status().unwrap());
+    let prompt = "the quick brown fox jumps over the lazy dog ".repeat(16);
+    for turn in 1..=turns {
+        let r = d.cli(&[
+            "ask",
+            "subject",
+            &prompt,
+            "--max-tokens",
+            "4",
+            "--ignore-eos",
+        ]);
+        if turn < turns {
+            r.expect_code(0);
+        } else {
+            assert_eq!(
+                r.code,
+                Some(1),
+                "the worker died during the last ask: {r:?}"
+            );
+        }
+    }
+    let session = d.state.join("instances/subject");
+    let log = std::fs::read_to_string(session.join("session.log")).unwrap();
+    let tokens: usize = log
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter_map(|v| v["tokens"].as_array().map(Vec::len))
+        .sum();
+    assert_eq!(log.lines().count(), turns + 1, "a header and the turns");
+    let s = d.wait_status_for(
+        "ready again after the re-prefill",
+        Duration::from_secs(90),
+        |s| {
+            let i = instance(s, "subject");
+            i["state"] == "ready" && i["pid"].as_i64() != Some(i64::from(first))
+        },
+    );
+    let i = instance(&s, "subject");
+    assert_eq!(i["last_exit"], "signal:9");
+    assert!(
+        i["reason"].as_str().unwrap().contains("restored from log"),
+        "{i:#}"
+    );
+    let meta = state_meta(&session);
+    assert_eq!(meta["turns"], turns, "the repaired state was written back");
+    assert_eq!(meta["tokens"].as_array().unwrap().len(), tokens);
+    // The test means something only if the re-prefill outran the watchdog's timeout.
+    let log = d.stderr();
+    let ms: u128 = log
+        .lines()
+        .find_map(|l| {
+            let rest = l.split("re-prefilled ").nth(1)?;
+            rest.split(" in ").nth(1)?.split(" ms").next()?.parse().ok()
+        })
+        .unwrap_or_else(|| panic!("no re-prefill line in the log:\n{log}"));
+    eprintln!("re-prefilled {tokens} tokens in {ms} ms (load_stall_timeout {TIMEOUT_MS} ms)");
+    assert!(
+        ms > TIMEOUT_MS,
+        "the re-prefill of {tokens} tokens took only {ms} ms: make the prompt longer"
+    );
+    finish(d);
+}

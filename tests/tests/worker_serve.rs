@@ -69,10 +69,16 @@ fn prompt(w: &mut WorkerLink, id: u64, text: &str, max_tokens: u32) -> (usize, u
 
 /// Tokens in the context according to the session log (the documented JSON-lines format).
 fn log_tokens(state: &Path) -> (u64, u64) {
-    let log = std::fs::read_to_string(state.join("session.log")).unwrap_or_default();
+    log_tokens_of(&state.join("session.log"))
+}
+
+/// (turns, tokens) of a session log file.
+fn log_tokens_of(path: &Path) -> (u64, u64) {
+    let log = std::fs::read_to_string(path).unwrap_or_default();
     let turns: Vec<serde_json::Value> = log
         .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|v| v.get("tokens").is_some()) // the header line names the model
         .collect();
     let tokens = turns
         .iter()
@@ -140,8 +146,19 @@ fn hello_loading_ready_heartbeats_stream_and_survive_sigkill() {
 /// `model_after`; returns the second Ready and the log's (turns, tokens).
 fn restart_after(damage: impl FnOnce(&Path), model_after: Option<&Path>) -> (Ready, (u64, u64)) {
     let t = TestDir::new();
-    let model = t.model("m.gguf", &tiny_shape());
-    let mut w = start(&t, &model, &[]);
+    let (ready, _, log) = restart_in(&t, &tiny_shape(), damage, model_after);
+    (ready, log)
+}
+
+/// [`restart_after`] in `t`, with a first model of `shape`; also returns the restarted worker.
+fn restart_in(
+    t: &TestDir,
+    shape: &ModelShape,
+    damage: impl FnOnce(&Path),
+    model_after: Option<&Path>,
+) -> (Ready, WorkerLink, (u64, u64)) {
+    let model = t.model("m.gguf", shape);
+    let mut w = start(t, &model, &[]);
     w.handshake();
     until_ready(&w);
     prompt(&mut w, 1, "first turn", 8);
@@ -150,10 +167,11 @@ fn restart_after(damage: impl FnOnce(&Path), model_after: Option<&Path>) -> (Rea
     w.wait();
     drop(w);
     damage(&t.join("state"));
-    let mut w = start(&t, model_after.unwrap_or(&model), &[]);
+    let mut w = start(t, model_after.unwrap_or(&model), &[]);
     w.handshake();
     let ready = until_ready(&w);
-    (ready, log_tokens(&t.join("state")))
+    let log = log_tokens(&t.join("state"));
+    (ready, w, log)
 }
 
 #[test]
@@ -184,22 +202,125 @@ fn missing_state_file_is_rebuilt_from_the_log() {
 }
 
 #[test]
-fn state_file_of_another_model_is_not_used() {
+fn state_file_of_another_ctx_is_not_used_and_the_log_is_re_prefilled() {
     let t = TestDir::new();
-    let other = t.model(
-        "other.gguf",
-        &ModelShape {
-            seed: 99,
-            ..tiny_shape()
-        },
-    );
-    let (ready, (turns, tokens)) = restart_after(|_| {}, Some(&other));
+    let model = t.model("m.gguf", &tiny_shape());
+    let mut w = start(&t, &model, &["--ctx", "512"]);
+    w.handshake();
+    until_ready(&w);
+    prompt(&mut w, 1, "first turn", 8);
+    w.child.kill().unwrap();
+    w.wait();
+    drop(w);
+    let mut w = start(&t, &model, &["--ctx", "256"]);
+    w.handshake();
+    let ready = until_ready(&w);
     assert_eq!(
         ready.session.restored_from,
         RestoredFrom::Log,
-        "another model's KV state must not be loaded"
+        "a state saved at another ctx must not be loaded"
     );
-    assert_eq!((ready.session.turns, ready.session.tokens), (turns, tokens));
+    assert_eq!(
+        (ready.session.turns, ready.session.tokens),
+        log_tokens(&t.join("state"))
+    );
+    assert_eq!(ready.session.note, None);
+}
+
+/// The files in `dir` whose names end in `suffix`.
+fn files_ending(dir: &Path, suffix: &str) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(suffix))
+        .collect();
+    names.sort();
+    names
+}
+
+/// Issue #17, 7: pointing an instance at another model (here with a smaller vocabulary, so the
+/// old token ids are invalid for it) used to re-prefill the old ids, which llama.cpp refused,
+/// and the worker exited 69: failed for good.
+#[test]
+fn a_session_of_another_model_is_moved_aside_and_a_new_one_starts() {
+    let t = TestDir::new();
+    let other = t.model("other.gguf", &tiny_shape());
+    let big_vocab = ModelShape {
+        vocab: 2048,
+        seed: 99,
+        ..tiny_shape()
+    };
+    let (ready, mut w, (turns, _)) = restart_in(&t, &big_vocab, |_| {}, Some(&other));
+    assert_eq!(
+        ready.session.restored_from,
+        RestoredFrom::New,
+        "{}",
+        w.stderr()
+    );
+    assert_eq!((ready.session.turns, ready.session.tokens), (0, 0));
+    assert_eq!(turns, 0, "the new log has no turns");
+    let note = ready
+        .session
+        .note
+        .clone()
+        .expect("a note says what happened");
+    assert!(note.contains("another model"), "{note}");
+    let state = t.join("state");
+    let stale = files_ending(&state, ".stale");
+    assert_eq!(stale.len(), 3, "log, state and KV moved aside: {stale:?}");
+    for s in &stale {
+        assert!(note.contains(s.as_str()), "{note} names {s}");
+    }
+    let old_log = stale
+        .iter()
+        .find(|n| n.starts_with("session.log."))
+        .unwrap();
+    assert_eq!(
+        log_tokens_of(&state.join(old_log)).0,
+        2,
+        "the old conversation is kept aside"
+    );
+    // The new session goes on with the new model and survives a restart.
+    assert_eq!(prompt(&mut w, 3, "hello", 4), (4, 4));
+    w.child.kill().unwrap();
+    w.wait();
+    drop(w);
+    let mut w = start(&t, &other, &[]);
+    w.handshake();
+    let ready = until_ready(&w);
+    assert_eq!(ready.session.restored_from, RestoredFrom::State);
+    assert_eq!((ready.session.turns, ready.session.note), (1, None));
+}
+
+/// Issue #17, 7: a restore that llama.cpp refuses is never permanent. Here the log names this
+/// very model but holds a token id its vocabulary does not have, and the state is gone, so the
+/// worker must re-prefill: it used to exit 69.
+#[test]
+fn a_session_llama_cpp_refuses_is_moved_aside_instead_of_failing_the_start() {
+    let t = TestDir::new();
+    let (ready, _, _) = restart_in(
+        &t,
+        &tiny_shape(),
+        |state| {
+            std::fs::remove_file(state.join("session.state")).unwrap();
+            let log = std::fs::read_to_string(state.join("session.log")).unwrap();
+            let mut lines: Vec<String> = log.lines().map(str::to_owned).collect();
+            let last = lines.last_mut().unwrap();
+            let mut turn: serde_json::Value = serde_json::from_str(last).unwrap();
+            turn["tokens"][0] = 999_999.into();
+            *last = turn.to_string();
+            std::fs::write(state.join("session.log"), lines.join("\n") + "\n").unwrap();
+        },
+        None,
+    );
+    assert_eq!(ready.session.restored_from, RestoredFrom::New);
+    let note = ready.session.note.expect("a note says what happened");
+    assert!(note.contains("cannot be restored"), "{note}");
+    assert_eq!(
+        files_ending(&t.join("state"), ".stale").len(),
+        2,
+        "log and KV"
+    );
 }
 
 #[test]
@@ -559,4 +680,158 @@ fn critical_pressure_frees_the_context_and_the_next_prompt_restores_it() {
     assert!(w.stderr().contains("context reloaded"), "{}", w.stderr());
     w.send(&SupervisorMsg::Shutdown(Shutdown {}));
     assert_eq!(w.wait().code(), Some(0));
+}
+
+/// The metadata of `session.state` (`BJSESS02`, a little-endian u32 length, JSON).
+fn state_meta(state: &Path) -> serde_json::Value {
+    let bytes = std::fs::read(state.join("session.state")).unwrap();
+    assert_eq!(&bytes[..8], b"BJSESS02");
+    let len = u32::from_le_bytes(bytes[8..12].try_into().unwrap()) as usize;
+    serde_json::from_slice(&bytes[12..12 + len]).unwrap()
+}
+
+/// Issue #17, 11: a reply cut off by Shutdown is answered with an error, so it is not part of
+/// the conversation: not in the log, not in the saved context. It used to be logged as a turn.
+#[test]
+fn a_reply_cut_off_by_shutdown_is_not_kept() {
+    let t = TestDir::new();
+    let model = t.model("m.gguf", &tiny_shape());
+    let state = t.join("state");
+    let mut w = start(&t, &model, &["--ctx", "2048"]);
+    w.handshake();
+    until_ready(&w);
+    assert_eq!(prompt(&mut w, 1, "a whole turn", 8), (8, 8));
+    let saved = state_meta(&state);
+    w.send(&SupervisorMsg::Prompt(Prompt {
+        id: 2,
+        text: "a long one".into(),
+        max_tokens: 2000,
+        ignore_eos: true,
+    }));
+    let mut streamed = 0;
+    let error = loop {
+        match w.recv_skip_heartbeats() {
+            Some(WorkerMsg::Token(t)) => {
+                assert_eq!(t.id, 2);
+                if streamed == 0 {
+                    w.send(&SupervisorMsg::Shutdown(Shutdown {}));
+                }
+                streamed += 1;
+            }
+            Some(WorkerMsg::Error(e)) => break e,
+            other => panic!("expected Token/Error, got {other:?}"),
+        }
+    };
+    assert_eq!(error.id, Some(2));
+    assert!(streamed < 2000, "cut off: {streamed} tokens");
+    assert!(error.message.contains("not kept"), "{}", error.message);
+    assert_eq!(w.wait().code(), Some(0));
+    drop(w);
+    assert_eq!(
+        log_tokens(&state).0,
+        1,
+        "only the finished turn is in the log"
+    );
+    assert_eq!(
+        state_meta(&state),
+        saved,
+        "the saved context is the finished turn's"
+    );
+    let mut w = start(&t, &model, &["--ctx", "2048"]);
+    w.handshake();
+    let ready = until_ready(&w);
+    assert_eq!(ready.session.restored_from, RestoredFrom::State);
+    assert_eq!(
+        (ready.session.turns, ready.session.tokens),
+        log_tokens(&state)
+    );
+}
+
+/// Issue #17, 13: a kill during a save leaves `.session.kv.tmp` (20 MB on a real model) and
+/// `.session.state.tmp` behind; they used to stay forever, even across clean shutdowns.
+#[test]
+fn temp_files_left_by_a_kill_are_removed_and_a_clean_shutdown_leaves_none() {
+    let t = TestDir::new();
+    let model = t.model("m.gguf", &tiny_shape());
+    let state = t.join("state");
+    let mut w = start(&t, &model, &[]);
+    w.handshake();
+    until_ready(&w);
+    prompt(&mut w, 1, "first", 4);
+    w.child.kill().unwrap();
+    w.wait();
+    drop(w);
+    std::fs::write(state.join(".session.kv.tmp"), vec![0u8; 20 << 20]).unwrap();
+    std::fs::write(state.join(".session.state.tmp"), b"BJSESS02").unwrap();
+    let mut w = start(&t, &model, &[]);
+    w.handshake();
+    let ready = until_ready(&w);
+    assert_eq!(ready.session.restored_from, RestoredFrom::State);
+    assert_eq!(files_ending(&state, ".tmp"), Vec::<String>::new());
+    prompt(&mut w, 2, "second", 4);
+    w.send(&SupervisorMsg::Shutdown(Shutdown {}));
+    assert_eq!(w.wait().code(), Some(0));
+    assert_eq!(files_ending(&state, ".tmp"), Vec::<String>::new());
+}
+
+/// Issue #17, 9 (the worker's part): a kill between a turn's log append and its state save
+/// (`--fault after-log-append:N`, the test aid behind BELLJAR_FAULT) left a state one turn
+/// behind the log, so every later start re-prefilled the whole conversation: the repaired state
+/// was never written back. It is now written back right after the re-prefill (the daemon test
+/// `failures::a_kill_between_log_append_and_state_save_comes_back_ready` shows the progress).
+#[test]
+fn a_kill_between_log_append_and_state_save_is_repaired_once() {
+    let t = TestDir::new();
+    let model = t.model("m.gguf", &tiny_shape());
+    let state = t.join("state");
+    let args = ["--ctx", "2048", "--fault", "after-log-append:3"];
+    let mut w = start(&t, &model, &args);
+    w.handshake();
+    until_ready(&w);
+    let long = "the quick brown fox jumps over the lazy dog ".repeat(5);
+    prompt(&mut w, 1, &long, 8);
+    prompt(&mut w, 2, &long, 8);
+    w.send(&SupervisorMsg::Prompt(Prompt {
+        id: 3,
+        text: long.clone(),
+        max_tokens: 8,
+        ignore_eos: true,
+    }));
+    loop {
+        match w.recv_skip_heartbeats() {
+            Some(WorkerMsg::Token(_)) => {}
+            None => break,
+            other => panic!("expected the worker to die after the log append, got {other:?}"),
+        }
+    }
+    assert_eq!(w.wait().signal(), Some(9), "{}", w.stderr());
+    drop(w);
+    let (turns, tokens) = log_tokens(&state);
+    assert_eq!(turns, 3, "the turn is in the log");
+    assert_eq!(
+        state_meta(&state)["turns"],
+        2,
+        "the state is one turn behind"
+    );
+
+    let mut w = start(&t, &model, &args);
+    w.handshake();
+    let ready = until_ready(&w);
+    assert_eq!(ready.session.restored_from, RestoredFrom::Log);
+    assert_eq!((ready.session.turns, ready.session.tokens), (turns, tokens));
+    let meta = state_meta(&state);
+    assert_eq!(meta["turns"], 3, "the re-prefilled state was written back");
+    assert_eq!(meta["tokens"].as_array().unwrap().len() as u64, tokens);
+    w.child.kill().unwrap();
+    w.wait();
+    drop(w);
+
+    let mut w = start(&t, &model, &args);
+    w.handshake();
+    let ready = until_ready(&w);
+    assert_eq!(
+        ready.session.restored_from,
+        RestoredFrom::State,
+        "no second re-prefill"
+    );
 }

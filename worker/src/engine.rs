@@ -2,7 +2,7 @@
 //! kept durable after every reply (see `session`).
 
 use std::num::NonZeroU32;
-use std::time::Instant;
+use std::time::{Instant, SystemTime};
 
 use llama_cpp_2::context::LlamaContext;
 use llama_cpp_2::context::params::LlamaContextParams;
@@ -19,6 +19,10 @@ use crate::session::{Identity, SessionFiles, StateMeta, StateReject, Turn, keep_
 
 /// The sequence every conversation lives in.
 const SEQ: i32 = 0;
+/// A re-prefill reports progress after each decode, sized to take about this long.
+const PROGRESS_STEP: std::time::Duration = std::time::Duration::from_millis(250);
+/// The smallest re-prefill decode, so that per-decode overhead stays small.
+const MIN_PIECE: usize = 32;
 
 /// A loaded context with its conversation.
 pub struct Engine<'m> {
@@ -37,6 +41,7 @@ pub struct Engine<'m> {
     first_turn: usize,
     files: SessionFiles,
     identity: Identity,
+    fault: Option<Fault>,
 }
 
 /// How a request ended.
@@ -45,8 +50,34 @@ pub enum Outcome {
         tokens: u32,
         ms: u64,
     },
-    /// Stopped early (Shutdown or the supervisor went away); the partial turn was persisted.
+    /// Stopped early (Shutdown or the supervisor went away). The partial turn is not kept: it is
+    /// neither in the log nor in the context, as the client hears that the request failed.
     Aborted,
+}
+
+/// A fault injected on purpose, for tests only (`BELLJAR_FAULT`, docs/operations.md).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// `after-log-append:N`: SIGKILL itself right after turn N is in the log and before the
+    /// state is saved (a kill in the worst place).
+    AfterLogAppend { turn: usize },
+}
+
+impl std::str::FromStr for Fault {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Fault, String> {
+        let turn = s
+            .strip_prefix("after-log-append:")
+            .and_then(|n| n.parse().ok())
+            .ok_or_else(|| format!("unknown fault {s:?}; the one fault is after-log-append:N"))?;
+        Ok(Fault::AfterLogAppend { turn })
+    }
+}
+
+/// How the session came back at start: where from, and a note when something was set aside.
+pub struct Restored {
+    pub from: RestoredFrom,
+    pub note: Option<String>,
 }
 
 /// What a generation step may be told by the caller between tokens.
@@ -65,6 +96,7 @@ impl<'m> Engine<'m> {
         threads: u32,
         files: SessionFiles,
         identity: Identity,
+        fault: Option<Fault>,
     ) -> Result<Engine<'m>, String> {
         let mut engine = Engine {
             backend,
@@ -78,6 +110,7 @@ impl<'m> Engine<'m> {
             first_turn: 0,
             files,
             identity,
+            fault,
         };
         engine.create_context()?;
         Ok(engine)
@@ -111,10 +144,10 @@ impl<'m> Engine<'m> {
     fn ensure_context(&mut self) -> Result<(), String> {
         if self.ctx.is_none() {
             self.create_context()?;
-            let from = self.restore(|_, _| {})?;
+            let restored = self.restore(|_, _| {})?;
             tracing::warn!(
                 "context reloaded after memory pressure (session restored from {})",
-                from.as_str()
+                restored.from.as_str()
             );
         }
         Ok(())
@@ -128,11 +161,12 @@ impl<'m> Engine<'m> {
         self.ctx.as_ref().map_or(self.ctx_len, LlamaContext::n_ctx)
     }
 
-    pub fn session_info(&self, restored_from: RestoredFrom) -> SessionInfo {
+    pub fn session_info(&self, restored: Restored) -> SessionInfo {
         SessionInfo {
             turns: self.turns.len() as u64,
             tokens: self.tokens.len() as u64,
-            restored_from,
+            restored_from: restored.from,
+            note: restored.note,
         }
     }
 
@@ -144,20 +178,51 @@ impl<'m> Engine<'m> {
     }
 
     /// Restores the conversation: the saved state when it is valid, else a re-prefill from the
-    /// log. `progress(done, total)` reports re-prefill progress. Never fails on bad session files;
-    /// only llama.cpp errors during re-prefill are errors.
-    pub fn restore(
-        &mut self,
-        mut progress: impl FnMut(usize, usize),
-    ) -> Result<RestoredFrom, String> {
-        let (turns, warnings) = self
-            .files
-            .load_log()
-            .map_err(|e| format!("cannot read {}: {e}", self.files.log_path().display()))?;
-        for w in warnings {
+    /// log, whose state is then saved at once (a kill between a turn's log append and its state
+    /// save would otherwise make every later start re-prefill). `progress(done, total)` reports
+    /// re-prefill progress. A session that cannot be restored (another model's, unreadable, or
+    /// refused by llama.cpp) never stops the start: its files are moved aside and a new session
+    /// starts, with a note saying so. Only when even that fails is this an error.
+    pub fn restore(&mut self, mut progress: impl FnMut(usize, usize)) -> Result<Restored, String> {
+        match self.files.clean_temp() {
+            Ok(0) => {}
+            Ok(n) => tracing::info!("removed {n} temp file(s) an interrupted save left behind"),
+            Err(e) => tracing::warn!("cannot clean the session's temp files: {e}"),
+        }
+        let log = match self.files.load_log() {
+            Ok(log) => log,
+            Err(e) => {
+                let why = format!("cannot read {}: {e}", self.files.log_path().display());
+                return self.start_over(&why);
+            }
+        };
+        for w in log.warnings {
             tracing::warn!("{w}");
         }
-        self.turns = turns;
+        let model = self.files.model();
+        if let Some(saved) = log.model.filter(|m| *m != model) {
+            let why = format!("the session belongs to another model ({saved}; now {model})");
+            return self.start_over(&why);
+        }
+        let headerless = log.model.is_none() && !log.turns.is_empty();
+        self.turns = log.turns;
+        let from = match self.restore_turns(&mut progress) {
+            Ok(from) => from,
+            Err(e) => return self.start_over(&format!("the session cannot be restored: {e}")),
+        };
+        if headerless {
+            // Written before the log named its model; it restored, so it is this model's.
+            if let Err(e) = self.files.rewrite_log(&self.turns) {
+                tracing::warn!("cannot add the model header to the session log: {e}");
+            }
+        }
+        Ok(Restored { from, note: None })
+    }
+
+    fn restore_turns(
+        &mut self,
+        progress: &mut impl FnMut(usize, usize),
+    ) -> Result<RestoredFrom, String> {
         match self
             .files
             .check_state(&self.identity, self.turns.len() as u64)
@@ -175,8 +240,46 @@ impl<'m> Engine<'m> {
             return Ok(RestoredFrom::New);
         }
         let first = keep_newest(&self.turns, self.n_ctx() as usize);
-        self.refill(first, &mut progress)?;
+        let started = Instant::now();
+        self.refill(first, progress)?;
+        tracing::info!(
+            "re-prefilled {} tokens of {} turns in {} ms",
+            self.tokens.len(),
+            self.turns.len() - first,
+            started.elapsed().as_millis()
+        );
+        if let Err(e) = self.save_state() {
+            // The conversation is intact in the log; the next turn tries again.
+            tracing::warn!("cannot write the re-prefilled state back: {e}");
+        }
         Ok(RestoredFrom::Log)
+    }
+
+    /// The session cannot be used: its files are moved aside (`*.stale`) and a new one starts.
+    fn start_over(&mut self, why: &str) -> Result<Restored, String> {
+        if let Some(ctx) = self.ctx.as_mut() {
+            ctx.clear_kv_cache();
+        }
+        self.tokens.clear();
+        self.turns.clear();
+        self.first_turn = 0;
+        let moved = self
+            .files
+            .move_aside(SystemTime::now())
+            .map_err(|e| format!("{why}; cannot move its files aside: {e}"))?;
+        let note = if moved.is_empty() {
+            format!("{why}; started a new session")
+        } else {
+            format!(
+                "{why}; started a new session, the old files were moved aside ({})",
+                moved.join(", ")
+            )
+        };
+        tracing::warn!("{note}");
+        Ok(Restored {
+            from: RestoredFrom::New,
+            note: Some(note),
+        })
     }
 
     /// Has llama.cpp stream the checked KV file into the context (one layer's slice in memory
@@ -206,7 +309,10 @@ impl<'m> Engine<'m> {
         Ok(())
     }
 
-    /// Clears the context and decodes the turns from `first` on.
+    /// Clears the context and decodes the turns from `first` on, in pieces sized so that each
+    /// decode takes about [`PROGRESS_STEP`] (at least [`MIN_PIECE`] tokens, at most a
+    /// micro-batch, which llama.cpp would run as one step anyway): `progress` moves that often
+    /// however slow the machine, so a long re-prefill is never mistaken for a stalled load.
     fn refill(
         &mut self,
         first: usize,
@@ -219,7 +325,20 @@ impl<'m> Engine<'m> {
             .iter()
             .flat_map(|t| t.tokens.iter().map(|x| LlamaToken(*x)))
             .collect();
-        self.decode(&all, progress)
+        let most = (self.ctx()?.n_ubatch() as usize).max(MIN_PIECE);
+        let mut piece = MIN_PIECE;
+        let mut done = 0;
+        while done < all.len() {
+            let end = (done + piece).min(all.len());
+            let started = Instant::now();
+            self.decode_in(&all[done..end], piece, &mut |_, _| {})?;
+            let per_token = started.elapsed().as_secs_f64() / (end - done) as f64;
+            done = end;
+            progress(done, all.len());
+            piece = ((PROGRESS_STEP.as_secs_f64() / per_token.max(1e-9)) as usize)
+                .clamp(MIN_PIECE, most);
+        }
+        Ok(())
     }
 
     /// Decodes `tokens` at the end of the context in batches; logits only for the last one.
@@ -228,7 +347,18 @@ impl<'m> Engine<'m> {
         tokens: &[LlamaToken],
         progress: &mut impl FnMut(usize, usize),
     ) -> Result<(), String> {
-        let n_batch = (self.ctx()?.n_batch() as usize).max(1);
+        let n_batch = self.ctx()?.n_batch() as usize;
+        self.decode_in(tokens, n_batch, progress)
+    }
+
+    /// [`Engine::decode`] in pieces of at most `n_batch` tokens.
+    fn decode_in(
+        &mut self,
+        tokens: &[LlamaToken],
+        n_batch: usize,
+        progress: &mut impl FnMut(usize, usize),
+    ) -> Result<(), String> {
+        let n_batch = n_batch.max(1);
         let mut batch = LlamaBatch::new(n_batch, 1);
         for (chunk_no, chunk) in tokens.chunks(n_batch).enumerate() {
             batch.clear();
@@ -245,20 +375,22 @@ impl<'m> Engine<'m> {
             self.ctx()?
                 .decode(&mut batch)
                 .map_err(|e| format!("llama.cpp decode failed: {e}"))?;
-            progress(self.tokens.len(), tokens.len());
+            progress(chunk_no * n_batch + chunk.len(), tokens.len());
         }
         Ok(())
     }
 
     /// Answers one prompt: `on_token(text)` per generated token, `control()` between tokens.
-    /// The turn is appended to the log and the state saved before this returns.
+    /// A finished turn is appended to the log and the state saved before this returns; a turn
+    /// that is aborted or fails is taken back out of the context and never logged, so the log
+    /// holds exactly the replies that ended in `Done`.
     pub fn answer(
         &mut self,
         prompt: &str,
         max_tokens: u32,
         ignore_eos: bool,
-        mut on_token: impl FnMut(String),
-        mut control: impl FnMut() -> Control,
+        on_token: impl FnMut(String),
+        control: impl FnMut() -> Control,
     ) -> Result<Outcome, String> {
         let started = Instant::now();
         if prompt.is_empty() {
@@ -285,12 +417,51 @@ impl<'m> Engine<'m> {
             );
             self.refill(first, &mut |_, _| {})?;
         }
-        self.decode(&prompt_tokens, &mut |_, _| {})?;
+        let before = self.tokens.len();
+        let generated =
+            match self.generate(&prompt_tokens, max_tokens, ignore_eos, on_token, control) {
+                Ok(Some(g)) => g,
+                Ok(None) => {
+                    self.take_back(before);
+                    return Ok(Outcome::Aborted);
+                }
+                Err(e) => {
+                    self.take_back(before);
+                    return Err(e);
+                }
+            };
+        let turn = Turn {
+            prompt: prompt.to_owned(),
+            reply: generated.reply,
+            tokens: prompt_tokens
+                .iter()
+                .chain(&generated.tokens)
+                .map(|t| t.0)
+                .collect(),
+        };
+        if let Err(e) = self.persist(turn) {
+            self.take_back(before);
+            return Err(e);
+        }
+        Ok(Outcome::Done {
+            tokens: generated.tokens.len() as u32,
+            ms: started.elapsed().as_millis() as u64,
+        })
+    }
 
+    /// Decodes the prompt and generates; `None` when `control` aborted it.
+    fn generate(
+        &mut self,
+        prompt_tokens: &[LlamaToken],
+        max_tokens: u32,
+        ignore_eos: bool,
+        mut on_token: impl FnMut(String),
+        mut control: impl FnMut() -> Control,
+    ) -> Result<Option<Generated>, String> {
+        self.decode(prompt_tokens, &mut |_, _| {})?;
         let mut decoder = encoding_rs::UTF_8.new_decoder();
         let mut reply = String::new();
-        let mut generated: Vec<LlamaToken> = Vec::new();
-        let mut aborted = false;
+        let mut tokens: Vec<LlamaToken> = Vec::new();
         for _ in 0..max_tokens {
             let ctx = self.ctx.as_ref().ok_or_else(|| NO_CONTEXT.to_owned())?;
             let tok = self.sampler.sample(ctx, -1);
@@ -304,42 +475,80 @@ impl<'m> Engine<'m> {
             reply.push_str(&text);
             on_token(text);
             self.decode(&[tok], &mut |_, _| {})?;
-            generated.push(tok);
+            tokens.push(tok);
             if let Control::Abort = control() {
-                aborted = true;
-                break;
+                return Ok(None);
             }
         }
         let mut tail = String::new();
         reserve_for(&mut tail, &decoder, 0);
         let _ = decoder.decode_to_string(&[], &mut tail, true);
         reply.push_str(&tail);
-
-        let turn = Turn {
-            prompt: prompt.to_owned(),
-            reply,
-            tokens: prompt_tokens
-                .iter()
-                .chain(&generated)
-                .map(|t| t.0)
-                .collect(),
-        };
-        self.persist(turn)?;
-        if aborted {
-            return Ok(Outcome::Aborted);
-        }
-        Ok(Outcome::Done {
-            tokens: generated.len() as u32,
-            ms: started.elapsed().as_millis() as u64,
-        })
+        Ok(Some(Generated { reply, tokens }))
     }
 
-    /// Appends the turn to the log (fsync) and saves the state atomically.
+    /// Takes a turn that did not finish back out of the context: positions from `len` on are
+    /// removed, so the context again matches the logged turns. If llama.cpp cannot remove them,
+    /// the context is freed and restored from disk on the next prompt.
+    fn take_back(&mut self, len: usize) {
+        if self.tokens.len() <= len {
+            return;
+        }
+        let removed = u32::try_from(len).ok().and_then(|p0| {
+            self.ctx
+                .as_mut()
+                .and_then(|c| c.clear_kv_cache_seq(Some(SEQ as u32), Some(p0), None).ok())
+        });
+        if removed == Some(true) {
+            self.tokens.truncate(len);
+        } else {
+            self.free_context();
+        }
+    }
+
+    /// Appends the turn to the log (fsync) and saves the state atomically. Once the turn is in the
+    /// log it is durable (a start re-prefills it if the state is older), so a failed state save
+    /// is logged, not an error.
     fn persist(&mut self, turn: Turn) -> Result<(), String> {
         self.files
             .append(&turn)
             .map_err(|e| format!("cannot append to {}: {e}", self.files.log_path().display()))?;
         self.turns.push(turn);
+        if self.fault
+            == Some(Fault::AfterLogAppend {
+                turn: self.turns.len(),
+            })
+        {
+            tracing::warn!(
+                "BELLJAR_FAULT: killing this worker after appending turn {}, before saving the state",
+                self.turns.len()
+            );
+            let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGKILL);
+        }
+        if let Err(e) = self.save_state() {
+            tracing::warn!("{e}; the turn is in the log and is re-prefilled from there");
+        }
+        Ok(())
+    }
+
+    /// Removes any temp file left in the session dir (at a clean exit: none should be).
+    pub fn clean_temp(&self) {
+        if let Err(e) = self.files.clean_temp() {
+            tracing::warn!("cannot clean the session's temp files: {e}");
+        }
+    }
+
+    /// Saves the context's state and its metadata atomically (temp files, then renames). A
+    /// failed save leaves no temp file behind.
+    fn save_state(&mut self) -> Result<(), String> {
+        let saved = self.write_state();
+        if saved.is_err() {
+            let _ = self.files.clean_temp();
+        }
+        saved
+    }
+
+    fn write_state(&mut self) -> Result<(), String> {
         // llama.cpp streams the state to the file one layer's slice at a time: a long context is
         // never copied whole into the worker's memory.
         let tmp = self.files.kv_tmp_path();
@@ -359,6 +568,12 @@ impl<'m> Engine<'m> {
             .commit_state(meta)
             .map_err(|e| format!("cannot save {}: {e}", self.files.state_path().display()))
     }
+}
+
+/// A finished generation.
+struct Generated {
+    reply: String,
+    tokens: Vec<LlamaToken>,
 }
 
 /// Makes room for the decoder's worst case, so `decode_to_string` consumes the whole input

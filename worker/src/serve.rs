@@ -21,7 +21,7 @@ use llama_cpp_2::llama_backend::LlamaBackend;
 use llama_cpp_2::model::LlamaModel;
 use llama_cpp_2::model::params::LlamaModelParams;
 
-use crate::engine::{Control, Engine, Outcome};
+use crate::engine::{Control, Engine, Fault, Outcome};
 use crate::link::{Inbound, Link, spawn_reader};
 use crate::session::{Identity, SessionFiles};
 use belljar_protocol::exit;
@@ -32,6 +32,8 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 const PROGRESS_INTERVAL: Duration = Duration::from_millis(50);
 /// Share of the progress bar for the model load; the session restore gets the rest.
 const LOAD_SHARE: f32 = 0.8;
+/// Where a re-prefill's progress ends; saving its state back and Ready take the bar to 1.0.
+const RESTORE_END: f32 = 0.95;
 /// Prompts waiting behind the one in progress; more are refused with an error reply.
 const MAX_QUEUED: usize = 16;
 
@@ -90,6 +92,10 @@ pub struct ServeArgs {
     /// prove the supervisor reaps it and kills it with the cgroup.
     #[arg(long, hide = true, env = "BELLJAR_DEBUG_SPAWN_ORPHAN")]
     pub debug_spawn_orphan: bool,
+    /// Test aid: a fault injected on purpose (`after-log-append:N`: SIGKILL itself right after
+    /// turn N is in the session log, before its state is saved). Never set it in production.
+    #[arg(long, hide = true, env = "BELLJAR_FAULT")]
+    pub fault: Option<Fault>,
 }
 
 fn parse_duration(s: &str) -> Result<HumanDuration, String> {
@@ -233,7 +239,7 @@ pub fn run(args: &ServeArgs, backend: &LlamaBackend) -> Result<(), Failure> {
             format!("cannot read {}: {e}", file.path.display()),
         )
     })?;
-    let files = SessionFiles::new(&args.state_dir).map_err(|e| {
+    let files = SessionFiles::new(&args.state_dir, identity.model_id()).map_err(|e| {
         fail(
             exit::USAGE,
             format!("cannot create state dir {}: {e}", args.state_dir.display()),
@@ -261,13 +267,20 @@ pub fn run(args: &ServeArgs, backend: &LlamaBackend) -> Result<(), Failure> {
         )
     })?;
     let threads = args.threads.unwrap_or_else(belljar_host::cpu_count).max(1);
-    let mut engine = Engine::new(backend, &model, args.ctx, threads, files, identity)
-        .map_err(|e| fail(load_code, e))?;
-    let restored_from = engine
+    let mut engine = Engine::new(
+        backend, &model, args.ctx, threads, files, identity, args.fault,
+    )
+    .map_err(|e| fail(load_code, e))?;
+    // A re-prefill moves the bar from LOAD_SHARE to RESTORE_END every quarter second or so, so
+    // the supervisor's load watchdog sees progress however long the conversation; writing its
+    // state back comes after that.
+    let restored = engine
         .restore(|done, total| {
-            progress.report(LOAD_SHARE + (1.0 - LOAD_SHARE) * done as f32 / total.max(1) as f32)
+            progress
+                .report(LOAD_SHARE + (RESTORE_END - LOAD_SHARE) * done as f32 / total.max(1) as f32)
         })
-        .map_err(|e| fail(exit::UNSUPPORTED_MODEL, e))?;
+        // The session could not even be set aside: an I/O problem, retried (never permanent).
+        .map_err(|e| fail(exit::IO_ERROR, e))?;
     progress.report(1.0);
 
     let _ = link.send(&WorkerMsg::Ready(Ready {
@@ -275,11 +288,13 @@ pub fn run(args: &ServeArgs, backend: &LlamaBackend) -> Result<(), Failure> {
         rss: read_rss(&proc_root, None).unwrap_or(0),
         model_bytes: model.size(),
         ctx: engine.n_ctx(),
-        session: engine.session_info(restored_from),
         state_bytes: engine.state_bytes(),
+        session: engine.session_info(restored),
     }));
     state.set(WorkerState::Ready);
-    serve(&link, &rx, &mut engine, &state).map_err(|e| fail(exit::UNSUPPORTED_MODEL, e))
+    serve(&link, &rx, &mut engine, &state).map_err(|e| fail(exit::UNSUPPORTED_MODEL, e))?;
+    engine.clean_temp();
+    Ok(())
 }
 
 /// The request loop. Returns on Shutdown or when the supervisor goes away; the session is
@@ -370,7 +385,7 @@ fn answer(
         Ok(Outcome::Aborted) => error_reply(
             link,
             Some(id),
-            "request aborted: the worker is shutting down".into(),
+            "request aborted: the worker is shutting down (the partial reply is not kept in the conversation)".into(),
         ),
         // A request that cannot be served (too long, empty) is answered and the worker goes on.
         Err(e) => error_reply(link, Some(id), e),

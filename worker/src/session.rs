@@ -1,9 +1,12 @@
 //! The persistent session: "never start a new chat".
 //!
-//! Two files in the instance's state directory:
-//! - `session.log`: one JSON line per turn (prompt, reply and the exact tokens that entered the
-//!   context), appended and fsync'd before `Done` is sent. A torn last line (a crash mid-append)
-//!   is cut off at the next start.
+//! Three files in the instance's state directory:
+//! - `session.log`: a header line naming the model the token ids belong to (its size and the
+//!   CRC-32 of its first MiB), then one JSON line per turn (prompt, reply and the exact tokens
+//!   that entered the context), appended and fsync'd before `Done` is sent. Only finished turns
+//!   are written: a reply cut off by Shutdown or a lost link was answered with an error, so it
+//!   is not part of the conversation. A torn last line (a crash mid-append) is cut off at the
+//!   next start.
 //! - `session.kv`: the context's KV state for sequence 0, streamed to disk by llama.cpp
 //!   (`llama_state_seq_save_file`: one layer's slice in memory at a time, never the whole context).
 //! - `session.state`: its metadata: length and CRC-32 of `session.kv`, the identity of what it
@@ -11,8 +14,10 @@
 //!   it covers and the context's tokens. Both are written atomically (temp file, fsync, rename,
 //!   fsync of the directory), and their pages are dropped from the page cache once on disk.
 //!
-//! At start the state file is used when it is intact, belongs to this model and ctx, and covers
-//! every turn in the log; otherwise the context is re-prefilled from the log.
+//! At start, temp files a kill left behind are removed; a log of another model is moved aside
+//! (`<file>.<UTC stamp>.stale`) with its state and a new session starts. The state file is used
+//! when it is intact, belongs to this model and ctx, and covers every turn in the log; otherwise
+//! the context is re-prefilled from the log.
 //!
 //! Compaction rule (context full): keep the newest whole turns whose tokens, together with the
 //! new prompt and its `max_tokens`, fit in ctx; older turns stay in the log but leave the context.
@@ -27,6 +32,8 @@ const LOG: &str = "session.log";
 const STATE: &str = "session.state";
 const KV: &str = "session.kv";
 const STATE_MAGIC: &[u8; 8] = b"BJSESS02";
+/// The format of the log's header line.
+const LOG_FORMAT: u32 = 1;
 /// How much of the model file goes into its identity hash.
 const IDENTITY_PREFIX: u64 = 1 << 20;
 /// Largest metadata block accepted in a state file (it holds at most ctx token ids).
@@ -39,6 +46,33 @@ pub struct Turn {
     pub reply: String,
     /// The tokens this turn put into the context: prompt tokens, then generated tokens.
     pub tokens: Vec<i32>,
+}
+
+/// What a log's token ids belong to: the model file's size and the CRC-32 of its first MiB (its
+/// header, where the tokenizer is). Not its path or mtime: a model that was moved or copied keeps
+/// its conversation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ModelId {
+    pub size: u64,
+    pub prefix_crc32: u32,
+}
+
+impl std::fmt::Display for ModelId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} bytes, first MiB CRC-32 {:08x}",
+            self.size, self.prefix_crc32
+        )
+    }
+}
+
+/// The log's first line.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LogHeader {
+    session_log: u32,
+    model: ModelId,
 }
 
 /// What a state file belongs to. Any difference means the state cannot be reused.
@@ -73,6 +107,23 @@ impl Identity {
             ctx,
         })
     }
+
+    /// The part of the identity the log is bound to.
+    pub fn model_id(&self) -> ModelId {
+        ModelId {
+            size: self.model_size,
+            prefix_crc32: self.model_prefix_crc32,
+        }
+    }
+}
+
+/// The log as read at start.
+#[derive(Debug, Default)]
+pub struct LogRead {
+    /// The model its header names; `None` for an empty log or one written before the header.
+    pub model: Option<ModelId>,
+    pub turns: Vec<Turn>,
+    pub warnings: Vec<String>,
 }
 
 /// The metadata stored in front of the KV state.
@@ -108,14 +159,21 @@ pub enum StateReject {
 #[derive(Debug, Clone)]
 pub struct SessionFiles {
     dir: PathBuf,
+    /// The model a new log is written for.
+    model: ModelId,
 }
 
 impl SessionFiles {
-    pub fn new(dir: &Path) -> std::io::Result<SessionFiles> {
+    pub fn new(dir: &Path, model: ModelId) -> std::io::Result<SessionFiles> {
         std::fs::create_dir_all(dir)?;
         Ok(SessionFiles {
             dir: dir.to_path_buf(),
+            model,
         })
+    }
+
+    pub fn model(&self) -> ModelId {
+        self.model
     }
 
     pub fn log_path(&self) -> PathBuf {
@@ -126,17 +184,18 @@ impl SessionFiles {
         self.dir.join(STATE)
     }
 
-    /// Reads every turn. A torn last line is cut off the file; a bad line elsewhere is skipped
-    /// and reported in the returned warnings.
-    pub fn load_log(&self) -> std::io::Result<(Vec<Turn>, Vec<String>)> {
+    /// Reads the header and every turn. A torn last line is cut off the file; a bad line
+    /// elsewhere is skipped and reported in the returned warnings.
+    pub fn load_log(&self) -> std::io::Result<LogRead> {
         let path = self.log_path();
         let file = match File::open(&path) {
             Ok(f) => f,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                return Ok((Vec::new(), Vec::new()));
+                return Ok(LogRead::default());
             }
             Err(e) => return Err(e),
         };
+        let mut model = None;
         let mut turns = Vec::new();
         let mut warnings = Vec::new();
         let mut good_end = 0u64;
@@ -153,6 +212,20 @@ impl SessionFiles {
             n += 1;
             offset += len;
             let complete = line.last() == Some(&b'\n');
+            if n == 1 && complete {
+                if let Ok(h) = serde_json::from_slice::<LogHeader>(&line) {
+                    if h.session_log != LOG_FORMAT {
+                        return Err(std::io::Error::other(format!(
+                            "{}: log format {} is not {LOG_FORMAT}",
+                            path.display(),
+                            h.session_log
+                        )));
+                    }
+                    model = Some(h.model);
+                    good_end = offset;
+                    continue;
+                }
+            }
             match serde_json::from_slice::<Turn>(&line) {
                 Ok(t) if complete => {
                     turns.push(t);
@@ -176,19 +249,99 @@ impl SessionFiles {
                 .open(&path)?
                 .set_len(good_end)?;
         }
-        Ok((turns, warnings))
+        Ok(LogRead {
+            model,
+            turns,
+            warnings,
+        })
     }
 
-    /// Appends one turn and fsyncs it.
-    pub fn append(&self, turn: &Turn) -> std::io::Result<()> {
-        let mut line = serde_json::to_vec(turn).map_err(std::io::Error::other)?;
+    fn header_line(&self) -> std::io::Result<Vec<u8>> {
+        let mut line = serde_json::to_vec(&LogHeader {
+            session_log: LOG_FORMAT,
+            model: self.model,
+        })
+        .map_err(std::io::Error::other)?;
         line.push(b'\n');
+        Ok(line)
+    }
+
+    /// Appends one turn and fsyncs it; a new log gets its header line first (in the same write).
+    pub fn append(&self, turn: &Turn) -> std::io::Result<()> {
         let mut f = OpenOptions::new()
             .create(true)
             .append(true)
             .open(self.log_path())?;
-        f.write_all(&line)?;
+        let mut bytes = if f.metadata()?.len() == 0 {
+            self.header_line()?
+        } else {
+            Vec::new()
+        };
+        bytes.extend(serde_json::to_vec(turn).map_err(std::io::Error::other)?);
+        bytes.push(b'\n');
+        f.write_all(&bytes)?;
         f.sync_data()
+    }
+
+    /// Rewrites the log with a header for this model and `turns` (a log from before the header
+    /// existed, once it restored): temp file, fsync, rename, fsync of the directory.
+    pub fn rewrite_log(&self, turns: &[Turn]) -> std::io::Result<()> {
+        let tmp = self.dir.join(format!(".{LOG}.tmp"));
+        {
+            let mut f = std::io::BufWriter::new(File::create(&tmp)?);
+            f.write_all(&self.header_line()?)?;
+            for t in turns {
+                serde_json::to_writer(&mut f, t).map_err(std::io::Error::other)?;
+                f.write_all(b"\n")?;
+            }
+            f.into_inner().map_err(|e| e.into_error())?.sync_all()?;
+        }
+        std::fs::rename(&tmp, self.log_path())?;
+        File::open(&self.dir)?.sync_all()
+    }
+
+    /// Removes the temp files a kill during a save left behind (`.session.*.tmp`); returns how
+    /// many there were. Nothing else writes in this directory while the worker runs.
+    pub fn clean_temp(&self) -> std::io::Result<usize> {
+        let mut removed = 0;
+        for entry in std::fs::read_dir(&self.dir)? {
+            let entry = entry?;
+            let name = entry.file_name();
+            let name = name.to_string_lossy();
+            if name.starts_with(".session.") && name.ends_with(".tmp") {
+                match std::fs::remove_file(entry.path()) {
+                    Ok(()) => removed += 1,
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+        Ok(removed)
+    }
+
+    /// Moves the session files aside, each to `<name>.<UTC stamp>.stale` (never replacing one),
+    /// so that a new session starts and the old one can still be read; returns the new names.
+    pub fn move_aside(&self, at: std::time::SystemTime) -> std::io::Result<Vec<String>> {
+        let stamp = belljar_host::safe_fs::stamp(at);
+        let mut moved = Vec::new();
+        for name in [LOG, STATE, KV] {
+            let from = self.dir.join(name);
+            if std::fs::symlink_metadata(&from).is_err() {
+                continue;
+            }
+            let mut to = format!("{name}.{stamp}.stale");
+            let mut n = 0;
+            while std::fs::symlink_metadata(self.dir.join(&to)).is_ok() {
+                n += 1;
+                to = format!("{name}.{stamp}-{n}.stale");
+            }
+            std::fs::rename(&from, self.dir.join(&to))?;
+            moved.push(to);
+        }
+        if !moved.is_empty() {
+            File::open(&self.dir)?.sync_all()?;
+        }
+        Ok(moved)
     }
 
     /// Where llama.cpp writes the KV state before [`SessionFiles::commit_state`] puts it in place.
@@ -383,7 +536,7 @@ mod tests {
     #[test]
     fn state_round_trip_and_rejections() {
         let dir = tempfile::tempdir().unwrap();
-        let files = SessionFiles::new(dir.path()).unwrap();
+        let files = SessionFiles::new(dir.path(), identity(8).model_id()).unwrap();
         assert!(matches!(
             files.check_state(&identity(8), 0),
             Err(StateReject::Missing)
@@ -452,7 +605,7 @@ mod tests {
     #[test]
     fn log_appends_and_survives_a_torn_tail() {
         let dir = tempfile::tempdir().unwrap();
-        let files = SessionFiles::new(dir.path()).unwrap();
+        let files = SessionFiles::new(dir.path(), identity(8).model_id()).unwrap();
         files.append(&turn(2)).unwrap();
         files.append(&turn(3)).unwrap();
         let mut f = OpenOptions::new()
@@ -460,16 +613,68 @@ mod tests {
             .open(files.log_path())
             .unwrap();
         f.write_all(br#"{"prompt":"half"#).unwrap();
-        let (turns, warnings) = files.load_log().unwrap();
-        assert_eq!(turns, vec![turn(2), turn(3)]);
-        assert_eq!(warnings.len(), 1);
+        let log = files.load_log().unwrap();
+        assert_eq!(log.model, Some(identity(8).model_id()), "the header");
+        assert_eq!(log.turns, vec![turn(2), turn(3)]);
+        assert_eq!(log.warnings.len(), 1);
         files.append(&turn(4)).unwrap();
-        let (turns, warnings) = files.load_log().unwrap();
+        let log = files.load_log().unwrap();
         assert_eq!(
-            turns.len(),
+            log.turns.len(),
             3,
             "the torn tail was cut, the next append is clean"
         );
-        assert!(warnings.is_empty());
+        assert!(log.warnings.is_empty());
+        let text = std::fs::read_to_string(files.log_path()).unwrap();
+        assert_eq!(text.matches("session_log").count(), 1, "one header: {text}");
+    }
+
+    #[test]
+    fn a_log_from_before_the_header_is_read_and_can_be_rewritten_with_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let files = SessionFiles::new(dir.path(), identity(8).model_id()).unwrap();
+        let old = [turn(1), turn(2)]
+            .iter()
+            .map(|t| serde_json::to_string(t).unwrap() + "\n")
+            .collect::<String>();
+        std::fs::write(files.log_path(), old).unwrap();
+        let log = files.load_log().unwrap();
+        assert_eq!((log.model, log.turns.len()), (None, 2));
+        files.rewrite_log(&log.turns).unwrap();
+        let log = files.load_log().unwrap();
+        assert_eq!(log.model, Some(identity(8).model_id()));
+        assert_eq!(log.turns, vec![turn(1), turn(2)]);
+    }
+
+    #[test]
+    fn temp_files_are_cleaned_and_old_files_moved_aside() {
+        let dir = tempfile::tempdir().unwrap();
+        let files = SessionFiles::new(dir.path(), identity(8).model_id()).unwrap();
+        std::fs::write(files.kv_tmp_path(), vec![0u8; 1000]).unwrap();
+        std::fs::write(dir.path().join(".session.state.tmp"), b"x").unwrap();
+        std::fs::write(dir.path().join("keep.tmp"), b"not ours").unwrap();
+        assert_eq!(files.clean_temp().unwrap(), 2);
+        assert!(!files.kv_tmp_path().exists());
+        assert!(dir.path().join("keep.tmp").exists());
+
+        files.append(&turn(1)).unwrap();
+        std::fs::write(files.state_path(), b"state").unwrap();
+        let at = std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_700_000_000);
+        let moved = files.move_aside(at).unwrap();
+        assert_eq!(
+            moved,
+            [
+                "session.log.20231114T221320Z.stale",
+                "session.state.20231114T221320Z.stale"
+            ]
+        );
+        assert!(!files.log_path().exists() && !files.state_path().exists());
+        files.append(&turn(2)).unwrap();
+        let again = files.move_aside(at).unwrap();
+        assert_eq!(
+            again,
+            ["session.log.20231114T221320Z-1.stale"],
+            "none replaced"
+        );
     }
 }

@@ -340,6 +340,69 @@ fn set_mode(fd: &OwnedFd, path: &Path, mode: u32) -> Result<(), DirError> {
     })
 }
 
+/// A UTC time as `YYYYmmddTHHMMSSZ` (ISO 8601's basic form): the stamp in the names of session
+/// files and directories moved aside, sortable and free of `:`.
+pub fn stamp(at: std::time::SystemTime) -> String {
+    humantime::format_rfc3339_seconds(at)
+        .to_string()
+        .chars()
+        .filter(|c| !matches!(c, '-' | ':'))
+        .collect()
+}
+
+/// Moves the session directory `<instances>/<name>` aside to `<instances>/<name>.removed-STAMP`
+/// (an instance name has no `.`, so the new name never collides with an instance's directory),
+/// without following a link and without replacing anything: `instances` must pass the checks of
+/// [`open_private_dir`]. Returns the new path, or `None` when there was no session directory.
+pub fn move_session_aside(
+    instances: &Path,
+    name: &str,
+    at: std::time::SystemTime,
+) -> std::io::Result<Option<PathBuf>> {
+    if std::fs::symlink_metadata(instances).is_err_and(|e| e.kind() == std::io::ErrorKind::NotFound)
+    {
+        return Ok(None);
+    }
+    let dir = open_private_dir(instances).map_err(std::io::Error::other)?;
+    match fstatat(dir.fd(), name, AtFlags::AT_SYMLINK_NOFOLLOW) {
+        Ok(st) if SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT == SFlag::S_IFDIR => {}
+        Ok(_) => {
+            return Err(std::io::Error::other(format!(
+                "{} is not a directory; remove it",
+                instances.join(name).display()
+            )));
+        }
+        Err(Errno::ENOENT) => return Ok(None),
+        Err(e) => return Err(e.into()),
+    }
+    let base = format!("{name}.removed-{}", stamp(at));
+    for n in 0u32..100 {
+        let to = if n == 0 {
+            base.clone()
+        } else {
+            format!("{base}-{n}")
+        };
+        match nix::fcntl::renameat2(
+            dir.fd(),
+            name,
+            dir.fd(),
+            to.as_str(),
+            nix::fcntl::RenameFlags::RENAME_NOREPLACE,
+        ) {
+            Ok(()) => {
+                File::from(dir.fd.try_clone()?).sync_all()?;
+                return Ok(Some(instances.join(to)));
+            }
+            Err(Errno::EEXIST) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Err(std::io::Error::new(
+        std::io::ErrorKind::AlreadyExists,
+        "cannot find a free name to move the session to",
+    ))
+}
+
 #[cfg(test)]
 mod tests {
     use std::os::unix::fs::{MetadataExt, PermissionsExt};
@@ -426,6 +489,37 @@ mod tests {
         write_atomic(&dir, "instances.json", b"[1]").unwrap();
         assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious");
         assert!(read_own_file(&dir, "instances.json").unwrap() == "[1]");
+    }
+
+    #[test]
+    fn a_session_dir_is_moved_aside_without_replacing_or_following_anything() {
+        let t = tempfile::tempdir().unwrap();
+        let state = t.path().join("state");
+        private_dir(&state, 0o700, None).unwrap();
+        let instances = state.join("instances");
+        session_dir(&instances.join("a"), None).unwrap();
+        std::fs::write(instances.join("a/session.log"), "turns").unwrap();
+        let at = std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_700_000_000);
+        assert_eq!(stamp(at), "20231114T221320Z");
+        let moved = move_session_aside(&instances, "a", at).unwrap().unwrap();
+        assert_eq!(moved, instances.join("a.removed-20231114T221320Z"));
+        assert_eq!(
+            std::fs::read_to_string(moved.join("session.log")).unwrap(),
+            "turns"
+        );
+        assert!(!instances.join("a").exists());
+        // Nothing to move: no error. The same second again: a second name, nothing replaced.
+        assert_eq!(move_session_aside(&instances, "a", at).unwrap(), None);
+        session_dir(&instances.join("a"), None).unwrap();
+        let again = move_session_aside(&instances, "a", at).unwrap().unwrap();
+        assert_eq!(again, instances.join("a.removed-20231114T221320Z-1"));
+        assert!(moved.join("session.log").exists(), "the first one is kept");
+        // A link in the session's place is refused, not followed.
+        let outside = t.path().join("outside");
+        std::fs::create_dir(&outside).unwrap();
+        std::os::unix::fs::symlink(&outside, instances.join("b")).unwrap();
+        assert!(move_session_aside(&instances, "b", at).is_err());
+        assert!(outside.exists() && instances.join("b").is_symlink());
     }
 
     #[test]

@@ -23,7 +23,7 @@ pub struct ServerHello {
 pub enum Command {
     Status(StatusQuery),
     Add(AddRequest),
-    Remove(NameRequest),
+    Remove(RemoveRequest),
     Restart(NameRequest),
     Ask(AskRequest),
 }
@@ -49,6 +49,17 @@ pub struct AddRequest {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NameRequest {
     pub name: String,
+}
+
+/// `supervisor remove`: stop the instance and forget it. Its session (the conversation in
+/// `instances/NAME` of the state dir) is moved aside to `instances/NAME.removed-STAMP` once the
+/// worker has stopped, so that adding the name again starts a new conversation; with
+/// `keep_session` it stays where it is and comes back with the name.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RemoveRequest {
+    pub name: String,
+    #[serde(default)]
+    pub keep_session: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -14,7 +14,8 @@ pub const UNSUPPORTED_MODEL: u8 = 69;
 /// A failure to retry: loading or running with layers on a GPU failed (GPU memory allocation).
 /// The supervisor retries with backoff and, after 3 of these, runs the instance on the CPU.
 pub const GPU_ALLOC: u8 = 71;
-/// I/O error writing an output file (make-model); a plain failure to the supervisor.
+/// I/O error: make-model cannot write its output, or serve cannot move an unusable session's
+/// files aside; a plain failure to the supervisor (retried).
 pub const IO_ERROR: u8 = 74;
 /// Temporary: the pre-load memory check refused (retry when memory is free).
 pub const TEMPORARY: u8 = 75;
@@ -71,7 +72,7 @@ pub const TABLE: [(u8, ExitKind, &str); 8] = [
     (
         IO_ERROR,
         ExitKind::Failure,
-        "cannot write an output file (make-model)",
+        "I/O error: cannot write an output file (make-model) or set an unusable session aside",
     ),
     (
         TEMPORARY,

@@ -187,6 +187,10 @@ pub struct SessionInfo {
     /// Tokens in the context now.
     pub tokens: u64,
     pub restored_from: RestoredFrom,
+    /// Set when the previous session could not be used and was moved aside (why, and where
+    /// its files went); absent otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

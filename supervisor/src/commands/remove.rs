@@ -1,17 +1,19 @@
 //! `supervisor remove`: stop an instance (Shutdown, SIGKILL of its cgroup after stop_timeout),
-//! remove its cgroup and give its budget back; returns once it is gone.
+//! remove its cgroup, give its budget back and move its session aside (unless
+//! `--keep-session`); returns once it is gone.
 
-use belljar_protocol::control::{Command, NameRequest};
+use belljar_protocol::control::{Command, RemoveRequest};
 
-use crate::cli::{GlobalArgs, NameArgs};
+use crate::cli::{GlobalArgs, RemoveArgs};
 use crate::client::request;
 use crate::error::{CliError, Exit};
 
-pub fn run(global: &GlobalArgs, args: &NameArgs) -> Result<Exit, CliError> {
+pub fn run(global: &GlobalArgs, args: &RemoveArgs) -> Result<Exit, CliError> {
     super::print_ok(request(
         global,
-        &Command::Remove(NameRequest {
+        &Command::Remove(RemoveRequest {
             name: args.name.clone(),
+            keep_session: args.keep_session,
         }),
         None,
     )?)

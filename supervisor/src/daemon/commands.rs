@@ -5,7 +5,9 @@ use belljar_budget::lifecycle::Input;
 use belljar_budget::{InstanceName, Size, precheck, required};
 use belljar_config::InstanceSection;
 use belljar_host::{cpu_count, probe_model_file};
-use belljar_protocol::control::{AddRequest, AskRequest, Command, OkReply, Response};
+use belljar_protocol::control::{
+    AddRequest, AskRequest, Command, OkReply, RemoveRequest, Response,
+};
 use belljar_protocol::worker::{Prompt, SupervisorMsg};
 
 use super::control::Peer;
@@ -28,7 +30,7 @@ impl Daemon {
                 let _ = reply.send(Response::Status(Box::new(self.status())));
             }
             Command::Add(req) => self.add(req, reply, peer),
-            Command::Remove(r) => self.remove(&r.name, reply),
+            Command::Remove(r) => self.remove(&r, reply),
             Command::Restart(r) => self.restart(&r.name, reply),
             Command::Ask(a) => self.ask(a, reply),
         }
@@ -260,7 +262,8 @@ impl Daemon {
         }
     }
 
-    fn remove(&mut self, name: &str, reply: ReplyTx) {
+    fn remove(&mut self, req: &RemoveRequest, reply: ReplyTx) {
+        let name = req.name.as_str();
         let Some(inst) = self.instances.get(name) else {
             let _ = reply.send(unknown(name));
             return;
@@ -273,7 +276,40 @@ impl Daemon {
                 return;
             }
         }
+        let reply = self.session_then(name, req.keep_session, reply);
         self.stop_then(name, AfterStop::Remove, reply);
+    }
+
+    /// The reply a removal is answered through: once it succeeded (the worker has stopped and
+    /// the instance is forgotten), `name`'s session dir is moved aside
+    /// (`instances/NAME.removed-STAMP`) unless `keep`, then `client` hears the outcome and what
+    /// became of the session. A new conversation thus starts when the name is added again, and a
+    /// re-add with another model never meets the old token ids. The move is one rename on this
+    /// thread, done before the loop handles anything after the removal, so a quick re-add cannot
+    /// start in the old directory.
+    fn session_then(&self, name: &str, keep: bool, client: ReplyTx) -> ReplyTx {
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let instances = self.cfg.state_dir.join("instances");
+        let name = name.to_owned();
+        tokio::spawn(async move {
+            while let Some(response) = rx.recv().await {
+                let response = match response {
+                    Response::Ok(OkReply { message }) if keep => ok(format!(
+                        "{message}; its session was kept in {} (adding the name again continues it)",
+                        instances.join(&name).display()
+                    )),
+                    Response::Ok(OkReply { message }) => {
+                        match move_session_aside(&instances, &name) {
+                            Some(what) => ok(format!("{message}; {what}")),
+                            None => ok(message),
+                        }
+                    }
+                    other => other,
+                };
+                let _ = client.send(response);
+            }
+        });
+        tx
     }
 
     fn restart(&mut self, name: &str, reply: ReplyTx) {
@@ -457,6 +493,26 @@ fn plan(input: &PlanInput) -> Result<Plan, Response> {
         identity: e.identity,
     };
     Ok(Plan { spec, admitted })
+}
+
+/// Moves a removed instance's session dir aside; says what became of it (nothing when it had
+/// none).
+fn move_session_aside(instances: &std::path::Path, name: &str) -> Option<String> {
+    match belljar_host::safe_fs::move_session_aside(instances, name, std::time::SystemTime::now()) {
+        Ok(Some(to)) => {
+            tracing::info!(instance = %name, "session moved aside to {}", to.display());
+            Some(format!("its session was moved aside to {}", to.display()))
+        }
+        Ok(None) => None,
+        Err(e) => {
+            let dir = instances.join(name);
+            tracing::error!(instance = %name, "cannot move the session {} aside: {e}", dir.display());
+            Some(format!(
+                "its session could NOT be moved aside ({e}): remove {} before adding the name again",
+                dir.display()
+            ))
+        }
+    }
 }
 
 fn unknown(name: &str) -> Response {

@@ -365,7 +365,11 @@ impl Daemon {
             WorkerMsg::Ready(r) => Input::Ready {
                 load_ms: r.load_ms,
                 turns: r.session.turns,
-                restored_from: r.session.restored_from.as_str().to_owned(),
+                // A session set aside is worth a word in the reason (and the journal).
+                restored_from: match r.session.note {
+                    Some(note) => format!("{}: {note}", r.session.restored_from.as_str()),
+                    None => r.session.restored_from.as_str().to_owned(),
+                },
             },
             WorkerMsg::Refused(r) => Input::Said {
                 reason: r.reason,

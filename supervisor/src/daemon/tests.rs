@@ -13,7 +13,7 @@ use belljar_host::cgroup::{CgroupBackend, CgroupError, Limits, MemoryStats, Vers
 use belljar_host::proc_ctl::Exit;
 use belljar_host::spawn::{SpawnRequest, Spawned};
 use belljar_protocol::control::{
-    AddRequest, ClientHello, Command, InstanceStatus, NameRequest, Response, ServerHello,
+    AddRequest, ClientHello, Command, InstanceStatus, RemoveRequest, Response, ServerHello,
     StatusQuery, StatusReport,
 };
 use belljar_protocol::tokio_io::{read_frame, write_frame};
@@ -232,6 +232,7 @@ impl FakeWorker {
                 turns: 0,
                 tokens: 0,
                 restored_from: RestoredFrom::New,
+                note: None,
             },
             state_bytes: 0,
         }))
@@ -565,7 +566,14 @@ async fn a_stop_timeout_kills_a_worker_that_does_not_stop() {
     let socket = h.socket.clone();
     let t0 = Instant::now();
     let remove = tokio::spawn(async move {
-        control(&socket, &Command::Remove(NameRequest { name: "a".into() })).await
+        control(
+            &socket,
+            &Command::Remove(RemoveRequest {
+                name: "a".into(),
+                keep_session: false,
+            }),
+        )
+        .await
     });
     assert!(matches!(w.receive().await, SupervisorMsg::Shutdown(_)));
     let answer = remove.await.unwrap();
