@@ -80,8 +80,8 @@ pub struct AddArgs {
     /// Reserve at least this much (never less than the model's estimate).
     #[arg(long, value_name = "SIZE", value_parser = parse_size)]
     pub ram_limit: Option<Size>,
-    /// Context length [default: from [defaults]].
-    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    /// Context length, 1 to 16777216 [default: from [defaults]].
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=i64::from(belljar_budget::limits::MAX_CTX)))]
     pub ctx: Option<u32>,
     /// Layers offloaded to a GPU.
     #[arg(long)]
@@ -182,8 +182,8 @@ Exits 2 when the file is missing or not a readable GGUF model.")]
 pub struct EstimateArgs {
     /// The GGUF model file.
     pub model: PathBuf,
-    /// Context length in tokens.
-    #[arg(long, default_value_t = 2048, value_parser = clap::value_parser!(u32).range(1..))]
+    /// Context length in tokens (1 to 16777216, the config's bound).
+    #[arg(long, default_value_t = 2048, value_parser = clap::value_parser!(u32).range(1..=i64::from(belljar_budget::limits::MAX_CTX)))]
     pub ctx: u32,
     /// The model is mapped (the default, as `use_mmap = true`).
     #[arg(long, overrides_with = "no_mmap")]

@@ -740,7 +740,7 @@ fn cli_rows_without_a_daemon() {
             "estimate_ctx_u32_max",
             &["estimate", m, "--ctx", "4294967295"],
             2,
-            &["at most"],
+            &["1..=16777216"],
         ),
         cli_case(
             "estimate_missing_file",
@@ -1525,7 +1525,7 @@ fn cli_rows_against_a_daemon() {
             "add_ctx_u32_max",
             vec!["add", "wide", "--model", b, "--ctx", "4294967295"],
             2,
-            vec!["at most"],
+            vec!["1..=16777216"],
             Some("wide"),
         ),
         (

@@ -310,6 +310,17 @@ pub fn read_header_limited<T: Read>(input: T, limit: u64) -> Result<Header, Read
         let ty = r.u32("a metadata type")?;
         metadata.push((key, r.value(ty)?));
     }
+    if let Some((_, v)) = metadata.iter().find(|(k, _)| k == "general.alignment") {
+        match v {
+            Value::Int(a)
+                if *a > 0 && (*a as u128).is_power_of_two() && *a <= i128::from(u32::MAX) => {}
+            other => {
+                return Err(ReadError::Malformed(format!(
+                    "general.alignment is {other:?}: it must be a power of two that fits 32 bits, as llama.cpp requires"
+                )));
+            }
+        }
+    }
     let mut tensors = Vec::with_capacity(n_tensors.min(PREALLOC) as usize);
     for _ in 0..n_tensors {
         let name = r.string("a tensor name")?;

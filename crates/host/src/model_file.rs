@@ -193,8 +193,45 @@ pub fn probe_model_file(path: &Path) -> Result<ModelFile, ModelFileError> {
             size,
         });
     }
+    let bad = |reason: String| ModelFileError::BadHeader {
+        path: owned(),
+        reason,
+    };
+    // What llama.cpp refuses to load is refused here, before anything is started for it.
+    if header.get_str("general.architecture").is_none() {
+        return Err(bad(
+            "it has no general.architecture, which llama.cpp needs to load a model; convert it anew".into(),
+        ));
+    }
+    if let Some(t) = header.tensors.iter().find(|t| t.bytes().is_none()) {
+        return Err(bad(format!(
+            "tensor {} has type {}, which ggml does not know (or its size overflows); convert it anew",
+            t.name, t.ggml_type
+        )));
+    }
+    if let Some(arch) = header.get_str("general.architecture") {
+        let heads = header.get_u64(&format!("{arch}.attention.head_count"));
+        if heads == Some(0) && !recurrent(arch) {
+            return Err(bad(format!(
+                "its {arch}.attention.head_count is 0, which a {arch} model cannot have; convert it anew"
+            )));
+        }
+    }
     let facts = match facts_of(&header, size) {
         Ok(f) => {
+            // A head count of 0 is how recurrent models (Mamba) say "no attention": the gguf
+            // estimate does not apply to them (facts_of), but they are models.
+            let zero = [
+                ("block_count", f.block_count),
+                ("embedding_length", f.embedding),
+            ]
+            .into_iter()
+            .find(|(_, v)| *v == 0);
+            if let Some((key, _)) = zero {
+                return Err(bad(format!(
+                    "its {key} is 0, which no model can have; convert it anew"
+                )));
+            }
             belljar_budget::estimate::check_facts(&f).map_err(|e| ModelFileError::BadHeader {
                 path: owned(),
                 reason: e.to_string(),
@@ -210,6 +247,12 @@ pub fn probe_model_file(path: &Path) -> Result<ModelFile, ModelFileError> {
         header_crc32,
         facts,
     })
+}
+
+/// Architectures without attention (llama.cpp's converters write `attention.head_count = 0`
+/// for them): a head count of 0 is theirs, and only the gguf estimate does not apply.
+fn recurrent(arch: &str) -> bool {
+    arch.starts_with("mamba") || arch.contains("rwkv")
 }
 
 /// What the GGUF-aware estimate needs from a header; `Err` names the first key it lacks.
@@ -249,6 +292,11 @@ fn facts_of(
     let block_count = key("block_count")?;
     let embedding = key("embedding_length")?;
     let heads = key("attention.head_count")?;
+    if heads == 0 {
+        return Err(format!(
+            "its {arch}.attention.head_count is 0 (a model without attention): the gguf estimate, which sizes a KV cache, does not apply"
+        ));
+    }
     let kv_heads = get("attention.head_count_kv").unwrap_or(heads);
     let head_dim = embedding / heads.max(1);
     Ok(belljar_budget::estimate::ModelFacts {
@@ -340,15 +388,14 @@ mod tests {
         assert_eq!(probed.size, bytes.len() as u64);
         assert!(probed.facts.is_ok(), "{probed:?}");
         let bare = dir.path().join("bare.gguf");
-        // A header without tensors or keys: a GGUF file whose estimate falls back to the file rule.
+        // A header without tensors or keys: llama.cpp cannot load it without an architecture.
         std::fs::write(&bare, b"GGUF\x03\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0").unwrap();
-        let probed = probe_model_file(&bare).unwrap();
-        assert!(
-            probed
-                .facts
-                .unwrap_err()
-                .contains("no general.architecture")
-        );
+        match probe_model_file(&bare) {
+            Err(ModelFileError::BadHeader { reason, .. }) => {
+                assert!(reason.contains("general.architecture"), "{reason}");
+            }
+            other => panic!("{other:?}"),
+        }
         let bad = dir.path().join("bad.gguf");
         std::fs::write(&bad, b"PK\x03\x04").unwrap();
         assert!(matches!(

@@ -153,7 +153,7 @@ impl Failed {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Loading {
     /// 0.0 ..= 1.0 over model load and session restore together.
-    #[serde(deserialize_with = "crate::finite::f32")]
+    #[serde(deserialize_with = "crate::finite::fraction")]
     pub fraction: f32,
 }
 
@@ -300,8 +300,14 @@ mod tests {
         };
         assert!(f.reason.len() <= crate::MAX_TEXT);
         assert_eq!(f.exit_code, 65);
-        // 1e39 does not fit an f32: serde makes it infinite.
-        let inf: WorkerMsg = serde_json::from_str(r#"{"type":"Loading","fraction":1e39}"#).unwrap();
+        // 1e39 does not fit an f32: decoding refuses it (crate::finite), and a fraction that
+        // got here another way is refused too.
+        assert!(
+            serde_json::from_str::<WorkerMsg>(r#"{"type":"Loading","fraction":1e39}"#).is_err()
+        );
+        let inf = WorkerMsg::Loading(Loading {
+            fraction: f32::INFINITY,
+        });
         let err = inf.sanitized().unwrap_err();
         assert!(err.contains("inf"), "{err}");
         for bad in [f32::NAN, -0.5, 1.5, f32::NEG_INFINITY] {

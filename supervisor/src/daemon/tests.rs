@@ -772,31 +772,42 @@ async fn a_worker_cannot_answer_for_another_instance() {
 
 /// A worker cannot break `status` for every client: a reason near the frame cap is cut to
 /// `MAX_TEXT` before it is kept, and a load fraction of 1e39 (infinite as an f32, which JSON
-/// spells null) is dropped. Both used to make every `status` fail.
+/// spells null) is refused at decoding, which ends the link (the watchdog then kills the
+/// worker). Both used to make every `status` fail.
 #[tokio::test(start_paused = true)]
 async fn a_worker_cannot_break_status_with_a_huge_reason_or_an_infinite_fraction() {
     use belljar_protocol::worker::Failed;
-    let mut h = Harness::start(&config("restart = \"never\""));
-    let (name, mut w) = h.next_worker().await;
-    w.loading(0.25).await;
+    let mut h = Harness::start(
+        "[defaults]\nmodel = \"m.gguf\"\nrestart = \"never\"\n[instances.a]\n\
+         [instances.b]\n[modes.m]\ninstances = [\"a\", \"b\"]\n[pressure]\nenabled = false\n",
+    );
+    let mut workers = BTreeMap::new();
+    for _ in 0..2 {
+        let (name, w) = h.next_worker().await;
+        workers.insert(name, w);
+    }
+    let a = workers.get_mut("a").unwrap();
+    a.loading(0.25).await;
     write_frame(
-        &mut w.link,
+        &mut a.link,
         &serde_json::json!({"type": "Loading", "fraction": 1e39}),
     )
     .await
     .unwrap();
     let s = h.status().await;
-    assert_eq!(instance(&s, &name).load_progress, 0.25);
-    w.send(&WorkerMsg::Failed(Failed {
+    assert_eq!(instance(&s, "a").load_progress, 0.25);
+    let b = workers.get_mut("b").unwrap();
+    b.send(&WorkerMsg::Failed(Failed {
         reason: "x".repeat(1_000_000),
         exit_code: 65,
         gpu_alloc: false,
     }))
     .await;
     h.status().await; // the Failed frame is handled before the exit
-    h.exit(&w, &name, Exit::Code(65)).await;
+    let b = workers.remove("b").unwrap();
+    h.exit(&b, "b", Exit::Code(65)).await;
     let s = h.status().await;
-    let i = instance(&s, &name);
+    let i = instance(&s, "b");
     assert_eq!(i.state, "failed");
     assert!(i.reason.contains("bytes cut]"), "{}", i.reason);
     assert!(
@@ -804,6 +815,9 @@ async fn a_worker_cannot_break_status_with_a_huge_reason_or_an_infinite_fraction
         "{}",
         i.reason.len()
     );
+    assert_eq!(instance(&s, "a").load_progress, 0.25);
+    let a = workers.remove("a").unwrap();
+    h.exit(&a, "a", Exit::Signal(9)).await;
     h.stop(vec![]).await;
 }
 
