@@ -114,12 +114,29 @@ fn serial_under_the_file_rule_it_oom_kills_until_the_adaptive_limit_fits_then_le
         ooms >= 1,
         "x1.5 of a 16 MiB file cannot hold a 64 MiB KV cache: {i}"
     );
-    assert_eq!(kernel_oom_kills() - before, ooms);
     assert!(i["memory"]["limit"].as_u64().unwrap() > 64 * MIB, "{i}");
-    ask(&d);
-    let peak = instance(&d.status().unwrap(), "long")["memory"]["peak"]
-        .as_u64()
-        .unwrap();
+    // A limit that held the load may not hold generation (the KV cache's pages are charged as
+    // tokens fill them): the first asks may OOM-kill it too, and the limit grows again.
+    let mut answered = false;
+    for _ in 0..6 {
+        d.wait_status("ready", |s| instance(s, "long")["state"] == "ready");
+        let out = d.cli(&["ask", "long", "tell me a long story", "--max-tokens", "16"]);
+        if out.code == Some(0) {
+            answered = true;
+            break;
+        }
+        assert!(
+            out.stderr.contains("stopped before answering"),
+            "{}{}",
+            out.stdout,
+            out.stderr
+        );
+    }
+    assert!(answered, "the limit grew until an ask fit");
+    let s = d.status().unwrap();
+    let i = instance(&s, "long");
+    assert_eq!(kernel_oom_kills() - before, i["oom_kills"].as_u64().unwrap());
+    let peak = i["memory"]["peak"].as_u64().unwrap();
     assert!(d.terminate().success());
 
     // The run's peak was recorded: the next admission uses p95 x 1.1 of it, says "learned", and
