@@ -135,7 +135,10 @@ fn serial_under_the_file_rule_it_oom_kills_until_the_adaptive_limit_fits_then_le
     assert!(answered, "the limit grew until an ask fit");
     let s = d.status().unwrap();
     let i = instance(&s, "long");
-    assert_eq!(kernel_oom_kills() - before, i["oom_kills"].as_u64().unwrap());
+    assert_eq!(
+        kernel_oom_kills() - before,
+        i["oom_kills"].as_u64().unwrap()
+    );
     let peak = i["memory"]["peak"].as_u64().unwrap();
     assert!(d.terminate().success());
 
