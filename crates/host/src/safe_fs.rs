@@ -188,10 +188,20 @@ pub fn read_own_file(dir: &Path, name: &str) -> std::io::Result<String> {
     let fd = openat(
         &dir_fd,
         name,
-        OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+        // Non-blocking: a FIFO planted under the name must not hang the caller at open.
+        OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC | OFlag::O_NONBLOCK,
         Mode::empty(),
     )?;
     let st = fstat(&fd)?;
+    if SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT != SFlag::S_IFREG {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!(
+                "{} is not a regular file; refusing to read it (remove it)",
+                dir.join(name).display()
+            ),
+        ));
+    }
     if st.st_uid != geteuid().as_raw() {
         return Err(std::io::Error::new(
             std::io::ErrorKind::PermissionDenied,
@@ -418,6 +428,24 @@ mod tests {
 
     fn mode(p: &Path) -> u32 {
         std::fs::symlink_metadata(p).unwrap().mode() & 0o7777
+    }
+
+    /// A FIFO planted as a state file is refused at once: opening it used to block until a
+    /// writer came.
+    #[test]
+    fn a_fifo_in_place_of_a_state_file_is_refused_without_blocking() {
+        let t = tempfile::tempdir().unwrap();
+        nix::unistd::mkfifo(&t.path().join("observations.json"), Mode::S_IRWXU).unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let dir = t.path().to_path_buf();
+        std::thread::spawn(move || {
+            let _ = tx.send(read_own_file(&dir, "observations.json"));
+        });
+        let got = rx
+            .recv_timeout(std::time::Duration::from_secs(10))
+            .expect("read_own_file returned instead of blocking");
+        let e = got.unwrap_err();
+        assert!(e.to_string().contains("not a regular file"), "{e}");
     }
 
     #[test]
