@@ -901,3 +901,29 @@ fn row_44_an_impossible_load_fraction_is_ignored() {
         assert_eq!(h.m.load_progress, 0.25);
     }
 }
+
+/// Durations far beyond the config's bounds never panic in the machine's time arithmetic
+/// (`Instant + Duration` and `heartbeat_interval x 3` used to): deadlines saturate.
+#[test]
+fn time_arithmetic_never_panics_on_huge_durations() {
+    let mut s = settings();
+    s.stop_timeout = Duration::MAX;
+    s.heartbeat_interval = Duration::MAX;
+    s.load_stall_timeout = Duration::MAX;
+    s.restart.backoff_initial = Duration::MAX;
+    s.restart.backoff_max = Duration::MAX;
+    let mut h = H::with(s, 1024 * MB).admitted();
+    assert!(h.m.next_deadline().is_some_and(|d| d > h.now));
+    h.step(Input::Ready {
+        load_ms: 1,
+        turns: 0,
+        restored_from: "new".into(),
+    });
+    assert!(h.m.next_deadline().is_some_and(|d| d > h.now));
+    h.exit(Exit::Signal(11), 0, None);
+    assert_eq!(h.m.state, State::Backoff);
+    assert!(h.m.next_deadline().is_some_and(|d| d > h.now));
+    let mut h = H::with(s, 1024 * MB).ready();
+    h.step(Input::Stop(AfterStop::Remove));
+    assert!(h.m.next_deadline().is_some_and(|d| d > h.now));
+}
