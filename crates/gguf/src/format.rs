@@ -55,12 +55,36 @@ pub fn type_block(ggml_type: u32) -> Option<(u64, u64)> {
         13 => (256, 176), // Q5_K
         14 => (256, 210), // Q6_K
         15 => (256, 292), // Q8_K
+        16 => (256, 66),  // IQ2_XXS
+        17 => (256, 74),  // IQ2_XS
+        18 => (256, 98),  // IQ3_XXS
+        19 => (256, 50),  // IQ1_S
+        20 => (32, 18),   // IQ4_NL
+        21 => (256, 110), // IQ3_S
+        22 => (256, 82),  // IQ2_S
+        23 => (256, 136), // IQ4_XS
         24 => (1, 1),     // I8
         25 => (1, 2),     // I16
         26 => (1, 4),     // I32
         27 => (1, 8),     // I64
         28 => (1, 8),     // F64
+        29 => (256, 56),  // IQ1_M
         30 => (1, 2),     // BF16
+        34 => (256, 54),  // TQ1_0
+        35 => (256, 66),  // TQ2_0
+        39 => (32, 17),   // MXFP4
         _ => return None,
     })
+}
+
+/// `GGML_TYPE_COUNT` of the llama.cpp belljar is built with (llama-cpp-sys-2 0.1.160): a tensor
+/// type at or past it cannot be loaded.
+pub const GGML_TYPE_COUNT: u32 = 43;
+
+/// Whether the pinned llama.cpp can load a tensor of this type at all: not one of the types
+/// whose support was removed (Q4_2, Q4_3, the Q4_0_N_M and IQ4_NL_N_M repacks), and below
+/// [`GGML_TYPE_COUNT`]. Types it knows whose layout [`type_block`] lacks are loadable; only
+/// their size is not checked.
+pub fn type_loadable(ggml_type: u32) -> bool {
+    ggml_type < GGML_TYPE_COUNT && !matches!(ggml_type, 4 | 5 | 31..=33 | 36..=38)
 }

@@ -14,8 +14,10 @@ use crate::format::{MAGIC, ValueType};
 pub const MAX_STRING: u64 = 1 << 20;
 /// Most elements accepted in one metadata array (a vocabulary is ~256k).
 pub const MAX_ARRAY: u64 = 1 << 24;
-/// Most tensors / metadata entries accepted.
-pub const MAX_ENTRIES: u64 = 1 << 20;
+/// Most tensors / metadata entries accepted: 65,536. Published models have a few thousand
+/// tensors at most (mixtures of experts fuse their experts) and a few hundred keys; each entry
+/// kept costs about 100 bytes beside its strings, so hostile counts stay within a few MiB.
+pub const MAX_ENTRIES: u64 = 1 << 16;
 /// Most bytes of a header read (metadata and tensor infos): 128 MiB. The largest headers of
 /// published models (vocabularies of ~256k tokens with scores and merges) are a few tens of
 /// MiB; a longer one is corrupt or crafted and ends in [`ReadError::TooLarge`].

@@ -245,3 +245,25 @@ fn the_cap_is_a_parameter_and_a_header_reads_exactly_its_bytes() {
     read_header(&mut cursor).unwrap();
     assert_eq!(cursor.position(), len);
 }
+
+/// The probe refuses only tensor types the pinned llama.cpp cannot load: IQ and ternary quants
+/// and MXFP4 have known layouts (their sizes from ggml-common.h's static_asserts), newer types
+/// without one here (NVFP4) still load, removed repacks and ids past GGML_TYPE_COUNT do not.
+#[test]
+fn tensor_types_the_pinned_llama_cpp_loads() {
+    use crate::format::{type_block, type_loadable};
+    for (ty, block) in [
+        (16, (256, 66)),
+        (20, (32, 18)),
+        (23, (256, 136)),
+        (29, (256, 56)),
+        (39, (32, 17)),
+    ] {
+        assert_eq!(type_block(ty), Some(block), "type {ty}");
+        assert!(type_loadable(ty));
+    }
+    assert!(type_loadable(40) && type_block(40).is_none());
+    for ty in [4, 5, 31, 33, 36, 38, 43, 999] {
+        assert!(!type_loadable(ty), "type {ty}");
+    }
+}

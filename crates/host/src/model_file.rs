@@ -203,9 +203,13 @@ pub fn probe_model_file(path: &Path) -> Result<ModelFile, ModelFileError> {
             "it has no general.architecture, which llama.cpp needs to load a model; convert it anew".into(),
         ));
     }
-    if let Some(t) = header.tensors.iter().find(|t| t.bytes().is_none()) {
+    if let Some(t) = header
+        .tensors
+        .iter()
+        .find(|t| !belljar_gguf::format::type_loadable(t.ggml_type))
+    {
         return Err(bad(format!(
-            "tensor {} has type {}, which ggml does not know (or its size overflows); convert it anew",
+            "tensor {} has type {}, which this build's llama.cpp cannot load (removed or unknown); convert it anew",
             t.name, t.ggml_type
         )));
     }

@@ -58,10 +58,11 @@ impl WorkerMsg {
                 message: short(e.message),
                 ..e
             }),
-            other @ (WorkerMsg::Loading(_)
-            | WorkerMsg::Ready(_)
-            | WorkerMsg::Heartbeat(_)
-            | WorkerMsg::Done(_)) => other,
+            WorkerMsg::Ready(mut r) => {
+                r.session.note = r.session.note.map(short);
+                WorkerMsg::Ready(r)
+            }
+            other @ (WorkerMsg::Loading(_) | WorkerMsg::Heartbeat(_) | WorkerMsg::Done(_)) => other,
         })
     }
 }
@@ -324,5 +325,22 @@ mod tests {
             panic!("the variant changed");
         };
         assert!(t.text.len() <= crate::MAX_TEXT);
+        let ready = WorkerMsg::Ready(Ready {
+            load_ms: 1,
+            rss: 0,
+            model_bytes: 0,
+            ctx: 1,
+            session: SessionInfo {
+                turns: 0,
+                tokens: 0,
+                restored_from: RestoredFrom::New,
+                note: Some("n".repeat(1 << 20)),
+            },
+            state_bytes: 0,
+        });
+        let WorkerMsg::Ready(r) = ready.sanitized().unwrap() else {
+            panic!("the variant changed");
+        };
+        assert!(r.session.note.unwrap().len() <= crate::MAX_TEXT);
     }
 }

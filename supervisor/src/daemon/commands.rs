@@ -207,7 +207,11 @@ impl Daemon {
 
     /// Rewrites the persisted list with `added` included and `removed` and unconfirmed adds
     /// left out.
-    fn save_added(&self, added: Option<&AddRequest>, removed: Option<&str>) -> std::io::Result<()> {
+    pub(super) fn save_added(
+        &self,
+        added: Option<&AddRequest>,
+        removed: Option<&str>,
+    ) -> std::io::Result<()> {
         let list: Vec<AddRequest> = self
             .instances
             .iter()
@@ -222,7 +226,23 @@ impl Daemon {
     /// (`Err`): persist it, or refuse the `add` and remove it again. A bad model file (the
     /// worker's permanent exit) is exit 2, as for the client's own checks.
     pub(super) fn settle_add(&mut self, name: &str, outcome: Result<String, String>) {
+        let stopping = self
+            .instances
+            .get(name)
+            .is_some_and(|i| i.state() == State::Stopping);
         let outcome = match outcome {
+            // Ready while being stopped (a `remove` or `restart` came first): not confirmed,
+            // never persisted; a later run that gets ready confirms it.
+            Ok(_) if stopping => {
+                let message =
+                    format!("{name} was stopped before its add completed; nothing was added");
+                if let Some(inst) = self.instances.get_mut(name) {
+                    for w in inst.waiters.drain(..) {
+                        let _ = w.send(refused(message.clone()));
+                    }
+                }
+                return;
+            }
             Ok(message) => {
                 if let Some(inst) = self.instances.get_mut(name) {
                     inst.unconfirmed = false;
@@ -284,9 +304,9 @@ impl Daemon {
     /// the instance is forgotten), `name`'s session dir is moved aside
     /// (`instances/NAME.removed-STAMP`) unless `keep`, then `client` hears the outcome and what
     /// became of the session. A new conversation thus starts when the name is added again, and a
-    /// re-add with another model never meets the old token ids. The move is one rename on this
-    /// thread, done before the loop handles anything after the removal, so a quick re-add cannot
-    /// start in the old directory.
+    /// re-add with another model never meets the old token ids. The move is one rename, in a task
+    /// on the loop's own (current-thread) runtime, woken when the removal is answered: it runs
+    /// before a re-add of the name can spawn, which waits for its plan from the blocking pool.
     fn session_then(&self, name: &str, keep: bool, client: ReplyTx) -> ReplyTx {
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
         let instances = self.cfg.state_dir.join("instances");

@@ -92,6 +92,16 @@ impl Daemon {
             Action::RecordPeak(peak) => self.record_peak(name, peak),
             Action::CheckRestart => return Some(self.restart_check(name)),
             Action::Forget => {
+                // Whatever answered before, a forgotten instance is not persisted.
+                let persisted = self
+                    .instances
+                    .get(name)
+                    .is_some_and(|i| i.added.is_some() && !i.unconfirmed);
+                if persisted {
+                    if let Err(e) = self.save_added(None, Some(name)) {
+                        tracing::error!(instance = %name, "cannot persist its removal: {e}");
+                    }
+                }
                 self.instances.remove(name);
             }
         }

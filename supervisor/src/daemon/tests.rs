@@ -968,3 +968,55 @@ async fn add_is_checked_like_the_config() {
     assert!(!h._tmp.path().join("state").join("added.json").exists());
     h.stop(Vec::new()).await;
 }
+
+/// A `remove` while an `add` still loads wins: the worker's Ready, which arrives after the
+/// Shutdown was sent, neither confirms nor persists the instance (it used to be written back
+/// to instances.json and come back at the next start).
+#[tokio::test(start_paused = true)]
+async fn a_remove_during_an_add_is_never_undone_by_a_late_ready() {
+    let mut h = Harness::start(&config("heartbeat_interval = \"1h\""));
+    let (_, a) = h.next_worker().await;
+    let model = h._tmp.path().join("added.gguf");
+    belljar_gguf::ModelShape::default()
+        .write(std::fs::File::create(&model).unwrap())
+        .unwrap();
+    let socket = h.socket.clone();
+    let add = Command::Add(AddRequest {
+        name: "x".into(),
+        model,
+        ram_limit: Some(64 << 20),
+        ctx: None,
+        gpu_layers: None,
+        gpu_device: None,
+        priority: None,
+    });
+    let adding = tokio::spawn(async move { control(&socket, &add).await });
+    let (name, mut x) = h.next_worker().await;
+    assert_eq!(name, "x");
+    x.loading(0.5).await;
+    let socket = h.socket.clone();
+    let removing = tokio::spawn(async move {
+        control(
+            &socket,
+            &Command::Remove(RemoveRequest {
+                name: "x".into(),
+                keep_session: true,
+            }),
+        )
+        .await
+    });
+    assert!(matches!(x.receive().await, SupervisorMsg::Shutdown(_)));
+    x.ready().await;
+    h.status().await; // the Ready is handled
+    h.exit(&x, "x", Exit::Code(0)).await;
+    match adding.await.unwrap() {
+        Response::Error(e) => assert!(e.message.contains("nothing was added"), "{}", e.message),
+        other => panic!("the add must not succeed: {other:?}"),
+    }
+    assert!(matches!(removing.await.unwrap(), Response::Ok(_)));
+    let persisted =
+        std::fs::read_to_string(h._tmp.path().join("state/instances.json")).unwrap_or_default();
+    assert!(!persisted.contains("\"x\""), "{persisted}");
+    assert!(h.status().await.instances.iter().all(|i| i.name != "x"));
+    h.stop(vec![("a".into(), a)]).await;
+}
