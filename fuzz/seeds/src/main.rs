@@ -144,6 +144,7 @@ fn status() -> StatusReport {
             total: 80 << 30,
             level: "warning".into(),
         }],
+        omitted: 1,
     }
 }
 
@@ -162,8 +163,13 @@ fn protocol(seeds: &mut Seeds) {
             gpu_device: Some(0),
             priority: Some(-1),
         })),
-        json(&Command::Remove(NameRequest {
+        json(&Command::Remove(RemoveRequest {
             name: "helper".into(),
+            keep_session: false,
+        })),
+        json(&Command::Remove(RemoveRequest {
+            name: "helper".into(),
+            keep_session: true,
         })),
         json(&Command::Restart(NameRequest {
             name: "subject".into(),
@@ -220,6 +226,7 @@ fn protocol(seeds: &mut Seeds) {
                 turns: 3,
                 tokens: 120,
                 restored_from: RestoredFrom::State,
+                note: Some("the old session was moved aside".into()),
             },
             state_bytes: 1 << 20,
         })),
