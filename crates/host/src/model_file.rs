@@ -139,10 +139,19 @@ pub fn probe_model_file(path: &Path) -> Result<ModelFile, ModelFileError> {
         path: owned(),
         source,
     };
-    let (file, meta) = crate::regular::open_regular(path).map_err(|e| match e.kind() {
+    let opened = crate::regular::open_regular(path).map_err(|e| match e.kind() {
         std::io::ErrorKind::NotFound => ModelFileError::Missing { path: owned() },
         _ => unreadable(e),
     })?;
+    let (file, meta) = match opened {
+        crate::regular::Opened::File(f, m) => (f, m),
+        crate::regular::Opened::Other(m) if m.is_dir() => {
+            return Err(ModelFileError::Directory { path: owned() });
+        }
+        crate::regular::Opened::Other(_) => {
+            return Err(ModelFileError::NotRegular { path: owned() });
+        }
+    };
     if meta.is_dir() {
         return Err(ModelFileError::Directory { path: owned() });
     }

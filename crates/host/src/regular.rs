@@ -11,12 +11,31 @@ use std::path::Path;
 /// (`fstat`), so that what is checked is what is read: there is no window between a type check
 /// on the path and the open. Symbolic links are followed: model paths are often links (a
 /// Hugging Face cache's snapshots link to its blobs).
-pub fn open_regular(path: &Path) -> std::io::Result<(File, std::fs::Metadata)> {
+///
+/// A path that is not a regular file when looked at first is never opened at all (opening a
+/// device node has effects of its own: a terminal could become the daemon's controlling tty,
+/// a watchdog device would be armed): [`Opened::Other`] gives its metadata for the caller's
+/// message. The open itself adds `O_NOCTTY`, and a path swapped between the look and the open
+/// shows in the metadata of the opened descriptor, which the caller checks again.
+pub fn open_regular(path: &Path) -> std::io::Result<Opened> {
     use std::os::unix::fs::OpenOptionsExt;
+    let before = std::fs::metadata(path)?;
+    if !before.is_file() {
+        return Ok(Opened::Other(before));
+    }
     let file = std::fs::OpenOptions::new()
         .read(true)
-        .custom_flags(nix::libc::O_NONBLOCK | nix::libc::O_CLOEXEC)
+        .custom_flags(nix::libc::O_NONBLOCK | nix::libc::O_NOCTTY | nix::libc::O_CLOEXEC)
         .open(path)?;
     let meta = file.metadata()?;
-    Ok((file, meta))
+    Ok(Opened::File(file, meta))
+}
+
+/// What [`open_regular`] found.
+#[derive(Debug)]
+pub enum Opened {
+    /// Opened, with the metadata of the opened descriptor (check `is_file()` again).
+    File(File, std::fs::Metadata),
+    /// Not a regular file at the first look: not opened.
+    Other(std::fs::Metadata),
 }

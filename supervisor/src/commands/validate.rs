@@ -80,13 +80,16 @@ pub fn load_config(path: &Path) -> Result<Config, CliError> {
     };
     // Opened without blocking and checked through the opened descriptor: a FIFO or a device
     // given as the config is refused instead of hanging in open(2) or read(2).
-    let (file, meta) = belljar_host::regular::open_regular(path).map_err(cannot)?;
-    if !meta.is_file() {
+    let (file, meta) = match belljar_host::regular::open_regular(path).map_err(cannot)? {
+        belljar_host::regular::Opened::File(f, m) => (Some(f), m),
+        belljar_host::regular::Opened::Other(m) => (None, m),
+    };
+    let Some(file) = file.filter(|_| meta.is_file()) else {
         return Err(CliError::Usage(format!(
             "config {} is not a regular file (a FIFO, a device or a directory); pass --config PATH of a budgets.toml file",
             path.display()
         )));
-    }
+    };
     let text = std::io::read_to_string(file).map_err(cannot)?;
     Ok(Config::parse(&text, path)?)
 }

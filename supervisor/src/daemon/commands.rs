@@ -468,7 +468,8 @@ fn plan(input: &PlanInput) -> Result<Plan, Response> {
             req.model.display()
         )));
     }
-    let file = probe_model_file(&req.model).map_err(|e| usage(e.to_string()))?;
+    // Who may read it is checked first: the probe's errors (the header's names, the file's
+    // size) are for clients who could read the file themselves.
     if let Some(p) = input.peer {
         match belljar_host::model_file::readable_by(&req.model, p.uid, p.gid) {
             Ok(true) => {}
@@ -487,6 +488,7 @@ fn plan(input: &PlanInput) -> Result<Plan, Response> {
             }
         }
     }
+    let file = probe_model_file(&req.model).map_err(|e| usage(e.to_string()))?;
     let others = u32::try_from(input.others).unwrap_or(u32::MAX);
     let threads = (cpu_count() / others.saturating_add(1)).max(1);
     let spec = input.config.spec(&name, &section, threads);
