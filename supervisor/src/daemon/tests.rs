@@ -831,18 +831,9 @@ async fn an_add_that_never_gets_ready_leaves_nothing_and_a_bad_model_is_exit_2()
     let mut h = Harness::start(&config("heartbeat_interval = \"1h\""));
     let (_, a) = h.next_worker().await;
     let model = h._tmp.path().join("added.gguf");
-    let shape = belljar_gguf::writer::ModelShape {
-        layers: 1,
-        width: 64,
-        ff: 128,
-        heads: 2,
-        kv_heads: 2,
-        vocab: 300,
-        context_length: 512,
-        f16: false,
-        seed: 1,
-    };
-    shape.write(std::fs::File::create(&model).unwrap()).unwrap();
+    belljar_gguf::ModelShape::default()
+        .write(std::fs::File::create(&model).unwrap())
+        .unwrap();
     let add = |name: &str| {
         Command::Add(AddRequest {
             name: name.into(),
