@@ -227,6 +227,31 @@ fn state_file_of_another_ctx_is_not_used_and_the_log_is_re_prefilled() {
     assert_eq!(ready.session.note, None);
 }
 
+/// A context shorter than the re-prefill's smallest piece (32 tokens) re-prefills from the log
+/// like any other (the piece size is also bounded by the context's batch).
+#[test]
+fn a_tiny_context_re_prefills_from_the_log() {
+    let t = TestDir::new();
+    let model = t.model("m.gguf", &tiny_shape());
+    let mut w = start(&t, &model, &["--ctx", "24"]);
+    w.handshake();
+    until_ready(&w);
+    prompt(&mut w, 1, "hi", 4);
+    w.child.kill().unwrap();
+    w.wait();
+    drop(w);
+    std::fs::remove_file(t.join("state").join("session.state")).unwrap();
+    let mut w = start(&t, &model, &["--ctx", "24"]);
+    w.handshake();
+    let ready = until_ready(&w);
+    assert_eq!(ready.session.restored_from, RestoredFrom::Log, "{ready:?}");
+    assert_eq!(ready.session.note, None, "nothing moved aside: {ready:?}");
+    assert_eq!(
+        (ready.session.turns, ready.session.tokens),
+        log_tokens(&t.join("state"))
+    );
+}
+
 /// The files in `dir` whose names end in `suffix`.
 fn files_ending(dir: &Path, suffix: &str) -> Vec<String> {
     let mut names: Vec<String> = std::fs::read_dir(dir)

@@ -325,8 +325,12 @@ impl<'m> Engine<'m> {
             .iter()
             .flat_map(|t| t.tokens.iter().map(|x| LlamaToken(*x)))
             .collect();
-        let most = (self.ctx()?.n_ubatch() as usize).max(MIN_PIECE);
-        let mut piece = MIN_PIECE;
+        // Pieces never exceed what one decode may take (n_batch: a context under 32 tokens has
+        // a smaller one).
+        let batch = (self.ctx()?.n_batch() as usize).max(1);
+        let most = (self.ctx()?.n_ubatch() as usize).max(MIN_PIECE).min(batch);
+        let least = MIN_PIECE.min(most);
+        let mut piece = least;
         let mut done = 0;
         while done < all.len() {
             let end = (done + piece).min(all.len());
@@ -335,8 +339,8 @@ impl<'m> Engine<'m> {
             let per_token = started.elapsed().as_secs_f64() / (end - done) as f64;
             done = end;
             progress(done, all.len());
-            piece = ((PROGRESS_STEP.as_secs_f64() / per_token.max(1e-9)) as usize)
-                .clamp(MIN_PIECE, most);
+            piece =
+                ((PROGRESS_STEP.as_secs_f64() / per_token.max(1e-9)) as usize).clamp(least, most);
         }
         Ok(())
     }
