@@ -19,8 +19,7 @@ use std::time::{Duration, Instant};
 
 use belljar_testkit::daemon::{Daemon, all_in, instance, unique_parent};
 use belljar_testkit::raw::{
-    RawReply, control_raw, frame, run_with_timeout, snapshot, snapshot_diff, start_daemon_with,
-    subdirs,
+    RawReply, control_raw, frame, run_with_timeout, snapshot, snapshot_diff, subdirs,
 };
 use belljar_testkit::{Run, TestDir, bin, tiny_shape};
 use serde_json::Value;
@@ -2165,7 +2164,7 @@ fn worker_link_rows() {
             .collect::<Vec<_>>()
             .join(", ")
     ));
-    let mut d = start_daemon_with(
+    let mut d = Daemon::start_with_args(
         &t,
         &config,
         "fake",

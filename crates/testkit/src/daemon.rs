@@ -64,7 +64,26 @@ impl Daemon {
         parent_rel: String,
         wrapper: &[&str],
     ) -> Daemon {
-        Self::spawn(t, config, mode, env, parent_rel, wrapper, None)
+        let launch = Launch {
+            env,
+            wrapper,
+            ..Launch::default()
+        };
+        Self::spawn(t, config, mode, parent_rel, launch)
+    }
+
+    /// As [`Daemon::start`], with `extra` arguments for `supervisor run` (`--worker FAKE`).
+    pub fn start_with_args(
+        t: &TestDir,
+        config: &str,
+        mode: &str,
+        extra: &[&std::ffi::OsStr],
+    ) -> Daemon {
+        let launch = Launch {
+            extra,
+            ..Launch::default()
+        };
+        Self::spawn(t, config, mode, unique_parent(mode), launch)
     }
 
     /// As [`Daemon::start`], with the supervisor's stdout and stderr given (for example a pipe
@@ -76,27 +95,20 @@ impl Daemon {
         stdout: Stdio,
         stderr: Stdio,
     ) -> Daemon {
-        let parent_rel = unique_parent(mode);
-        Self::spawn(
-            t,
-            config,
-            mode,
-            &[],
-            parent_rel,
-            &[],
-            Some((stdout, stderr)),
-        )
+        let launch = Launch {
+            output: Some((stdout, stderr)),
+            ..Launch::default()
+        };
+        Self::spawn(t, config, mode, unique_parent(mode), launch)
     }
 
-    fn spawn(
-        t: &TestDir,
-        config: &str,
-        mode: &str,
-        env: &[(&str, &str)],
-        parent_rel: String,
-        wrapper: &[&str],
-        output: Option<(Stdio, Stdio)>,
-    ) -> Daemon {
+    fn spawn(t: &TestDir, config: &str, mode: &str, parent_rel: String, launch: Launch) -> Daemon {
+        let Launch {
+            env,
+            wrapper,
+            output,
+            extra,
+        } = launch;
         let config_path = t.write("budgets.toml", config);
         let runtime = t.join("run");
         let state = t.join("state");
@@ -134,6 +146,7 @@ impl Daemon {
         .arg(&runtime)
         .arg("--state-dir")
         .arg(&state)
+        .args(extra)
         .stdin(Stdio::null())
         .stdout(stdout)
         .stderr(stderr);
@@ -247,6 +260,18 @@ impl Drop for Daemon {
         let _ = self.child.wait();
         let _ = cgroup::destroy(&*self.cgroups, &self.parent(), Duration::from_secs(5));
     }
+}
+
+/// How a test's supervisor is started beyond its config and mode.
+#[derive(Default)]
+struct Launch<'a> {
+    env: &'a [(&'a str, &'a str)],
+    /// A command the supervisor runs under (`nsenter -m -t PID --`).
+    wrapper: &'a [&'a str],
+    /// Its stdout and stderr; by default none and a file ([`Daemon::stderr`]).
+    output: Option<(Stdio, Stdio)>,
+    /// More arguments for `supervisor run`.
+    extra: &'a [&'a std::ffi::OsStr],
 }
 
 /// Every instance in `status` is in `state`.

@@ -9,8 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::daemon::{Daemon, unique_parent};
-use crate::{Run, TestDir, bin};
+use crate::Run;
 
 /// Runs `cmd` with its output captured; kills it after `timeout`. Returns what it said and
 /// whether it had to be killed (then `code` is None).
@@ -228,48 +227,4 @@ pub fn snapshot_diff(
         d.push(format!("{} created", p.display()));
     }
     d.join(", ")
-}
-
-/// As [`Daemon::start`], with `extra` arguments for `supervisor run` (`--worker FAKE`).
-pub fn start_daemon_with(
-    t: &TestDir,
-    config: &str,
-    mode: &str,
-    extra: &[&std::ffi::OsStr],
-) -> Daemon {
-    let parent_rel = unique_parent(mode);
-    let config_path = t.write("budgets.toml", config);
-    let runtime = t.join("run");
-    let state = t.join("state");
-    let stderr_path = t.join("supervisor-raw.stderr");
-    let stderr = std::fs::File::create(&stderr_path).expect("stderr file");
-    let mut cmd = Command::new(bin("supervisor"));
-    cmd.args([
-        "run",
-        "--mode",
-        mode,
-        "--cgroup-parent",
-        &parent_rel,
-        "--config",
-    ])
-    .arg(&config_path)
-    .arg("--runtime-dir")
-    .arg(&runtime)
-    .arg("--state-dir")
-    .arg(&state)
-    .args(extra)
-    .stdin(Stdio::null())
-    .stdout(Stdio::null())
-    .stderr(stderr)
-    .env("BELLJAR_LOG_FORMAT", "text");
-    let child = cmd.spawn().expect("spawn supervisor");
-    Daemon {
-        child,
-        runtime,
-        state,
-        config: config_path,
-        parent_rel,
-        cgroups: belljar_host::cgroup::detect(None).expect("a cgroup memory controller"),
-        stderr_path,
-    }
 }
