@@ -340,13 +340,7 @@ impl Daemon {
             return; // a message from a previous run of this instance
         };
         let greeted = inst.machine.run.as_ref().is_some_and(|r| r.greeted);
-        let msg = match msg.sanitized() {
-            Ok(m) => m,
-            Err(why) => {
-                tracing::warn!(instance = %name, "dropped a worker message with {why}");
-                return;
-            }
-        };
+        let msg = msg.sanitized();
         let input = match msg {
             WorkerMsg::Hello(h) if !greeted => {
                 if h.protocol_version != PROTOCOL_VERSION {
