@@ -357,10 +357,7 @@ pub fn destroy<B: CgroupBackend + ?Sized>(
         destroy(backend, &child, timeout)?;
     }
     // Checked: a timeout past what the clock can add waits "forever" (until the far end).
-    let now = Instant::now();
-    let deadline = now
-        .checked_add(timeout)
-        .unwrap_or(now + Duration::from_secs(86_400 * 365));
+    let deadline = belljar_budget::lifecycle::later(Instant::now(), timeout);
     loop {
         if backend.procs(dir)?.is_empty() {
             break;
