@@ -2293,6 +2293,7 @@ fn turn(w: &mut WorkerLink, id: u64) -> Result<(), String> {
         text: "tell me more".into(),
         max_tokens: 4,
         ignore_eos: true,
+        ..Prompt::default()
     }));
     loop {
         match w.recv_skip_heartbeats() {

@@ -47,6 +47,7 @@ fn prompt(w: &mut WorkerLink, id: u64, text: &str, max_tokens: u32) -> (usize, u
         text: text.into(),
         max_tokens,
         ignore_eos: true,
+        ..Prompt::default()
     }));
     let mut tokens = 0;
     loop {
@@ -385,6 +386,7 @@ fn heartbeats_keep_coming_during_a_long_decode() {
         text,
         max_tokens: 1,
         ignore_eos: true,
+        ..Prompt::default()
     }));
     let mut beats = Vec::new();
     let first_token = loop {
@@ -447,6 +449,7 @@ fn bad_frames_get_an_error_and_the_worker_keeps_serving() {
         text: "x".into(),
         max_tokens: 100_000,
         ignore_eos: true,
+        ..Prompt::default()
     }));
     assert!(
         matches!(w.recv_skip_heartbeats(), Some(WorkerMsg::Error(e)) if e.id == Some(3) && e.message.contains("exceeds ctx"))
@@ -732,6 +735,7 @@ fn a_reply_cut_off_by_shutdown_is_not_kept() {
         text: "a long one".into(),
         max_tokens: 2000,
         ignore_eos: true,
+        ..Prompt::default()
     }));
     let mut streamed = 0;
     let error = loop {
@@ -821,6 +825,7 @@ fn a_kill_between_log_append_and_state_save_is_repaired_once() {
         text: long.clone(),
         max_tokens: 8,
         ignore_eos: true,
+        ..Prompt::default()
     }));
     loop {
         match w.recv_skip_heartbeats() {

@@ -380,7 +380,12 @@ fn answer(
     );
     match outcome {
         Ok(Outcome::Done { tokens, ms }) => {
-            let _ = link.send(&WorkerMsg::Done(Done { id, tokens, ms }));
+            let _ = link.send(&WorkerMsg::Done(Done {
+                id,
+                tokens,
+                ms,
+                ..Done::default()
+            }));
         }
         Ok(Outcome::Aborted) => error_reply(
             link,
@@ -429,7 +434,11 @@ fn on_pressure(engine: &mut Engine<'_>, level: Level, idle: bool) {
 
 fn error_reply(link: &Link, id: Option<u64>, message: String) {
     tracing::warn!("request error: {message}");
-    let _ = link.send(&WorkerMsg::Error(ErrorReply { id, message }));
+    let _ = link.send(&WorkerMsg::Error(ErrorReply {
+        id,
+        message,
+        kind: belljar_protocol::worker::ErrorKind::Internal,
+    }));
 }
 
 /// Checks the GGUF header before llama.cpp sees the file: a malformed or truncated file is a bad

@@ -69,6 +69,15 @@ pub enum SupervisorMsg {
     Prompt(Prompt),
     Shutdown(Shutdown),
     Pressure(PressureNotice),
+    Cancel(Cancel),
+}
+
+/// The client of request `id` went away: stop generating it. The worker answers with `Done`
+/// (`finish: cancelled`), or not at all when the request had already finished or is unknown.
+/// A cancelled session turn is not kept in the conversation.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Cancel {
+    pub id: u64,
 }
 
 /// The host's memory pressure level changed. At `critical` and above an idle worker frees its
@@ -215,13 +224,124 @@ pub struct Heartbeat {
     pub state: WorkerState,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// One request. `mode` says what the text is: the next turn of the persistent session (`ask`,
+/// appended to the conversation and saved), or a request outside it (`completion`: a raw
+/// prompt; `chat`: `messages`, rendered by the worker's chat template). A request outside the
+/// session may use the context; the next session turn restores the session's saved state first.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 pub struct Prompt {
     pub id: u64,
+    #[serde(default)]
+    pub mode: PromptMode,
+    /// The session turn's or the completion's text (empty for `chat`).
+    #[serde(default)]
     pub text: String,
+    /// The conversation of a `chat` request, oldest first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub messages: Vec<ChatMessage>,
+    /// The most tokens to generate. A `completion` or `chat` request's is clamped to what the
+    /// context has left after the prompt; a session turn's must fit beside its prompt.
     pub max_tokens: u32,
     #[serde(default)]
     pub ignore_eos: bool,
+    #[serde(default)]
+    pub sampling: Sampling,
+    /// Generation stops before any of these texts, which are not sent.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub stop: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PromptMode {
+    /// The persistent session's next turn.
+    #[default]
+    Session,
+    /// A raw prompt, outside the session.
+    Completion,
+    /// Chat messages, outside the session.
+    Chat,
+}
+
+/// One chat message: `system`, `user`, `assistant` (or `tool`) and its text.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChatMessage {
+    pub role: String,
+    pub content: String,
+}
+
+/// The sampler chain's settings (llama.cpp's samplers). The default is greedy: temperature 0
+/// picks the most likely token, and the other settings are off.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Sampling {
+    /// 0 is greedy.
+    #[serde(deserialize_with = "crate::finite::f32")]
+    pub temperature: f32,
+    /// Nucleus sampling; 1 is off.
+    #[serde(deserialize_with = "crate::finite::f32")]
+    pub top_p: f32,
+    /// 0 is off.
+    pub top_k: u32,
+    /// 0 is off.
+    #[serde(deserialize_with = "crate::finite::f32")]
+    pub min_p: f32,
+    /// The random seed; none picks one.
+    pub seed: Option<u32>,
+    /// 1 is off.
+    #[serde(deserialize_with = "crate::finite::f32")]
+    pub repeat_penalty: f32,
+    /// 0 is off.
+    #[serde(deserialize_with = "crate::finite::f32")]
+    pub presence_penalty: f32,
+    /// 0 is off.
+    #[serde(deserialize_with = "crate::finite::f32")]
+    pub frequency_penalty: f32,
+    /// How many of the last tokens the penalties look at.
+    pub penalty_last_n: u32,
+}
+
+impl Default for Sampling {
+    fn default() -> Sampling {
+        Sampling {
+            temperature: 0.0,
+            top_p: 1.0,
+            top_k: 0,
+            min_p: 0.0,
+            seed: None,
+            repeat_penalty: 1.0,
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
+            penalty_last_n: 64,
+        }
+    }
+}
+
+impl Sampling {
+    /// Why these settings cannot be used, if they cannot (each bound as OpenAI's API has it).
+    pub fn check(&self) -> Result<(), String> {
+        let within = |name: &str, v: f32, lo: f32, hi: f32| {
+            if (lo..=hi).contains(&v) {
+                Ok(())
+            } else {
+                Err(format!("{name} must be from {lo} to {hi}, got {v}"))
+            }
+        };
+        within("temperature", self.temperature, 0.0, 2.0)?;
+        within("top_p", self.top_p, 0.0, 1.0)?;
+        within("min_p", self.min_p, 0.0, 1.0)?;
+        within("repeat_penalty", self.repeat_penalty, 0.0, 10.0)?;
+        within("presence_penalty", self.presence_penalty, -2.0, 2.0)?;
+        within("frequency_penalty", self.frequency_penalty, -2.0, 2.0)?;
+        if self.penalty_last_n > 1 << 20 {
+            return Err(format!(
+                "penalty_last_n must be at most {}, got {}",
+                1 << 20,
+                self.penalty_last_n
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// One generated token. `text` is decoded incrementally as UTF-8: empty while a multi-byte
@@ -232,12 +352,42 @@ pub struct Token {
     pub text: String,
 }
 
-/// The request is complete and the session holding it is durable on disk.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// The request is complete (a session turn: and durable on disk), or was cancelled.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct Done {
     pub id: u64,
+    /// Tokens generated (sent or held back by a stop string).
     pub tokens: u32,
     pub ms: u64,
+    /// Tokens of the prompt as evaluated (a chat request's: rendered by its template).
+    #[serde(default)]
+    pub prompt_tokens: u32,
+    #[serde(default)]
+    pub finish: Finish,
+}
+
+/// Why generation ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Finish {
+    /// The model ended its turn, or a stop text came.
+    #[default]
+    Stop,
+    /// `max_tokens` (or the context) ran out.
+    Length,
+    /// A `Cancel` came.
+    Cancelled,
+}
+
+impl Finish {
+    /// OpenAI's `finish_reason`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Finish::Stop => "stop",
+            Finish::Length => "length",
+            Finish::Cancelled => "cancelled",
+        }
+    }
 }
 
 /// A request or frame the worker could not serve; it keeps serving.
@@ -246,6 +396,18 @@ pub struct ErrorReply {
     /// The request it answers, when known.
     pub id: Option<u64>,
     pub message: String,
+    /// Whose fault it is: the request's (`invalid`: too long, empty, bad settings; an HTTP
+    /// client gets 400) or the worker's (`internal`, the default).
+    #[serde(default)]
+    pub kind: ErrorKind,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ErrorKind {
+    Invalid,
+    #[default]
+    Internal,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]

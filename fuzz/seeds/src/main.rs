@@ -242,10 +242,12 @@ fn protocol(seeds: &mut Seeds) {
             id: 9,
             tokens: 16,
             ms: 200,
+            ..Done::default()
         })),
         json(&WorkerMsg::Error(ErrorReply {
             id: None,
             message: "malformed message".into(),
+            kind: belljar_protocol::worker::ErrorKind::Internal,
         })),
     ];
     let supervisor: Vec<Vec<u8>> = vec![
@@ -257,6 +259,7 @@ fn protocol(seeds: &mut Seeds) {
             text: "tell me".into(),
             max_tokens: 16,
             ignore_eos: false,
+            ..Prompt::default()
         })),
         json(&SupervisorMsg::Shutdown(Shutdown {})),
         json(&SupervisorMsg::Pressure(PressureNotice {

@@ -373,6 +373,7 @@ impl Daemon {
             text: a.prompt,
             max_tokens: a.max_tokens,
             ignore_eos: a.ignore_eos,
+            ..Prompt::default()
         };
         if worker.tx.send(SupervisorMsg::Prompt(prompt)).is_err() {
             let _ = reply.send(refused(format!("{} is not reachable", a.name)));

@@ -737,6 +737,7 @@ async fn a_worker_cannot_answer_for_another_instance() {
         id: p.id,
         tokens: 1,
         ms: 1,
+        ..Done::default()
     }))
     .await;
     // a's frames are processed before b's (the loop handles each link in order; a status round
@@ -752,6 +753,7 @@ async fn a_worker_cannot_answer_for_another_instance() {
         id: p.id,
         tokens: 1,
         ms: 2,
+        ..Done::default()
     }))
     .await;
     let got = client.await.unwrap();
