@@ -13,6 +13,7 @@ pub mod limits;
 pub mod precheck;
 pub mod pressure;
 pub mod priority;
+pub mod queue;
 pub mod ratelimit;
 pub mod restart;
 pub mod validate;
