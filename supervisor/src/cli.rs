@@ -170,6 +170,27 @@ pub struct RunArgs {
     /// shown in the log and as `metrics_addr` in `status --json`).
     #[arg(long, value_name = "ADDR", env = "BELLJAR_METRICS")]
     pub metrics: Option<std::net::SocketAddr>,
+    /// Serve the OpenAI-compatible HTTP API at ADDR, or `off` [default: `[http] listen`, else
+    /// 127.0.0.1:8080]. Port 0 picks a free port (shown as `http_addr` in `status --json`). A
+    /// non-loopback address needs `[http] api_key_file`.
+    #[arg(long, value_name = "ADDR", env = "BELLJAR_HTTP", value_parser = parse_http)]
+    pub http: Option<HttpListen>,
+}
+
+/// `--http`: an address, or off.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HttpListen {
+    Off,
+    At(std::net::SocketAddr),
+}
+
+fn parse_http(s: &str) -> Result<HttpListen, String> {
+    if s == "off" {
+        return Ok(HttpListen::Off);
+    }
+    s.parse().map(HttpListen::At).map_err(|_| {
+        format!("{s:?} is not an address: give IP:PORT (127.0.0.1:8080, [::1]:8080, 127.0.0.1:0 for a free port) or off")
+    })
 }
 
 /// Estimate a model's memory from its GGUF header: weights, KV cache at the context length,

@@ -116,6 +116,10 @@ pub struct StatusReport {
     /// Where Prometheus metrics are served (`run --metrics`), or null.
     #[serde(default)]
     pub metrics_addr: Option<String>,
+    /// Where the OpenAI-compatible HTTP API listens (`run --http`, `[http] listen`), or null
+    /// when it is off.
+    #[serde(default)]
+    pub http_addr: Option<String>,
     /// Every GPU NVML reports; empty without NVML.
     #[serde(default)]
     pub gpus: Vec<GpuStatus>,
@@ -231,6 +235,12 @@ pub struct InstanceStatus {
     /// go within `[gpu] release_timeout`; null otherwise.
     #[serde(default)]
     pub gpu_release: Option<String>,
+    /// Requests waiting for the worker (HTTP and `ask`), not counting the one it serves.
+    #[serde(default)]
+    pub queued: u64,
+    /// More names HTTP clients may use for it (`aliases`).
+    #[serde(default)]
+    pub aliases: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -272,6 +282,8 @@ mod tests {
             gpu_memory: None,
             cpu_fallback: false,
             gpu_release: None,
+            queued: 0,
+            aliases: vec![],
         }
     }
 
@@ -291,6 +303,7 @@ mod tests {
             },
             instances: (0..3000).map(instance).collect(),
             metrics_addr: None,
+            http_addr: None,
             gpus: vec![],
             omitted: 0,
         };

@@ -152,6 +152,8 @@ impl Daemon {
         .stderr(stderr);
         // Tests read the log from stderr, also on machines where journald is reachable.
         cmd.env("BELLJAR_LOG_FORMAT", "text");
+        // Every test daemon serves its HTTP API on a free port of its own (`http_addr`).
+        cmd.env("BELLJAR_HTTP", "127.0.0.1:0");
         // Its own process group, as a shell job is: a test can signal the group like a terminal.
         std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
         for (k, v) in env {
@@ -189,6 +191,25 @@ impl Daemon {
                 .arg("--config")
                 .arg(&self.config),
         )
+    }
+
+    /// Where its HTTP API listens (`http_addr` in status), once the daemon answers.
+    pub fn http_addr(&self) -> String {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        loop {
+            if let Some(a) = self
+                .status()
+                .and_then(|s| s["http_addr"].as_str().map(str::to_owned))
+            {
+                return a;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no http_addr in status; log:\n{}",
+                self.stderr()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
     }
 
     /// `status --json`, or None while the daemon is not reachable.

@@ -242,6 +242,7 @@ pub fn run(global: &GlobalArgs, args: &RunArgs) -> Result<Exit, CliError> {
         }
         None => None,
     };
+    let http = http_listener(args.http, &config)?;
     let instances = specs
         .into_iter()
         .zip(&report.instances)
@@ -284,6 +285,7 @@ pub fn run(global: &GlobalArgs, args: &RunArgs) -> Result<Exit, CliError> {
         },
         metrics,
         gpus,
+        http,
     };
     let _ = std::fs::remove_file(&socket); // stale: we hold the lock, so nobody serves it
     let listener = std::os::unix::net::UnixListener::bind(&socket)
@@ -404,4 +406,89 @@ fn missing_worker_user(user: &str) -> String {
             "worker_user {user:?} does not exist: create it (`useradd --system --no-create-home --shell /usr/sbin/nologin {user}`) or choose another worker_user; nothing was started"
         )
     }
+}
+
+/// Binds the HTTP API: `--http` wins over `[http] listen`. A taken default port only warns (the
+/// supervisor runs without HTTP); a taken explicit address is an error, as for `--metrics`.
+fn http_listener(
+    flag: Option<crate::cli::HttpListen>,
+    config: &belljar_config::Config,
+) -> Result<Option<daemon::http::HttpServe>, CliError> {
+    use crate::cli::HttpListen;
+    let h = &config.http;
+    let (addr, explicit) = match flag {
+        Some(HttpListen::Off) => return Ok(None),
+        Some(HttpListen::At(a)) => (a, true),
+        None => match h.listen_addr() {
+            None => return Ok(None),
+            Some(a) => (a, h.explicit()),
+        },
+    };
+    belljar_config::check_exposure(&addr, h.api_key_file.as_deref()).map_err(CliError::Usage)?;
+    let key = match &h.api_key_file {
+        Some(path) => Some(read_api_key(path)?),
+        None => None,
+    };
+    let listener = match std::net::TcpListener::bind(addr) {
+        Ok(l) => l,
+        Err(e) if !explicit => {
+            tracing::warn!(
+                "cannot serve the HTTP API at the default {addr}: {e}; running without it (set [http] listen or --http to another address, or --http off)"
+            );
+            return Ok(None);
+        }
+        Err(e) => {
+            return Err(CliError::Refused(format!(
+                "cannot serve the HTTP API at {addr}: {e}; pick another address with --http or [http] listen (port 0 picks a free one), or --http off"
+            )));
+        }
+    };
+    let bound = listener
+        .local_addr()
+        .map_err(|e| CliError::Refused(e.to_string()))?;
+    tracing::info!(addr = %bound, "serving the OpenAI-compatible API at http://{bound}/v1");
+    Ok(Some(daemon::http::HttpServe {
+        listener,
+        addr: bound,
+        key,
+        max_body: usize::try_from(h.max_body.bytes()).unwrap_or(usize::MAX),
+        max_connections: h.max_connections as usize,
+    }))
+}
+
+/// The API key: the file's first line, from a regular file the supervisor's user owns that
+/// nobody else can read (mode 0600 or 0640).
+fn read_api_key(path: &Path) -> Result<Vec<u8>, CliError> {
+    let fix = "create it owned by the supervisor's user, mode 0600, with the key on one line";
+    let (Some(dir), Some(name)) = (path.parent(), path.file_name().and_then(|n| n.to_str())) else {
+        return Err(CliError::Usage(format!(
+            "[http] api_key_file {} is not a file path; {fix}",
+            path.display()
+        )));
+    };
+    let text = belljar_host::safe_fs::read_own_file(dir, name).map_err(|e| {
+        CliError::Usage(format!(
+            "cannot read [http] api_key_file {}: {e}; {fix}",
+            path.display()
+        ))
+    })?;
+    let mode = std::fs::symlink_metadata(path)
+        .map(|m| std::os::unix::fs::PermissionsExt::mode(&m.permissions()))
+        .unwrap_or(0o777);
+    if mode & 0o027 != 0 {
+        return Err(CliError::Usage(format!(
+            "[http] api_key_file {} has mode {:o}: others may read or change the key; chmod 600 it",
+            path.display(),
+            mode & 0o777
+        )));
+    }
+    let key = text.lines().next().unwrap_or("").trim();
+    if key.len() < 16 {
+        return Err(CliError::Usage(format!(
+            "[http] api_key_file {} holds a key of {} characters; use at least 16 (for example `openssl rand -hex 32`)",
+            path.display(),
+            key.len()
+        )));
+    }
+    Ok(key.as_bytes().to_vec())
 }

@@ -154,6 +154,8 @@ mod tests {
             gpu_memory: Some(3 << 30),
             cpu_fallback: state == "loading",
             gpu_release: None,
+            queued: 0,
+            aliases: vec![],
         };
         let r = StatusReport {
             host: HostStatus {
@@ -172,6 +174,7 @@ mod tests {
                 inst(&"a".repeat(16), "loading"),
             ],
             metrics_addr: None,
+            http_addr: None,
             gpus: vec![GpuStatus {
                 index: 0,
                 name: "NVIDIA H100 80GB HBM3 with a name longer than any real one".into(),

@@ -8,7 +8,7 @@ use belljar_host::{cpu_count, probe_model_file};
 use belljar_protocol::control::{
     AddRequest, AskRequest, Command, OkReply, RemoveRequest, Response,
 };
-use belljar_protocol::worker::{Prompt, SupervisorMsg};
+use belljar_protocol::worker::{Prompt, PromptMode};
 
 use super::control::Peer;
 use super::events::{Entry, Event};
@@ -52,7 +52,7 @@ impl Daemon {
 
     /// An added instance from its plan.
     fn added_instance(&self, plan: Plan, req: &AddRequest) -> Instance {
-        let mut inst = Instance::new(plan.spec, plan.admitted, self.epoch);
+        let mut inst = Instance::new(plan.spec, plan.admitted, self.epoch, self.new_queue());
         inst.added = Some(req.clone());
         inst
     }
@@ -352,42 +352,17 @@ impl Daemon {
         self.drive(name, Input::Stop(after));
     }
 
+    /// `ask` joins the instance's queue like any request: it waits through a restart.
     fn ask(&mut self, a: AskRequest, reply: ReplyTx) {
-        let Some(inst) = self.instances.get(&a.name) else {
-            let _ = reply.send(unknown(&a.name));
-            return;
-        };
-        let Some(worker) = inst.link.as_ref().filter(|_| inst.state() == State::Ready) else {
-            let _ = reply.send(refused(format!(
-                "{} is {} ({}); ask again once it is ready",
-                a.name,
-                inst.state().as_str(),
-                inst.reason()
-            )));
-            return;
-        };
-        self.next_ask += 1;
-        let id = self.next_ask;
         let prompt = Prompt {
-            id,
+            id: super::requests::next_id(),
+            mode: PromptMode::Session,
             text: a.prompt,
             max_tokens: a.max_tokens,
             ignore_eos: a.ignore_eos,
             ..Prompt::default()
         };
-        if worker.tx.send(SupervisorMsg::Prompt(prompt)).is_err() {
-            let _ = reply.send(refused(format!("{} is not reachable", a.name)));
-            return;
-        }
-        let generation = worker.generation;
-        self.asks.insert(
-            id,
-            super::Ask {
-                instance: a.name,
-                generation,
-                client: reply,
-            },
-        );
+        self.submit(&a.name, prompt, super::requests::Client::Control(reply));
     }
 
     /// Instances added at run time by an earlier supervisor: back, with their sessions.

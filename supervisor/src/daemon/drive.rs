@@ -24,7 +24,7 @@ impl Daemon {
         while let Some(input) = queue.pop_front() {
             let policy = self.cfg.config.budget_policy();
             let Some(inst) = self.instances.get_mut(name) else {
-                return;
+                break;
             };
             let ctx = Ctx {
                 ledger: &self.ledger,
@@ -50,6 +50,7 @@ impl Daemon {
                 Input::Stop(belljar_budget::lifecycle::AfterStop::Remove),
             );
         }
+        self.settle_queue(name);
         if freed {
             self.retry_waiting();
         }
@@ -88,7 +89,7 @@ impl Daemon {
             Action::Log(log) => self.log(name, &log),
             Action::Warn(text) => tracing::warn!(instance = %name, "{text}"),
             Action::Reply(reply) => self.reply(name, reply),
-            Action::FailAsks(why) => self.fail_asks(name, &why),
+            Action::FailAsks(why) => self.run_ended(name, &why),
             Action::RecordPeak(peak) => self.record_peak(name, peak),
             Action::CheckRestart => return Some(self.restart_check(name)),
             Action::Forget => {
@@ -140,21 +141,6 @@ impl Daemon {
                 }
             }
             Reply::StopperWaits => inst.waiters.extend(inst.stopper.take()),
-        }
-    }
-
-    /// Every in-flight `ask` of this instance is refused.
-    fn fail_asks(&mut self, name: &str, why: &str) {
-        let orphaned: Vec<u64> = self
-            .asks
-            .iter()
-            .filter(|(_, a)| a.instance == name)
-            .map(|(id, _)| *id)
-            .collect();
-        for id in orphaned {
-            if let Some(ask) = self.asks.remove(&id) {
-                let _ = ask.client.send(refused(why.to_owned()));
-            }
         }
     }
 

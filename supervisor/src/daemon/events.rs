@@ -26,7 +26,9 @@ fn level(event: Event) -> Level {
         | Event::PressureLevel
         | Event::GpuFallback
         | Event::GpuReleaseTimeout
-        | Event::OutputSuppressed => Level::WARN,
+        | Event::OutputSuppressed
+        | Event::RequestRetried
+        | Event::RequestFailed => Level::WARN,
         _ => Level::INFO,
     }
 }

@@ -76,6 +76,8 @@ pub struct Instance {
     pub gpu_pids: Vec<(u32, u32)>,
     /// Whether the last run's VRAM is confirmed released.
     pub gpu_release: GpuRelease,
+    /// Requests waiting for the worker, and the one it serves.
+    pub queue: belljar_budget::queue::Queue,
 }
 
 /// The release of a stopped worker's VRAM, confirmed through NVML before it counts as free.
@@ -105,7 +107,12 @@ impl GpuRelease {
 
 impl Instance {
     /// A new instance, not started: the loop admits it.
-    pub fn new(spec: InstanceSpec, a: super::Admitted, epoch: Instant) -> Instance {
+    pub fn new(
+        spec: InstanceSpec,
+        a: super::Admitted,
+        epoch: Instant,
+        queue: belljar_budget::queue::Queue,
+    ) -> Instance {
         let settings = Settings {
             restart: spec.restart_config(),
             stop_timeout: spec.stop_timeout.0,
@@ -138,6 +145,7 @@ impl Instance {
             gpu_memory: None,
             gpu_pids: Vec::new(),
             gpu_release: GpuRelease::Done,
+            queue,
         }
     }
 

@@ -68,6 +68,7 @@ impl Daemon {
         self.instances
             .values()
             .filter_map(|i| i.machine.next_deadline())
+            .chain(self.instances.values().filter_map(|i| i.queue.next_expiry()))
             .chain(self.pressure_at)
             .chain(self.watchdog_at)
             .min()
@@ -85,6 +86,13 @@ impl Daemon {
             .collect();
         for name in due {
             self.drive(&name, Input::Timer);
+        }
+        if self
+            .instances
+            .values()
+            .any(|i| i.queue.next_expiry().is_some_and(|t| t <= now))
+        {
+            self.expire_requests();
         }
         if self.watchdog_at.is_some_and(|t| t <= now) {
             self.notify_watchdog();

@@ -443,8 +443,11 @@ mod tests {
                 gpu_memory: Some(4 << 30),
                 cpu_fallback: true,
                 gpu_release: None,
+                queued: 0,
+                aliases: vec![],
             }],
             metrics_addr: None,
+            http_addr: None,
             gpus: vec![GpuStatus {
                 index: 0,
                 name: "NVIDIA H100 80GB HBM3".into(),

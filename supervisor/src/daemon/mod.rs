@@ -12,6 +12,7 @@ mod drive;
 pub mod events;
 mod gpu;
 pub mod host;
+pub mod http;
 mod instance;
 mod lifecycle;
 mod metrics;
@@ -21,6 +22,7 @@ mod output;
 
 pub(crate) mod persist;
 mod pressure;
+pub(crate) mod requests;
 mod runs;
 mod spawn;
 #[cfg(test)]
@@ -39,8 +41,8 @@ use belljar_host::cgroup::CgroupBackend;
 use belljar_host::proc_ctl::Exit;
 use belljar_protocol::PROTOCOL_VERSION;
 use belljar_protocol::control::{
-    AskDone, BudgetStatus, ControlError, GpuStatus, HostStatus, InstanceStatus, MemoryStatus,
-    Response, StatusReport, TokenText,
+    BudgetStatus, ControlError, GpuStatus, HostStatus, InstanceStatus, MemoryStatus, Response,
+    StatusReport,
 };
 use belljar_protocol::worker::WorkerMsg;
 use tokio::net::UnixListener;
@@ -87,6 +89,8 @@ pub struct DaemonConfig {
     pub metrics: Option<(std::net::TcpListener, std::net::SocketAddr)>,
     /// NVML, when the GPU guard is on.
     pub gpus: Option<belljar_host::gpu::Gpus>,
+    /// The bound HTTP API listener and its settings, unless `--http off`.
+    pub http: Option<http::HttpServe>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -142,6 +146,14 @@ enum Event {
         name: String,
         plan: Box<Result<commands::Plan, Response>>,
     },
+    /// A request for the instance (or alias) `model`, from an HTTP client.
+    Request {
+        model: String,
+        prompt: Box<belljar_protocol::worker::Prompt>,
+        client: requests::Client,
+    },
+    /// The client of request `id` went away (disconnected, or gave up).
+    RequestGone { id: u64 },
 }
 
 /// A worker's exit waiting for its cgroup's removal.
@@ -154,15 +166,6 @@ struct Exiting {
     stats: Option<RunStats>,
 }
 
-/// An `ask` in flight: where it went and who waits for it.
-#[derive(Debug)]
-struct Ask {
-    instance: String,
-    /// The run (link generation) it was sent to.
-    generation: u64,
-    client: ReplyTx,
-}
-
 struct Daemon {
     cfg: DaemonConfig,
     instances: BTreeMap<String, Instance>,
@@ -170,11 +173,8 @@ struct Daemon {
     events: mpsc::UnboundedSender<Event>,
     generation: u64,
     stopping: bool,
-    /// In-flight `ask`s by request id: the instance and the client.
-    /// In-flight `ask`s by request id: the instance and run it went to, and the client. A reply
-    /// counts only from that instance's that run.
-    asks: BTreeMap<u64, Ask>,
-    next_ask: u64,
+    /// Requests (HTTP and `ask`), queued or in flight, by id.
+    requests: BTreeMap<u64, requests::Request>,
     /// The origin of the monotonic clock the restart policy sees.
     epoch: Instant,
     /// The pressure guard's level, next tick and last shedding.
@@ -228,6 +228,10 @@ pub async fn serve(
             .map_err(DaemonError::Setup)?;
         tokio::spawn(metrics::serve(l, tx.clone()));
     }
+    if let Some(h) = &cfg.http {
+        let server = http::Server::new(h, tx.clone()).map_err(DaemonError::Setup)?;
+        tokio::spawn(server.serve());
+    }
 
     let mut daemon = Daemon {
         ledger: Ledger::new(cfg.usable),
@@ -235,8 +239,7 @@ pub async fn serve(
         events: tx,
         generation: 0,
         stopping: false,
-        asks: BTreeMap::new(),
-        next_ask: 0,
+        requests: BTreeMap::new(),
         epoch: clock(),
         level: belljar_budget::pressure::Level::Normal,
         pressure_at: Some(clock()),
@@ -297,9 +300,15 @@ impl Daemon {
         for (spec, a) in std::mem::take(&mut self.cfg.instances) {
             let name = spec.name.to_string();
             self.instances
-                .insert(name.clone(), Instance::new(spec, a, self.epoch));
+                .insert(name.clone(), Instance::new(spec, a, self.epoch, self.new_queue()));
             self.drive(&name, Input::Admit);
         }
+    }
+
+    /// A new instance's request queue, sized by `[http]`.
+    fn new_queue(&self) -> belljar_budget::queue::Queue {
+        let http = &self.cfg.config.http;
+        belljar_budget::queue::Queue::new(http.queue as usize, http.queue_timeout.0)
     }
 
     fn handle(&mut self, ev: Event) {
@@ -325,6 +334,12 @@ impl Daemon {
             }
             Event::CgroupGone { dir, result } => self.on_cgroup_gone(dir, result),
             Event::Planned { name, plan } => self.finish_add(&name, *plan),
+            Event::Request {
+                model,
+                prompt,
+                client,
+            } => self.submit(&model, *prompt, client),
+            Event::RequestGone { id } => self.gone(id),
         }
     }
 
@@ -374,34 +389,9 @@ impl Daemon {
                 gpu_alloc: f.gpu_alloc,
             },
             WorkerMsg::Heartbeat(_) => Input::Heartbeat,
-            WorkerMsg::Token(t) => {
-                if let Some(ask) = self.ask_of(t.id, name, generation) {
-                    let _ = ask.client.send(Response::Token(TokenText { text: t.text }));
-                }
-                return;
-            }
-            WorkerMsg::Done(d) => {
-                if self.ask_of(d.id, name, generation).is_some() {
-                    if let Some(ask) = self.asks.remove(&d.id) {
-                        let _ = ask.client.send(Response::Done(AskDone {
-                            tokens: d.tokens,
-                            ms: d.ms,
-                        }));
-                    }
-                }
-                return;
-            }
-            WorkerMsg::Error(e) => {
-                let mine =
-                    e.id.filter(|id| self.ask_of(*id, name, generation).is_some());
-                match mine.and_then(|id| self.asks.remove(&id)) {
-                    Some(ask) => {
-                        let _ = ask.client.send(refused(e.message));
-                    }
-                    None => tracing::warn!(instance = %name, "worker reported: {}", e.message),
-                }
-                return;
-            }
+            WorkerMsg::Token(t) => return self.on_token(name, generation, t.id, t.text),
+            WorkerMsg::Done(d) => return self.on_done(name, generation, d),
+            WorkerMsg::Error(e) => return self.on_error(name, generation, e),
         };
         self.drive(name, input);
     }
@@ -479,14 +469,6 @@ impl Daemon {
         }
     }
 
-    /// The ask `id`, if it went to this instance's this run (a worker cannot answer for
-    /// another).
-    fn ask_of(&self, id: u64, name: &str, generation: u64) -> Option<&Ask> {
-        self.asks
-            .get(&id)
-            .filter(|a| a.instance == name && a.generation == generation)
-    }
-
     fn instance_status(&self, name: &str, i: &Instance) -> InstanceStatus {
         let m = &i.machine;
         let stats = i
@@ -520,6 +502,8 @@ impl Daemon {
             cpu_fallback: i.spec.gpu_layers > 0
                 && m.gpu.fallback != belljar_budget::gpu::Fallback::None,
             gpu_release: i.gpu_release.as_str().map(str::to_owned),
+            queued: i.queue.len() as u64,
+            aliases: i.spec.aliases.clone(),
         }
     }
 
@@ -551,6 +535,7 @@ impl Daemon {
             },
             instances,
             metrics_addr: self.cfg.metrics.as_ref().map(|(_, a)| a.to_string()),
+            http_addr: self.cfg.http.as_ref().map(|h| h.addr.to_string()),
             gpus: self
                 .gpu_readings
                 .iter()

@@ -357,6 +357,7 @@ impl Harness {
             },
             metrics: None,
             gpus: None,
+            http: None,
         };
         let socket = tmp.path().join("control.sock");
         let listener = tokio::net::UnixListener::bind(&socket).unwrap();

@@ -29,10 +29,12 @@ pub enum Event {
     OutputSuppressed,
     Started,
     Stopped,
+    RequestRetried,
+    RequestFailed,
 }
 
 impl Event {
-    pub const ALL: [Event; 25] = [
+    pub const ALL: [Event; 27] = [
         Event::Spawned,
         Event::Loading,
         Event::Ready,
@@ -58,6 +60,8 @@ impl Event {
         Event::OutputSuppressed,
         Event::Started,
         Event::Stopped,
+        Event::RequestRetried,
+        Event::RequestFailed,
     ];
 
     /// The `EVENT` field: the words of `status` where a state has the same name.
@@ -88,6 +92,8 @@ impl Event {
             Event::OutputSuppressed => "output-suppressed",
             Event::Started => "started",
             Event::Stopped => "stopped",
+            Event::RequestRetried => "request-retried",
+            Event::RequestFailed => "request-failed",
         }
     }
 
@@ -120,6 +126,8 @@ impl Event {
             Event::OutputSuppressed => "3d9b5e53e348445795ae9ce0e600261b",
             Event::Started => "9a93f28c83ec4fe897900bf8da120eeb",
             Event::Stopped => "58f3f4a1f07e4b8c9d7c1a3e5b2d6f80",
+            Event::RequestRetried => "be043fa7ac60444bb9f48217f6beceed",
+            Event::RequestFailed => "cfea70fed9b848dbb13dcf736161cf61",
         }
     }
 }
