@@ -499,3 +499,23 @@ fn aliases_are_refused_in_defaults() {
         "{e}"
     );
 }
+
+/// The shipped budgets.toml parses, and so does its commented `[http]` example.
+#[test]
+fn shipped_config_and_its_http_example_parse() {
+    let shipped = include_str!("../../../budgets.toml");
+    parse(shipped).unwrap();
+    let (head, example) = shipped
+        .split_once("# [http]\n")
+        .expect("the [http] example");
+    let example: String = example
+        .lines()
+        .map(|l| format!("{}\n", l.strip_prefix("# ").unwrap_or(l)))
+        .collect();
+    let c = parse(&format!("{head}[http]\n{example}")).unwrap();
+    assert!(c.http.explicit());
+    assert_eq!(
+        c.http.api_key_file.as_deref(),
+        Some(Path::new("/etc/belljar/api.key"))
+    );
+}
