@@ -13,8 +13,8 @@ use serde::Serialize;
 
 pub use schema::rules;
 pub use schema::{
-    BudgetSection, ControlSection, EstimateSource, GpuSection, InstanceSection, LoggingSection,
-    PressureSection, RawConfig,
+    BudgetSection, ControlSection, DEFAULT_HTTP_LISTEN, EstimateSource, GpuSection, HttpSection,
+    InstanceSection, LoggingSection, PressureSection, RawConfig, check_exposure,
 };
 
 /// The default config path, relative to the working directory.
@@ -47,6 +47,8 @@ pub struct Config {
     pub control: ControlSection,
     pub logging: LoggingSection,
     pub gpu: GpuSection,
+    /// `[http]`, with `api_key_file` resolved against the config file's directory.
+    pub http: HttpSection,
 }
 
 /// An instance with every key resolved: what the supervisor starts and the worker loads.
@@ -76,6 +78,9 @@ pub struct InstanceSpec {
     pub stop_timeout: HumanDuration,
     /// The user workers run as (`None`: root, only with `worker_user = "root"`).
     pub worker_user: Option<String>,
+    /// More names HTTP clients may use for the instance (OpenAI's `model`); unique across the
+    /// config, never equal to an instance name.
+    pub aliases: Vec<String>,
 }
 
 /// The user workers run as by default, created by packaging/belljar.sysusers.
@@ -147,6 +152,31 @@ impl Config {
         raw.defaults
             .check()
             .map_err(|e| ctx.file(format!("[defaults] {e}")))?;
+        if raw.defaults.aliases.is_some() {
+            return Err(ctx.file(
+                "[defaults] aliases: aliases name one instance and must be unique, so they cannot be defaults; move `aliases = [...]` to the [instances.NAME] it names".into(),
+            ));
+        }
+        // An alias is one more name for one instance: it may equal no instance name and no
+        // other alias. Checked in name order, so the error is the same on every run.
+        let mut owners: BTreeMap<&str, &InstanceName> = BTreeMap::new();
+        for name in instances.keys() {
+            owners.insert(name.as_str(), name);
+        }
+        for (name, section) in &instances {
+            for alias in section.aliases.iter().flatten() {
+                if let Some(owner) = owners.insert(alias, name) {
+                    let what = if owner.as_str() == alias.as_str() {
+                        format!("the name of instance {owner}")
+                    } else {
+                        format!("already an alias of instance {owner}")
+                    };
+                    return Err(ctx.file(format!(
+                        "[instances.{name}] aliases: alias {alias:?} is {what}; every alias and instance name must be unique: rename or remove one of them"
+                    )));
+                }
+            }
+        }
 
         let mut modes = BTreeMap::new();
         for (key, mode) in raw.modes {
@@ -195,6 +225,9 @@ impl Config {
 
         let pressure =
             resolve_pressure(&raw.pressure).map_err(|m| ctx.file(format!("[pressure]: {m}")))?;
+        let mut http = raw.http;
+        http.check().map_err(|e| ctx.file(format!("[http] {e}")))?;
+        http.api_key_file = http.api_key_file.map(|f| dir.join(f));
         let g = &raw.gpu;
         if !(0.0 <= g.restore
             && g.restore < g.warning
@@ -217,6 +250,7 @@ impl Config {
             control: raw.control,
             logging: raw.logging,
             gpu: raw.gpu,
+            http,
         })
     }
 
@@ -301,6 +335,8 @@ impl Config {
                 // Workers run unprivileged unless the config says `worker_user = "root"`.
                 (user != "root").then_some(user)
             },
+            // Never from [defaults] (refused there): an alias names one instance.
+            aliases: section.aliases.clone().unwrap_or_default(),
         }
     }
 }

@@ -4,7 +4,8 @@
 //! line and column.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 
 use belljar_budget::restart::RestartMode;
 use belljar_budget::{HumanDuration, Size};
@@ -30,6 +31,8 @@ pub struct RawConfig {
     pub logging: LoggingSection,
     #[serde(default)]
     pub gpu: GpuSection,
+    #[serde(default)]
+    pub http: HttpSection,
 }
 
 /// How an instance's memory need is estimated (`[budget] estimate`): `file`, `gguf` (default)
@@ -108,6 +111,10 @@ pub struct InstanceSection {
     #[serde(default, deserialize_with = "opt_duration")]
     pub stop_timeout: Option<HumanDuration>,
     pub worker_user: Option<String>,
+    /// More names under which HTTP clients may ask for the instance (OpenAI's `model`). Only
+    /// in `[instances.NAME]` (and `add`): `Config::parse` refuses it in `[defaults]`.
+    #[serde(default, deserialize_with = "opt_aliases")]
+    pub aliases: Option<Vec<String>>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -220,6 +227,99 @@ impl Default for LoggingSection {
     }
 }
 
+/// The address of the HTTP API when `[http] listen` is unset.
+pub const DEFAULT_HTTP_LISTEN: &str = "127.0.0.1:8080";
+
+/// `[http]`: the OpenAI-compatible HTTP API.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpSection {
+    /// `"off"` or `IP:PORT`; `None` (unset) means [`DEFAULT_HTTP_LISTEN`]. Kept apart from the
+    /// default so that the supervisor can tell an explicit address (taken: an error) from the
+    /// default one (taken: a warning).
+    #[serde(deserialize_with = "opt_http_listen")]
+    pub listen: Option<String>,
+    /// Requests waiting per instance (FIFO); a full queue answers 429.
+    #[serde(deserialize_with = "http_queue")]
+    pub queue: u32,
+    /// How long a request may wait in the queue before it is answered 503.
+    #[serde(deserialize_with = "http_queue_timeout")]
+    pub queue_timeout: HumanDuration,
+    /// The file holding the API key; relative paths are resolved against the config file's
+    /// directory by `Config::parse`.
+    #[serde(deserialize_with = "opt_api_key_file")]
+    pub api_key_file: Option<PathBuf>,
+    /// The largest request body; a larger one is answered 413.
+    #[serde(deserialize_with = "http_max_body")]
+    pub max_body: Size,
+    /// The most connections open at once.
+    #[serde(deserialize_with = "http_max_connections")]
+    pub max_connections: u32,
+}
+
+impl Default for HttpSection {
+    fn default() -> Self {
+        HttpSection {
+            listen: None,
+            queue: 64,
+            queue_timeout: secs(60),
+            api_key_file: None,
+            max_body: Size(4 << 20),
+            max_connections: 256,
+        }
+    }
+}
+
+impl HttpSection {
+    /// The address to listen on: `None` when `listen = "off"`, the default address when unset.
+    pub fn listen_addr(&self) -> Option<SocketAddr> {
+        let listen = self.listen.as_deref().unwrap_or(DEFAULT_HTTP_LISTEN);
+        if listen == "off" {
+            return None;
+        }
+        // Checked when parsed; a value set by hand that does not parse is treated as off.
+        listen.parse().ok()
+    }
+
+    /// Whether `listen` was set (the address, or `"off"`), rather than left to the default.
+    pub fn explicit(&self) -> bool {
+        self.listen.is_some()
+    }
+
+    /// The rules over every key, as `Config::parse` applies them (the deserializers apply the
+    /// same with the key's line): for a section built in code. The error names the key.
+    pub fn check(&self) -> Result<(), String> {
+        if let Some(l) = &self.listen {
+            rules::http_listen(l)?;
+        }
+        rules::http_queue(&self.queue)?;
+        rules::nonzero_duration(&self.queue_timeout).map_err(|e| format!("queue_timeout: {e}"))?;
+        if let Some(f) = &self.api_key_file {
+            rules::api_key_file(f)?;
+        }
+        rules::http_max_body(&self.max_body)?;
+        rules::http_max_connections(&self.max_connections)?;
+        if let Some(addr) = self.listen_addr() {
+            check_exposure(&addr, self.api_key_file.as_deref())
+                .map_err(|e| format!("listen: {e}"))?;
+        }
+        Ok(())
+    }
+}
+
+/// Refuses an HTTP address that other machines can reach unless an API key guards it: only
+/// loopback addresses (127.0.0.0/8, ::1, also as `::ffff:127.x.y.z`) may go without
+/// `api_key_file`. Applied to `[http] listen` and to `supervisor run --http ADDR`.
+pub fn check_exposure(addr: &SocketAddr, api_key_file: Option<&Path>) -> Result<(), String> {
+    if api_key_file.is_some() || addr.ip().to_canonical().is_loopback() {
+        return Ok(());
+    }
+    Err(format!(
+        "{addr} is not a loopback address and no API key is set, so anyone who can reach it could use the models; set [http] api_key_file, or listen on 127.0.0.1 (e.g. \"127.0.0.1:{}\")",
+        addr.port()
+    ))
+}
+
 pub(crate) const fn secs(s: u64) -> HumanDuration {
     HumanDuration(std::time::Duration::from_secs(s))
 }
@@ -235,6 +335,19 @@ pub mod rules {
         MAX_START_LIMIT_BURST, MAX_THREADS,
     };
     use belljar_budget::{HumanDuration, Size};
+    use std::net::SocketAddr;
+    use std::path::Path;
+
+    /// The most requests waiting per instance (`[http] queue`).
+    pub const MAX_HTTP_QUEUE: u32 = 4096;
+    /// The most connections at once (`[http] max_connections`).
+    pub const MAX_HTTP_CONNECTIONS: u32 = 65_536;
+    /// The largest request body (`[http] max_body`): 64 MiB.
+    pub const MAX_HTTP_BODY: Size = Size(64 << 20);
+    /// The most aliases per instance.
+    pub const MAX_ALIASES: usize = 16;
+    /// The longest alias, in bytes.
+    pub const MAX_ALIAS_LEN: usize = 128;
 
     pub fn nonzero_size(v: &Size) -> Result<(), String> {
         if v.bytes() == 0 {
@@ -311,6 +424,107 @@ pub mod rules {
         Ok(())
     }
 
+    /// `[http] listen`: `"off"` or a socket address `IP:PORT`.
+    pub fn http_listen(v: &str) -> Result<(), String> {
+        if v == "off" || v.parse::<SocketAddr>().is_ok() {
+            return Ok(());
+        }
+        Err(format!(
+            "listen = {v:?} is neither \"off\" nor an address IP:PORT (a host name is not accepted); give e.g. \"127.0.0.1:8080\", \"[::1]:8080\" or \"off\""
+        ))
+    }
+
+    fn http_count(key: &str, v: u32, max: u32, what: &str) -> Result<(), String> {
+        if !(1..=max).contains(&v) {
+            return Err(format!(
+                "{key} = {v} is out of range: give a number from 1 to {max} ({what})"
+            ));
+        }
+        Ok(())
+    }
+
+    /// `[http] queue`: 1 to [`MAX_HTTP_QUEUE`].
+    pub fn http_queue(v: &u32) -> Result<(), String> {
+        http_count("queue", *v, MAX_HTTP_QUEUE, "requests waiting per instance")
+    }
+
+    /// `[http] max_connections`: 1 to [`MAX_HTTP_CONNECTIONS`].
+    pub fn http_max_connections(v: &u32) -> Result<(), String> {
+        http_count(
+            "max_connections",
+            *v,
+            MAX_HTTP_CONNECTIONS,
+            "connections open at once",
+        )
+    }
+
+    /// `[http] max_body`: nonzero, at most [`MAX_HTTP_BODY`].
+    pub fn http_max_body(v: &Size) -> Result<(), String> {
+        nonzero_size(v).map_err(|e| format!("max_body: {e}"))?;
+        if v.bytes() > MAX_HTTP_BODY.bytes() {
+            return Err(format!(
+                "max_body {v} is too large: at most {MAX_HTTP_BODY} is allowed (e.g. \"4MiB\")"
+            ));
+        }
+        Ok(())
+    }
+
+    /// `[http] api_key_file`: a path, not empty.
+    pub fn api_key_file(v: &Path) -> Result<(), String> {
+        if v.as_os_str().is_empty() {
+            return Err(
+                "api_key_file is empty; give the path of the file holding the key, e.g. \"api.key\""
+                    .into(),
+            );
+        }
+        Ok(())
+    }
+
+    /// One alias: 1 to [`MAX_ALIAS_LEN`] bytes of printable characters, without whitespace,
+    /// control characters or `/`, and neither `.` nor `..` (an alias never becomes a path).
+    pub fn alias(v: &str) -> Result<(), String> {
+        if v.is_empty() {
+            return Err("an alias is empty; give a name such as \"gpt-4o-mini\"".into());
+        }
+        if v.len() > MAX_ALIAS_LEN {
+            return Err(format!(
+                "alias {v:?} is {} bytes long: at most {MAX_ALIAS_LEN} bytes are allowed",
+                v.len()
+            ));
+        }
+        if let Some(c) = v
+            .chars()
+            .find(|c| c.is_whitespace() || c.is_control() || *c == '/')
+        {
+            return Err(format!(
+                "alias {v:?} contains {c:?}; an alias may not contain whitespace, control characters or '/' (e.g. \"llama-3-8b\")"
+            ));
+        }
+        if v == "." || v == ".." {
+            return Err(format!(
+                "alias {v:?} is not allowed; give a name such as \"llama-3-8b\""
+            ));
+        }
+        Ok(())
+    }
+
+    /// An instance's `aliases`: at most [`MAX_ALIASES`], each following [`alias`], none twice.
+    pub fn aliases(v: &[String]) -> Result<(), String> {
+        if v.len() > MAX_ALIASES {
+            return Err(format!(
+                "{} aliases are too many: at most {MAX_ALIASES} per instance are allowed",
+                v.len()
+            ));
+        }
+        for (i, a) in v.iter().enumerate() {
+            alias(a)?;
+            if v[..i].contains(a) {
+                return Err(format!("alias {a:?} is listed twice; list each alias once"));
+            }
+        }
+        Ok(())
+    }
+
     pub fn backoff_factor(v: &f64) -> Result<(), String> {
         if !(v.is_finite() && (1.0..=MAX_BACKOFF_FACTOR).contains(v)) {
             return Err(format!(
@@ -374,6 +588,9 @@ impl InstanceSection {
             rules::nonzero_duration,
         )?;
         key("stop_timeout", &self.stop_timeout, rules::duration)?;
+        key("aliases", &self.aliases, |v: &Vec<String>| {
+            rules::aliases(v)
+        })?;
         Ok(())
     }
 }
@@ -485,4 +702,37 @@ fn opt_percent<'de, D: Deserializer<'de>>(d: D) -> Result<Option<f64>, D::Error>
         |v| format!("{v} is not a percentage in (0, 100]"),
     )
     .map(Some)
+}
+
+fn opt_aliases<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Vec<String>>, D::Error> {
+    ruled(d, |v: &Vec<String>| {
+        rules::aliases(v).map_err(|e| format!("aliases: {e}"))
+    })
+    .map(Some)
+}
+
+fn opt_http_listen<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    ruled(d, |v: &String| rules::http_listen(v)).map(Some)
+}
+
+fn http_queue<'de, D: Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
+    ruled(d, rules::http_queue)
+}
+
+fn http_max_connections<'de, D: Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
+    ruled(d, rules::http_max_connections)
+}
+
+fn http_max_body<'de, D: Deserializer<'de>>(d: D) -> Result<Size, D::Error> {
+    ruled(d, rules::http_max_body)
+}
+
+fn http_queue_timeout<'de, D: Deserializer<'de>>(d: D) -> Result<HumanDuration, D::Error> {
+    ruled(d, |v: &HumanDuration| {
+        rules::nonzero_duration(v).map_err(|e| format!("queue_timeout: {e}"))
+    })
+}
+
+fn opt_api_key_file<'de, D: Deserializer<'de>>(d: D) -> Result<Option<PathBuf>, D::Error> {
+    ruled(d, |v: &PathBuf| rules::api_key_file(v)).map(Some)
 }

@@ -234,3 +234,288 @@ fn values_past_their_bounds_are_refused_with_the_bound() {
     )
     .unwrap();
 }
+
+#[test]
+fn http_defaults() {
+    let c = parse("").unwrap();
+    let h = &c.http;
+    assert_eq!(h.listen, None);
+    assert!(!h.explicit());
+    assert_eq!(h.listen_addr(), Some(DEFAULT_HTTP_LISTEN.parse().unwrap()));
+    assert_eq!(DEFAULT_HTTP_LISTEN, "127.0.0.1:8080");
+    assert_eq!(h.queue, 64);
+    assert_eq!(h.queue_timeout.0, Duration::from_secs(60));
+    assert_eq!(h.api_key_file, None);
+    assert_eq!(h.max_body, Size(4 << 20));
+    assert_eq!(h.max_connections, 256);
+    assert_eq!(*h, HttpSection::default());
+}
+
+#[test]
+fn http_keys_parse_and_resolve() {
+    let c = parse(
+        "[http]\nlisten = \"0.0.0.0:9000\"\nqueue = 4096\nqueue_timeout = \"1day\"\n\
+         api_key_file = \"keys/api.key\"\nmax_body = \"64MiB\"\nmax_connections = 65536\n",
+    )
+    .unwrap();
+    let h = &c.http;
+    assert!(h.explicit());
+    assert_eq!(h.listen_addr(), Some("0.0.0.0:9000".parse().unwrap()));
+    assert_eq!(h.queue, 4096);
+    assert_eq!(h.queue_timeout.0, Duration::from_secs(86400));
+    assert_eq!(
+        h.api_key_file.as_deref(),
+        Some(Path::new("/etc/belljar/keys/api.key")),
+        "relative to the config's dir"
+    );
+    assert_eq!(h.max_body, Size(64 << 20));
+    assert_eq!(h.max_connections, 65536);
+    let c = parse("[http]\napi_key_file = \"/run/keys/k\"\nlisten = \"[::]:0\"\n").unwrap();
+    assert_eq!(
+        c.http.api_key_file.as_deref(),
+        Some(Path::new("/run/keys/k"))
+    );
+    assert_eq!(c.http.listen_addr(), Some("[::]:0".parse().unwrap()));
+
+    let off = parse("[http]\nlisten = \"off\"\n").unwrap();
+    assert!(off.http.explicit());
+    assert_eq!(off.http.listen_addr(), None);
+    for ok in [
+        "127.0.0.1:8080",
+        "[::1]:8080",
+        "127.3.4.5:0",
+        "[::ffff:127.0.0.1]:80",
+    ] {
+        let c = parse(&format!("[http]\nlisten = \"{ok}\"\n")).unwrap();
+        assert_eq!(c.http.listen_addr(), Some(ok.parse().unwrap()), "{ok}");
+    }
+}
+
+#[test]
+fn http_listen_must_be_off_or_an_address() {
+    for bad in [
+        "localhost:8080",
+        "8080",
+        "127.0.0.1",
+        ":8080",
+        "",
+        "OFF",
+        "::1:8080",
+    ] {
+        let e = parse(&format!("[http]\nlisten = \"{bad}\"\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(":2:"), "{bad}: line: {e}");
+        assert!(e.contains("listen"), "{bad}: names the key: {e}");
+        assert!(
+            e.contains("\"127.0.0.1:8080\"")
+                && e.contains("\"[::1]:8080\"")
+                && e.contains("\"off\""),
+            "{bad}: examples: {e}"
+        );
+    }
+}
+
+#[test]
+fn http_exposure_needs_an_api_key() {
+    for addr in [
+        "0.0.0.0:8080",
+        "[::]:8080",
+        "192.168.1.2:80",
+        "[2001:db8::1]:80",
+    ] {
+        let e = parse(&format!("[http]\nlisten = \"{addr}\"\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("[http] listen"), "{addr}: names the key: {e}");
+        assert!(e.contains("not a loopback address"), "{addr}: {e}");
+        assert!(
+            e.contains("set [http] api_key_file, or listen on 127.0.0.1"),
+            "{addr}: the fix: {e}"
+        );
+        parse(&format!(
+            "[http]\nlisten = \"{addr}\"\napi_key_file = \"k\"\n"
+        ))
+        .unwrap();
+    }
+    // The same rule for `--http ADDR`.
+    let any: std::net::SocketAddr = "0.0.0.0:1".parse().unwrap();
+    let e = check_exposure(&any, None).unwrap_err();
+    assert!(
+        e.contains("set [http] api_key_file, or listen on 127.0.0.1"),
+        "{e}"
+    );
+    assert!(check_exposure(&any, Some(Path::new("k"))).is_ok());
+    for lo in [
+        "127.0.0.1:1",
+        "127.255.0.9:1",
+        "[::1]:1",
+        "[::ffff:127.0.0.1]:1",
+    ] {
+        assert!(check_exposure(&lo.parse().unwrap(), None).is_ok(), "{lo}");
+    }
+    // A section built in code gets the same checks.
+    let mut h = HttpSection {
+        listen: Some("10.0.0.1:80".into()),
+        ..HttpSection::default()
+    };
+    assert!(h.check().unwrap_err().contains("api_key_file"));
+    h.api_key_file = Some("k".into());
+    h.check().unwrap();
+    h.queue = 0;
+    assert!(h.check().unwrap_err().contains("queue"));
+}
+
+#[test]
+fn http_values_past_their_bounds_are_refused_with_the_bound() {
+    let cases = [
+        (
+            "queue = 0",
+            "queue = 0 is out of range: give a number from 1 to 4096",
+        ),
+        ("queue = 4097", "from 1 to 4096"),
+        ("max_connections = 0", "max_connections = 0 is out of range"),
+        ("max_connections = 65537", "from 1 to 65536"),
+        (
+            "queue_timeout = \"0s\"",
+            "queue_timeout: a duration of zero",
+        ),
+        ("queue_timeout = \"2days\"", "at most 1day"),
+        ("max_body = 0", "max_body: a size of zero"),
+        (
+            "max_body = \"65MiB\"",
+            "max_body 65.0 MiB is too large: at most 64.0 MiB",
+        ),
+        ("api_key_file = \"\"", "api_key_file is empty"),
+    ];
+    for (line, want) in cases {
+        let e = parse(&format!("[http]\n{line}\n")).unwrap_err().to_string();
+        assert!(e.contains(want), "{line}: {e}");
+        assert!(e.contains(":2:"), "{line}: the error has its line: {e}");
+    }
+    let e = parse("[http]\nlistn = \"off\"\n").unwrap_err().to_string();
+    assert!(e.contains("did you mean `listen`?"), "{e}");
+}
+
+const TWO: &str = "[defaults]\nmodel = \"m.gguf\"\n[instances.a]\n[instances.b]\n";
+
+#[test]
+fn aliases_resolve_per_instance() {
+    let c = parse(&format!(
+        "{TWO}aliases = [\"gpt-4o-mini\", \"llama3:8b\", \"Ünïcode.Q4_K_M\"]\n[modes.m]\ninstances = [\"a\", \"b\"]\n"
+    ))
+    .unwrap();
+    let m = c.mode("m", 2).unwrap();
+    assert_eq!(m[0].aliases, Vec::<String>::new());
+    assert_eq!(m[1].aliases, ["gpt-4o-mini", "llama3:8b", "Ünïcode.Q4_K_M"]);
+    let max = format!("\"{}\"", "x".repeat(128));
+    let sixteen: Vec<String> = (0..16).map(|i| format!("\"a{i}\"")).collect();
+    parse(&format!("{TWO}aliases = [{max}]\n")).unwrap();
+    parse(&format!("{TWO}aliases = [{}]\n", sixteen.join(", "))).unwrap();
+    parse(&format!("{TWO}aliases = []\n")).unwrap();
+}
+
+#[test]
+fn bad_aliases_are_refused() {
+    let long = "x".repeat(129);
+    let seventeen: Vec<String> = (0..17).map(|i| format!("\"a{i}\"")).collect();
+    let seventeen = seventeen.join(", ");
+    let cases = [
+        ("[\"\"]", "an alias is empty"),
+        (&format!("[\"{long}\"]"), "129 bytes long: at most 128"),
+        ("[\"a b\"]", "contains ' '"),
+        ("[\"a\\tb\"]", "contains '\\t'"),
+        ("[\"a\\u0007\"]", "contains '\\u{7}'"),
+        (
+            "[\"a\\u00a0b\"]",
+            "may not contain whitespace, control characters or '/'",
+        ),
+        ("[\"../etc\"]", "contains '/'"),
+        ("[\"..\"]", "alias \"..\" is not allowed"),
+        (
+            &format!("[{seventeen}]"),
+            "17 aliases are too many: at most 16",
+        ),
+        ("[\"x\", \"x\"]", "alias \"x\" is listed twice"),
+    ];
+    for (list, want) in cases {
+        let e = parse(&format!("{TWO}aliases = {list}\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("aliases: "), "{list}: names the key: {e}");
+        assert!(e.contains(want), "{list}: {e}");
+        assert!(e.contains(":5:"), "{list}: the error has its line: {e}");
+    }
+    // The same rule for a run-time add.
+    let s = InstanceSection {
+        aliases: Some(vec!["a/b".into()]),
+        ..InstanceSection::default()
+    };
+    let e = s.check().unwrap_err();
+    assert!(e.starts_with("aliases: ") && e.contains("'/'"), "{e}");
+}
+
+#[test]
+fn aliases_are_unique_across_the_config() {
+    let e = parse(&format!("{TWO}aliases = [\"a\"]\n"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("[instances.b] aliases: alias \"a\" is the name of instance a"),
+        "{e}"
+    );
+    assert!(e.contains("rename or remove one of them"), "{e}");
+    let e = parse("[defaults]\nmodel = \"m\"\n[instances.a]\naliases = [\"a\"]\n")
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("is the name of instance a"), "its own name: {e}");
+    let e = parse(
+        "[defaults]\nmodel = \"m\"\n[instances.a]\naliases = [\"x\"]\n[instances.b]\naliases = [\"y\", \"x\"]\n",
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.contains("[instances.b] aliases: alias \"x\" is already an alias of instance a"),
+        "both instances: {e}"
+    );
+    // An alias that later becomes an instance's name: the instance names are known first.
+    let e = parse("[defaults]\nmodel = \"m\"\n[instances.a]\naliases = [\"b\"]\n[instances.b]\n")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("[instances.a] aliases: alias \"b\" is the name of instance b"),
+        "{e}"
+    );
+}
+
+#[test]
+fn aliases_are_refused_in_defaults() {
+    let e = parse("[defaults]\nmodel = \"m\"\naliases = [\"x\"]\n")
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("[defaults] aliases"), "{e}");
+    assert!(
+        e.contains("move `aliases = [...]` to the [instances.NAME]"),
+        "{e}"
+    );
+}
+
+/// The shipped budgets.toml parses, and so does its commented `[http]` example.
+#[test]
+fn shipped_config_and_its_http_example_parse() {
+    let shipped = include_str!("../../../budgets.toml");
+    parse(shipped).unwrap();
+    let (head, example) = shipped
+        .split_once("# [http]\n")
+        .expect("the [http] example");
+    let example: String = example
+        .lines()
+        .map(|l| format!("{}\n", l.strip_prefix("# ").unwrap_or(l)))
+        .collect();
+    let c = parse(&format!("{head}[http]\n{example}")).unwrap();
+    assert!(c.http.explicit());
+    assert_eq!(
+        c.http.api_key_file.as_deref(),
+        Some(Path::new("/etc/belljar/api.key"))
+    );
+}
