@@ -200,12 +200,9 @@ impl<'m> Engine<'m> {
         Ok(())
     }
 
-    /// A context for a request outside the session, emptied: the session leaves it (it is on
+    /// Empties the context for a request outside the session: the session leaves it (it is on
     /// disk after every turn).
     fn clear_for_other(&mut self) -> Result<(), String> {
-        if self.ctx.is_none() {
-            self.create_context()?;
-        }
         self.holds_session = false;
         self.ctx()?.clear_kv_cache();
         self.tokens.clear();
@@ -565,11 +562,13 @@ impl<'m> Engine<'m> {
                 None,
             ),
         };
-        let n_ctx = if self.ctx.is_some() {
-            self.n_ctx() as usize
-        } else {
-            self.ctx_len as usize
-        };
+        if self.ctx.is_none() {
+            // Freed under memory pressure: rebuilt empty (the session comes back on its next
+            // turn). llama.cpp may make it longer than asked, so it is measured once built.
+            self.create_context()?;
+            self.holds_session = false;
+        }
+        let n_ctx = self.n_ctx() as usize;
         if prompt_tokens.len() >= n_ctx {
             return Err(ReqError::Invalid(format!(
                 "the prompt is {} tokens and the context holds {n_ctx}, leaving no room for a reply; shorten the prompt or raise ctx",
@@ -608,9 +607,7 @@ impl<'m> Engine<'m> {
     /// temperature 0, else top-k, top-p, min-p (each when on), temperature and a seeded draw.
     fn sampler(&self, s: &Sampling) -> LlamaSampler {
         let mut chain = Vec::new();
-        let penalties =
-            s.repeat_penalty != 1.0 || s.presence_penalty != 0.0 || s.frequency_penalty != 0.0;
-        if penalties && s.penalty_last_n > 0 {
+        if penalties_on(s) {
             chain.push(LlamaSampler::penalties(
                 self.model.n_vocab(),
                 i32::try_from(s.penalty_last_n).unwrap_or(i32::MAX),
@@ -657,12 +654,12 @@ impl<'m> Engine<'m> {
     ) -> Result<Option<Generated>, String> {
         self.decode(prompt_tokens, &mut |_, _| {})?;
         let mut sampler = self.sampler(&p.sampling);
-        let s = &p.sampling;
-        if s.penalty_last_n > 0
-            && (s.repeat_penalty != 1.0 || s.presence_penalty != 0.0 || s.frequency_penalty != 0.0)
-        {
+        if penalties_on(&p.sampling) {
             // The penalties look at the text so far, the prompt (the conversation) included.
-            let last = self.tokens.len().saturating_sub(s.penalty_last_n as usize);
+            let last = self
+                .tokens
+                .len()
+                .saturating_sub(p.sampling.penalty_last_n as usize);
             sampler.accept_many(&self.tokens[last..]);
         }
         let mut stop = StopScan::new(p.stop.iter().cloned().chain(end.map(str::to_owned)));
@@ -840,6 +837,12 @@ impl Outcome {
             Outcome::Aborted => Outcome::Aborted,
         }
     }
+}
+
+/// Whether any penalty is on (not its neutral value) and looks at some tokens.
+fn penalties_on(s: &Sampling) -> bool {
+    s.penalty_last_n > 0
+        && (s.repeat_penalty != 1.0 || s.presence_penalty != 0.0 || s.frequency_penalty != 0.0)
 }
 
 /// Makes room for the decoder's worst case, so `decode_to_string` consumes the whole input
