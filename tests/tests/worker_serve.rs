@@ -949,10 +949,10 @@ fn chat(id: u64, messages: &[(&str, &str)], max_tokens: u32) -> Prompt {
     }
 }
 
-/// A started, ready worker on the tiny generated model.
+/// A started, ready worker on the tiny generated model (one thread: tests run side by side).
 fn ready_worker(t: &TestDir, extra: &[&str]) -> WorkerLink {
     let model = t.model("m.gguf", &tiny_shape());
-    let mut w = start(t, &model, extra);
+    let mut w = start(t, &model, &[extra, &["--threads", "1"]].concat());
     w.handshake();
     until_ready(&w);
     w
@@ -962,7 +962,7 @@ fn ready_worker(t: &TestDir, extra: &[&str]) -> WorkerLink {
 fn completion_and_chat_are_served_outside_the_session() {
     let t = TestDir::new();
     let model = t.model("m.gguf", &tiny_shape());
-    let mut w = start(&t, &model, &["--ctx", "128"]);
+    let mut w = start(&t, &model, &["--ctx", "128", "--threads", "1"]);
     w.handshake();
     let ctx = until_ready(&w).ctx; // llama.cpp may round the context up
     let r = request(&mut w, completion(1, "once upon a time", 8)).unwrap();
@@ -1162,7 +1162,7 @@ fn a_request_outside_the_session_leaves_the_session_as_it_was() {
             "subject",
             &model,
             &t.join("state"),
-            &[],
+            &["--threads", "1"],
             &[("RUST_LOG", "info")],
         );
         w.handshake();
@@ -1209,7 +1209,7 @@ fn a_ten_turn_session_comes_back_after_a_completion() {
         "subject",
         &model,
         &t.join("state"),
-        &["--ctx", "2048"],
+        &["--ctx", "2048", "--threads", "1"],
         &[("RUST_LOG", "info")],
     );
     w.handshake();
@@ -1266,7 +1266,7 @@ fn cancel_stops_the_request_and_the_worker_serves_on() {
         }
     };
     assert_eq!(done.finish, Finish::Cancelled);
-    assert!(done.tokens >= 3 && done.tokens < 1000, "{done:?}");
+    assert!(done.tokens >= 3 && done.tokens < 2000, "{done:?}");
     assert_eq!(done.tokens as usize, streamed);
     let queued = queued_done.expect("the queued request was answered");
     assert_eq!((queued.finish, queued.tokens), (Finish::Cancelled, 0));
@@ -1279,7 +1279,7 @@ fn cancel_stops_the_request_and_the_worker_serves_on() {
     w.send(&SupervisorMsg::Cancel(Cancel { id: 4 }));
     let r = collect(&w, 4).unwrap();
     assert_eq!(r.done.finish, Finish::Cancelled);
-    assert!(r.done.tokens < 1000, "{:?}", r.done);
+    assert!(r.done.tokens < 2000, "{:?}", r.done);
 
     // The worker serves on; the cancelled turn is in neither the log nor the saved context.
     assert_eq!(log_tokens(&state).0, 1);
