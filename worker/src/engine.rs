@@ -452,12 +452,6 @@ impl<'m> Engine<'m> {
     ) -> Result<Outcome, ReqError> {
         let started = Instant::now();
         crate::request::check(p).map_err(ReqError::Invalid)?;
-        if p.sampling.repeat_penalty <= 0.0 {
-            return Err(ReqError::Invalid(format!(
-                "repeat_penalty must be above 0 (1 is off), got {}",
-                p.sampling.repeat_penalty
-            )));
-        }
         match p.mode {
             PromptMode::Session => self.answer_turn(p, started, on_token, control),
             PromptMode::Completion | PromptMode::Chat => {

@@ -10,6 +10,13 @@ pub fn check(p: &Prompt) -> Result<(), String> {
     p.sampling
         .check()
         .map_err(|e| format!("invalid sampling: {e}"))?;
+    // llama.cpp divides logits by it.
+    if p.sampling.repeat_penalty <= 0.0 {
+        return Err(format!(
+            "invalid sampling: repeat_penalty must be above 0 (1 is off), got {}",
+            p.sampling.repeat_penalty
+        ));
+    }
     crate::stop::check(&p.stop)?;
     match p.mode {
         PromptMode::Session | PromptMode::Completion => {
@@ -74,6 +81,14 @@ mod tests {
             ..prompt(PromptMode::Session)
         };
         assert!(check(&hot).unwrap_err().contains("temperature"));
+        let zero_penalty = Prompt {
+            sampling: Sampling {
+                repeat_penalty: 0.0,
+                ..Sampling::default()
+            },
+            ..prompt(PromptMode::Session)
+        };
+        assert!(check(&zero_penalty).unwrap_err().contains("above 0"));
         let stops = Prompt {
             stop: vec!["x".into(); 5],
             ..prompt(PromptMode::Completion)
