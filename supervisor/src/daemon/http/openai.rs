@@ -94,20 +94,6 @@ struct Common {
     ignore_eos: bool,
 }
 
-#[derive(Debug, Deserialize)]
-struct ChatBody {
-    #[serde(flatten)]
-    common: Common,
-    messages: Vec<Message>,
-}
-
-#[derive(Debug, Deserialize)]
-struct CompletionBody {
-    #[serde(flatten)]
-    common: Common,
-    prompt: Value,
-}
-
 /// A parsed request: the instance asked for, the worker's prompt (id 0 until submitted) and
 /// how to answer.
 #[derive(Debug)]
@@ -153,18 +139,18 @@ pub fn parse(kind: Kind, body: &[u8]) -> Result<Parsed, ApiError> {
     if !value.is_object() {
         return Err(bad("the body must be a JSON object"));
     }
-    let (common, mode, text, messages) = match kind {
+    // Each part is read on its own, so that an error names its field (`max_tokens: invalid
+    // value: integer -5, expected u32`).
+    let common: Common = field(&value, None)?;
+    let (mode, text, messages) = match kind {
         Kind::Chat => {
-            let b: ChatBody = serde_json::from_value(value).map_err(|e| bad(field_error(&e)))?;
-            let messages = messages(b.messages)?;
-            (b.common, PromptMode::Chat, String::new(), messages)
+            let raw: Vec<Message> = field(&value, Some("messages"))?;
+            (PromptMode::Chat, String::new(), messages(raw)?)
         }
         Kind::Completion => {
-            let b: CompletionBody =
-                serde_json::from_value(value).map_err(|e| bad(field_error(&e)))?;
-            let text = match b.prompt {
-                Value::String(s) => s,
-                Value::Array(a) if a.len() == 1 && a[0].is_string() => {
+            let text = match value.get("prompt") {
+                Some(Value::String(s)) => s.clone(),
+                Some(Value::Array(a)) if a.len() == 1 && a[0].is_string() => {
                     a[0].as_str().unwrap_or_default().to_owned()
                 }
                 _ => {
@@ -176,7 +162,7 @@ pub fn parse(kind: Kind, body: &[u8]) -> Result<Parsed, ApiError> {
             if text.is_empty() {
                 return Err(bad("prompt is empty; send some text"));
             }
-            (b.common, PromptMode::Completion, text, Vec::new())
+            (PromptMode::Completion, text, Vec::new())
         }
     };
     let c = common;
@@ -238,9 +224,24 @@ pub fn parse(kind: Kind, body: &[u8]) -> Result<Parsed, ApiError> {
     })
 }
 
-/// serde's message names the field and the problem; say it is the body's.
-fn field_error(e: &serde_json::Error) -> String {
-    format!("the request body does not fit the API: {e}")
+/// The body (or its field `name`) as a `T`; the error names the field and the problem.
+fn field<T: serde::de::DeserializeOwned>(body: &Value, name: Option<&str>) -> Result<T, ApiError> {
+    let part = match name {
+        None => body,
+        Some(n) => body
+            .get(n)
+            .ok_or_else(|| bad(format!("missing field `{n}`")))?,
+    };
+    serde_path_to_error::deserialize(part).map_err(|e| {
+        let path = e.path().to_string();
+        let at = match (name, path.as_str()) {
+            (Some(n), ".") => n.to_owned(),
+            (Some(n), p) => format!("{n}{}{p}", if p.starts_with('[') { "" } else { "." }),
+            (None, ".") => "the body".to_owned(),
+            (None, p) => p.to_owned(),
+        };
+        bad(format!("{at}: {}", e.inner()))
+    })
 }
 
 fn messages(raw: Vec<Message>) -> Result<Vec<ChatMessage>, ApiError> {
