@@ -10,7 +10,8 @@ Sides:
   http  `supervisor run --http 127.0.0.1:0` with one instance of the same model (the worker runs
         as the default worker_user `belljar-worker` in the supervisor's cgroup under
         `bench-http`), a streaming `POST /v1/completions` over a raw TCP socket.
-Both sides run the same worker binary and model (copied to a 0755 directory under
+This script, its client threads and the link-side worker run at nice -5 (--nice), the value the
+supervisor sets for itself and its workers inherit. Both sides run the same worker binary and model (copied to a 0755 directory under
 /var/lib/belljar-bench so that belljar-worker can read them). Repetitions alternate link, http,
 link, http, ... after one warm-up request on each side.
 
@@ -48,6 +49,8 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORK = "/var/lib/belljar-bench"
+# The instances' reservation (their cgroup memory limit), as in the shipped budgets.toml.
+RAM_LIMIT = os.environ.get("BENCH_RAM_LIMIT", "256MiB")
 # About 32 tokens on the demo model's tokenizer (the script prints the count the worker saw).
 PROMPT = ("The supervisor starts each worker in its own cgroup, watches its memory, and restarts "
           "it after a crash; tell me")
@@ -272,7 +275,8 @@ class Supervisor:
         conf = os.path.join(tmp, "budgets.toml")
         with open(conf, "w") as f:
             f.write('[budget]\nmin_required = "16MiB"\nheadroom = "64MiB"\n[defaults]\n'
-                    f'model = "{model}"\nctx = {ctx}\nthreads = {threads}\n')
+                    f'model = "{model}"\nctx = {ctx}\nthreads = {threads}\n'
+                    f'ram_limit = "{RAM_LIMIT}"\n')
             for nm in instances:
                 f.write(f"[instances.{nm}]\n")
             f.write(f"[modes.bench]\ninstances = {json.dumps(instances)}\n")
@@ -450,10 +454,15 @@ def main():
     ap.add_argument("--gen", type=int, default=256, help="tokens generated per request")
     ap.add_argument("--ctx", type=int, default=8192)
     ap.add_argument("--conc-reqs", type=int, default=5, help="requests per client in the concurrency run")
+    ap.add_argument("--nice", type=int, default=-5,
+                    help="nice value of this client and the link-side worker (the supervisor's and its workers' is -5)")
     ap.add_argument("--json", help="also write the raw results here")
     args = ap.parse_args()
     if os.geteuid() != 0:
         sys.exit("bench/http.py needs root (cgroups, the supervisor, worker_user)")
+    # The supervisor runs itself at nice -5 and its workers inherit it; the client and the
+    # link-side worker get the same, so both sides compete alike with the rest of the machine.
+    os.setpriority(os.PRIO_PROCESS, 0, args.nice)
     bins = os.path.abspath(args.bin)
     for b in ("worker", "supervisor"):
         if not os.access(os.path.join(bins, b), os.X_OK):
