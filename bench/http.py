@@ -51,9 +51,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORK = "/var/lib/belljar-bench"
 # The instances' reservation (their cgroup memory limit), as in the shipped budgets.toml.
 RAM_LIMIT = os.environ.get("BENCH_RAM_LIMIT", "256MiB")
-# About 32 tokens on the demo model's tokenizer (the script prints the count the worker saw).
-PROMPT = ("The supervisor starts each worker in its own cgroup, watches its memory, and restarts "
-          "it after a crash; tell me")
+# About 32 tokens on the demo model's tokenizer (the tables show the count the worker saw).
+PROMPT = "Tell me about the bell jar, now."  # 31 tokens with the demo model
 
 
 def now():
