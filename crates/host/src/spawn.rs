@@ -143,6 +143,11 @@ fn pre_exec(
     )?;
     nix::unistd::write(&adj, oom_score)?;
     drop(adj);
+    // The supervisor runs at a raised priority (nice -5) so that its loop stays ahead of the
+    // workers; a worker must not inherit it. Best effort: from a nice above 0 (a supervisor
+    // started with `nice`), lowering it needs privilege and it stays.
+    // SAFETY: setpriority takes plain integers and touches no memory; async-signal-safe.
+    let _ = unsafe { nix::libc::setpriority(nix::libc::PRIO_PROCESS, 0, 0) };
     fcntl(link, FcntlArg::F_SETFD(FdFlag::empty()))?;
     if let Some((uid, gid)) = ids {
         nix::unistd::setgroups(&[gid])?;

@@ -182,7 +182,10 @@ impl Daemon {
     ) -> std::io::Result<()> {
         link.set_nonblocking(true)?;
         let stream = tokio::net::UnixStream::from_std(link)?;
-        let (mut rd, mut wr) = stream.into_split();
+        let (rd, mut wr) = stream.into_split();
+        // Buffered: a token's frame (length, then body) and the frames behind it come in one
+        // read, not two or three.
+        let mut rd = tokio::io::BufReader::with_capacity(16 * 1024, rd);
         let events = self.events.clone();
         let name = name.to_owned();
         tokio::spawn(async move {
