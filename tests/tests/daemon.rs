@@ -441,6 +441,15 @@ fn worker_user_runs_the_worker_unprivileged_in_its_cgroup() {
         read(&d.parent().join("subject"), "cgroup.procs"),
         pid.to_string()
     );
+    // The supervisor runs at nice -5 (as root), ahead of its workers; they run at 0 (they used
+    // to inherit -5 and compete with the loop and everything else on the machine).
+    let nice = |pid: u64| -> i64 {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+        let after = &stat[stat.rfind(')').unwrap() + 2..];
+        after.split(' ').nth(16).unwrap().parse().unwrap()
+    };
+    assert_eq!(nice(u64::from(d.child.id())), -5, "the supervisor's nice");
+    assert_eq!(nice(pid), 0, "the worker's nice");
     assert_eq!(d.terminate().code(), Some(0));
 }
 
