@@ -10,8 +10,8 @@ Sides:
   http  `supervisor run --http 127.0.0.1:0` with one instance of the same model (the worker runs
         as the default worker_user `belljar-worker` in the supervisor's cgroup under
         `bench-http`), a streaming `POST /v1/completions` over a raw TCP socket.
-This script, its client threads and the link-side worker run at nice -5 (--nice), the value the
-supervisor sets for itself and its workers inherit. Both sides run the same worker binary and model (copied to a 0755 directory under
+This script, its client threads and the link-side worker run at nice 0 (--nice), the value the
+supervisor's workers run at (the supervisor itself runs at -5). Both sides run the same worker binary and model (copied to a 0755 directory under
 /var/lib/belljar-bench so that belljar-worker can read them). Repetitions alternate link, http,
 link, http, ... after one warm-up request on each side.
 
@@ -453,14 +453,14 @@ def main():
     ap.add_argument("--gen", type=int, default=256, help="tokens generated per request")
     ap.add_argument("--ctx", type=int, default=8192)
     ap.add_argument("--conc-reqs", type=int, default=5, help="requests per client in the concurrency run")
-    ap.add_argument("--nice", type=int, default=-5,
-                    help="nice value of this client and the link-side worker (the supervisor's and its workers' is -5)")
+    ap.add_argument("--nice", type=int, default=0,
+                    help="nice value of this client and the link-side worker (the supervisor's workers run at 0)")
     ap.add_argument("--json", help="also write the raw results here")
     args = ap.parse_args()
     if os.geteuid() != 0:
         sys.exit("bench/http.py needs root (cgroups, the supervisor, worker_user)")
-    # The supervisor runs itself at nice -5 and its workers inherit it; the client and the
-    # link-side worker get the same, so both sides compete alike with the rest of the machine.
+    # The supervisor runs itself at nice -5 and its workers at 0; the client and the link-side
+    # worker get 0 too, so both workers compete alike with the rest of the machine.
     os.setpriority(os.PRIO_PROCESS, 0, args.nice)
     bins = os.path.abspath(args.bin)
     for b in ("worker", "supervisor"):
