@@ -152,12 +152,17 @@ impl Daemon {
         .stderr(stderr);
         // Tests read the log from stderr, also on machines where journald is reachable.
         cmd.env("BELLJAR_LOG_FORMAT", "text");
-        // Every test daemon serves its HTTP API on a free port of its own (`http_addr`).
+        // Every test daemon serves its HTTP API on a free port of its own (`http_addr`), unless
+        // the test says otherwise (`BELLJAR_HTTP` in `env`; empty: unset, the config decides).
         cmd.env("BELLJAR_HTTP", "127.0.0.1:0");
         // Its own process group, as a shell job is: a test can signal the group like a terminal.
         std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
         for (k, v) in env {
-            cmd.env(k, v);
+            if *k == "BELLJAR_HTTP" && v.is_empty() {
+                cmd.env_remove(k);
+            } else {
+                cmd.env(k, v);
+            }
         }
         let child = cmd.spawn().expect("spawn supervisor");
 
