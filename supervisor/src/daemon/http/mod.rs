@@ -582,6 +582,11 @@ async fn ask(
         Ok(g) => g,
         Err(e) => return e.into_response(),
     };
+    ask_stream(s, first)
+}
+
+/// The session's SSE stream (see [`ask`]).
+fn ask_stream(s: Submitted, first: Gen) -> Response {
     let state = (s, Some(first), false);
     let events = futures_util::stream::unfold(state, |mut st| async move {
         let (s, first, over) = &mut st;

@@ -172,10 +172,35 @@ pub fn parse(kind: Kind, body: &[u8]) -> Result<Parsed, ApiError> {
     if c.n.is_some_and(|n| n != 1) {
         return Err(bad("n must be 1: belljar generates one choice per request"));
     }
-    let stop = match c.stop {
+    let (sampling, stop) = settings(&c)?;
+    let max_tokens = c.max_completion_tokens.or(c.max_tokens);
+    if max_tokens == Some(0) {
+        return Err(bad("max_tokens must be at least 1"));
+    }
+    Ok(Parsed {
+        model: c.model,
+        prompt: Prompt {
+            id: 0,
+            mode,
+            text,
+            messages,
+            // The worker clamps it to what the context has left after the prompt.
+            max_tokens: max_tokens.unwrap_or(u32::MAX),
+            ignore_eos: c.ignore_eos,
+            sampling,
+            stop,
+        },
+        stream: c.stream,
+        include_usage: c.stream_options.is_some_and(|o| o.include_usage),
+    })
+}
+
+/// The sampler's settings and the stop texts, checked.
+fn settings(c: &Common) -> Result<(Sampling, Vec<String>), ApiError> {
+    let stop = match &c.stop {
         None => Vec::new(),
-        Some(Stop::One(s)) => vec![s],
-        Some(Stop::Many(v)) => v,
+        Some(Stop::One(s)) => vec![s.clone()],
+        Some(Stop::Many(v)) => v.clone(),
     };
     if stop.len() > MAX_STOPS {
         return Err(bad(format!(
@@ -202,26 +227,7 @@ pub fn parse(kind: Kind, body: &[u8]) -> Result<Parsed, ApiError> {
         ..Sampling::default()
     };
     sampling.check().map_err(bad)?;
-    let max_tokens = c.max_completion_tokens.or(c.max_tokens);
-    if max_tokens == Some(0) {
-        return Err(bad("max_tokens must be at least 1"));
-    }
-    Ok(Parsed {
-        model: c.model,
-        prompt: Prompt {
-            id: 0,
-            mode,
-            text,
-            messages,
-            // The worker clamps it to what the context has left after the prompt.
-            max_tokens: max_tokens.unwrap_or(u32::MAX),
-            ignore_eos: c.ignore_eos,
-            sampling,
-            stop,
-        },
-        stream: c.stream,
-        include_usage: c.stream_options.is_some_and(|o| o.include_usage),
-    })
+    Ok((sampling, stop))
 }
 
 /// The body (or its field `name`) as a `T`; the error names the field and the problem.
