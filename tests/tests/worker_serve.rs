@@ -865,3 +865,504 @@ fn a_kill_between_log_append_and_state_save_is_repaired_once() {
         "no second re-prefill"
     );
 }
+
+// --- requests outside the session, sampling, stop texts, Cancel (protocol 2) -------------------
+
+use belljar_protocol::worker::{
+    Cancel, ChatMessage, Done, ErrorKind, ErrorReply, Finish, PromptMode, Sampling,
+};
+
+/// What a request got: the streamed text, the number of Token frames, and its Done.
+#[derive(Debug)]
+struct Reply {
+    text: String,
+    frames: usize,
+    done: Done,
+}
+
+/// Sends `p` and collects its reply (Tokens then Done), or its Error.
+#[track_caller]
+fn request(w: &mut WorkerLink, p: Prompt) -> Result<Reply, ErrorReply> {
+    let id = p.id;
+    w.send(&SupervisorMsg::Prompt(p));
+    collect(w, id)
+}
+
+/// The reply to request `id`, which was already sent.
+#[track_caller]
+fn collect(w: &WorkerLink, id: u64) -> Result<Reply, ErrorReply> {
+    let mut text = String::new();
+    let mut frames = 0;
+    loop {
+        match w.recv_skip_heartbeats() {
+            Some(WorkerMsg::Token(t)) if t.id == id => {
+                text.push_str(&t.text);
+                frames += 1;
+            }
+            Some(WorkerMsg::Done(done)) if done.id == id => {
+                return Ok(Reply { text, frames, done });
+            }
+            Some(WorkerMsg::Error(e)) if e.id == Some(id) => return Err(e),
+            other => panic!(
+                "expected Token/Done/Error for {id}, got {other:?}; stderr:\n{}",
+                w.stderr()
+            ),
+        }
+    }
+}
+
+fn completion(id: u64, text: &str, max_tokens: u32) -> Prompt {
+    Prompt {
+        id,
+        mode: PromptMode::Completion,
+        text: text.into(),
+        max_tokens,
+        ignore_eos: true,
+        ..Prompt::default()
+    }
+}
+
+fn turn(id: u64, text: &str, max_tokens: u32) -> Prompt {
+    Prompt {
+        id,
+        text: text.into(),
+        max_tokens,
+        ignore_eos: true,
+        ..Prompt::default()
+    }
+}
+
+fn chat(id: u64, messages: &[(&str, &str)], max_tokens: u32) -> Prompt {
+    Prompt {
+        id,
+        mode: PromptMode::Chat,
+        messages: messages
+            .iter()
+            .map(|(role, content)| ChatMessage {
+                role: (*role).into(),
+                content: (*content).into(),
+            })
+            .collect(),
+        max_tokens,
+        ignore_eos: true,
+        ..Prompt::default()
+    }
+}
+
+/// A started, ready worker on the tiny generated model (one thread: tests run side by side).
+fn ready_worker(t: &TestDir, extra: &[&str]) -> WorkerLink {
+    let model = t.model("m.gguf", &tiny_shape());
+    let mut w = start(t, &model, &[extra, &["--threads", "1"]].concat());
+    w.handshake();
+    until_ready(&w);
+    w
+}
+
+#[test]
+fn completion_and_chat_are_served_outside_the_session() {
+    let t = TestDir::new();
+    let model = t.model("m.gguf", &tiny_shape());
+    let mut w = start(&t, &model, &["--ctx", "128", "--threads", "1"]);
+    w.handshake();
+    let ctx = until_ready(&w).ctx; // llama.cpp may round the context up
+    let r = request(&mut w, completion(1, "once upon a time", 8)).unwrap();
+    assert_eq!((r.frames, r.done.tokens), (8, 8), "one Token per token");
+    assert_eq!(r.done.finish, Finish::Length, "max_tokens ran out");
+    assert!(r.done.prompt_tokens > 0, "{:?}", r.done);
+
+    let c = request(
+        &mut w,
+        chat(
+            2,
+            &[("system", "be brief"), ("user", "once upon a time")],
+            8,
+        ),
+    )
+    .unwrap();
+    assert_eq!(c.done.tokens, 8);
+    assert_eq!(c.done.finish, Finish::Length);
+    assert!(
+        c.done.prompt_tokens > r.done.prompt_tokens,
+        "the rendered chat is longer than its text: {:?} vs {:?}",
+        c.done,
+        r.done
+    );
+    // Without ignore_eos a chat ends at the model's end of turn or at max_tokens.
+    let free = request(
+        &mut w,
+        Prompt {
+            ignore_eos: false,
+            ..chat(3, &[("user", "hi")], 8)
+        },
+    )
+    .unwrap();
+    assert!(free.done.tokens <= 8);
+    assert_eq!(
+        free.done.finish,
+        if free.done.tokens < 8 {
+            Finish::Stop
+        } else {
+            Finish::Length
+        }
+    );
+
+    // max_tokens is clamped to what the context has left after the prompt.
+    let long = request(&mut w, completion(4, "once upon a time", 100_000)).unwrap();
+    assert_eq!(long.done.finish, Finish::Length);
+    assert_eq!(
+        long.done.prompt_tokens + long.done.tokens,
+        ctx,
+        "the context is used to its end: {:?}",
+        long.done
+    );
+    assert!(
+        !t.join("state").join("session.log").exists(),
+        "nothing logged"
+    );
+    assert_eq!(log_tokens(&t.join("state")), (0, 0));
+}
+
+#[test]
+fn a_stop_text_ends_the_reply_before_it() {
+    let t = TestDir::new();
+    let mut w = ready_worker(&t, &[]);
+    let first = request(&mut w, completion(1, "the quick brown fox", 48)).unwrap();
+    let chars: Vec<char> = first.text.chars().collect();
+    assert!(chars.len() >= 12, "{:?}", first.text);
+    let mid = chars.len() / 2;
+    let stop: String = chars[mid..mid + 3].iter().collect();
+    let expected = &first.text[..first.text.find(&stop).unwrap()];
+
+    let stopped = request(
+        &mut w,
+        Prompt {
+            stop: vec!["never in this reply \u{1}".into(), stop.clone()],
+            ..completion(2, "the quick brown fox", 48)
+        },
+    )
+    .unwrap();
+    assert_eq!(stopped.text, expected, "stop text {stop:?}");
+    assert_eq!(stopped.done.finish, Finish::Stop);
+    assert!(stopped.done.tokens < 48, "{:?}", stopped.done);
+
+    // A session turn: the logged reply is the text before the stop text.
+    let t2 = TestDir::new();
+    let mut s = ready_worker(&t2, &[]);
+    let plain = request(&mut s, turn(1, "the quick brown fox", 48)).unwrap();
+    drop(s);
+    let chars: Vec<char> = plain.text.chars().collect();
+    let stop: String = chars[chars.len() / 2..chars.len() / 2 + 3].iter().collect();
+    let expected = &plain.text[..plain.text.find(&stop).unwrap()];
+    let t3 = TestDir::new();
+    let mut s = ready_worker(&t3, &[]);
+    let cut = request(
+        &mut s,
+        Prompt {
+            stop: vec![stop.clone()],
+            ..turn(1, "the quick brown fox", 48)
+        },
+    )
+    .unwrap();
+    assert_eq!(cut.text, expected);
+    assert_eq!(cut.done.finish, Finish::Stop);
+    let log = std::fs::read_to_string(t3.join("state").join("session.log")).unwrap();
+    let logged: serde_json::Value = serde_json::from_str(log.lines().last().unwrap()).unwrap();
+    assert_eq!(
+        logged["reply"], expected,
+        "the logged reply has no stop text"
+    );
+}
+
+#[test]
+fn sampling_with_a_seed_is_reproducible_and_greedy_is_unchanged() {
+    let t = TestDir::new();
+    let mut w = ready_worker(&t, &[]);
+    let sampled = |seed: u32| Prompt {
+        sampling: Sampling {
+            temperature: 1.0,
+            top_p: 0.95,
+            top_k: 40,
+            min_p: 0.01,
+            seed: Some(seed),
+            repeat_penalty: 1.1,
+            presence_penalty: 0.5,
+            frequency_penalty: 0.5,
+            ..Sampling::default()
+        },
+        ..completion(0, "the quick brown fox", 32)
+    };
+    let a = request(
+        &mut w,
+        Prompt {
+            id: 1,
+            ..sampled(42)
+        },
+    )
+    .unwrap();
+    let b = request(
+        &mut w,
+        Prompt {
+            id: 2,
+            ..sampled(42)
+        },
+    )
+    .unwrap();
+    let c = request(
+        &mut w,
+        Prompt {
+            id: 3,
+            ..sampled(43)
+        },
+    )
+    .unwrap();
+    assert_eq!(a.text, b.text, "the same seed gives the same text");
+    assert_ne!(a.text, c.text, "another seed another text");
+    let greedy = request(&mut w, completion(4, "the quick brown fox", 32)).unwrap();
+    let again = request(&mut w, completion(5, "the quick brown fox", 32)).unwrap();
+    assert_eq!(greedy.text, again.text);
+    assert_ne!(greedy.text, a.text);
+    // Sampling from the one most likely token is greedy: the chain is really applied.
+    let top1 = request(
+        &mut w,
+        Prompt {
+            sampling: Sampling {
+                temperature: 0.8,
+                top_k: 1,
+                seed: Some(7),
+                ..Sampling::default()
+            },
+            ..completion(6, "the quick brown fox", 32)
+        },
+    )
+    .unwrap();
+    assert_eq!(top1.text, greedy.text);
+    // A session turn at the default (greedy) is what a completion of the same text gives: the
+    // session's first turn is the same tokens in an empty context.
+    let session = request(&mut w, turn(7, "the quick brown fox", 32)).unwrap();
+    assert_eq!(session.text, greedy.text);
+}
+
+/// A completion between two session turns does not change the session: the second turn's reply
+/// is what it is without the completion (greedy makes that exact), and the session comes back
+/// from its saved state.
+#[test]
+fn a_request_outside_the_session_leaves_the_session_as_it_was() {
+    let turns = [
+        "first turn",
+        "second turn",
+        "third turn",
+        "fourth turn",
+        "fifth turn",
+    ];
+    let run = |outside: bool| {
+        let t = TestDir::new();
+        let model = t.model("m.gguf", &tiny_shape());
+        let mut w = WorkerLink::start_with_env(
+            t.path(),
+            "subject",
+            &model,
+            &t.join("state"),
+            &["--threads", "1"],
+            &[("RUST_LOG", "info")],
+        );
+        w.handshake();
+        until_ready(&w);
+        let mut replies = Vec::new();
+        for (i, text) in turns.iter().enumerate() {
+            replies.push(request(&mut w, turn(i as u64 * 10, text, 16)).unwrap().text);
+            if outside {
+                request(&mut w, completion(i as u64 * 10 + 1, "something else", 16)).unwrap();
+                request(&mut w, chat(i as u64 * 10 + 2, &[("user", "more")], 16)).unwrap();
+            }
+        }
+        let log = log_tokens(&t.join("state"));
+        let stderr = w.stderr();
+        w.send(&SupervisorMsg::Shutdown(Shutdown {}));
+        assert_eq!(w.wait().code(), Some(0));
+        (replies, log, stderr)
+    };
+    let (with, log_with, stderr) = run(true);
+    let (without, log_without, _) = run(false);
+    assert_eq!(
+        with, without,
+        "the session goes on as if nothing came between"
+    );
+    assert_eq!(log_with, log_without);
+    assert_eq!(log_with.0, turns.len() as u64);
+    let restores: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.contains("session restored from state after a request outside it"))
+        .collect();
+    assert_eq!(restores.len(), turns.len() - 1, "{stderr}");
+    for r in restores {
+        eprintln!("{r}");
+    }
+}
+
+/// The restore after a request outside the session, timed for a 10-turn session.
+#[test]
+fn a_ten_turn_session_comes_back_after_a_completion() {
+    let t = TestDir::new();
+    let model = t.model("m.gguf", &tiny_shape());
+    let mut w = WorkerLink::start_with_env(
+        t.path(),
+        "subject",
+        &model,
+        &t.join("state"),
+        &["--ctx", "2048", "--threads", "1"],
+        &[("RUST_LOG", "info")],
+    );
+    w.handshake();
+    until_ready(&w);
+    for i in 0..10 {
+        request(&mut w, turn(i, "tell me a little more about it", 32)).unwrap();
+    }
+    request(&mut w, completion(100, "something else", 16)).unwrap();
+    let sent = Instant::now();
+    let r = request(&mut w, turn(11, "and then?", 1)).unwrap();
+    let turn_ms = sent.elapsed().as_millis();
+    assert_eq!(r.done.tokens, 1);
+    let stderr = w.stderr();
+    let line = stderr
+        .lines()
+        .find(|l| l.contains("after a request outside it"))
+        .unwrap_or_else(|| panic!("no restore logged: {stderr}"));
+    assert!(line.contains("10 turns"), "{line}");
+    eprintln!("{line} (the whole turn took {turn_ms} ms)");
+    assert_eq!(log_tokens(&t.join("state")).0, 11);
+}
+
+#[test]
+fn cancel_stops_the_request_and_the_worker_serves_on() {
+    let t = TestDir::new();
+    let state = t.join("state");
+    let mut w = ready_worker(&t, &["--ctx", "4096"]);
+    request(&mut w, turn(1, "a whole turn", 8)).unwrap();
+    let saved = state_meta(&state);
+    // Cancel when idle, and of an unknown id: ignored, no reply.
+    w.send(&SupervisorMsg::Cancel(Cancel { id: 1 }));
+    w.send(&SupervisorMsg::Cancel(Cancel { id: 99 }));
+
+    // A long session turn, cancelled after a few tokens; a queued request is cancelled too.
+    w.send(&SupervisorMsg::Prompt(turn(2, "a long one", 4000)));
+    let mut streamed = 0;
+    let mut queued_done = None;
+    let done = loop {
+        match w.recv_skip_heartbeats() {
+            Some(WorkerMsg::Token(tok)) => {
+                assert_eq!(tok.id, 2);
+                streamed += 1;
+                if streamed == 1 {
+                    w.send(&SupervisorMsg::Prompt(turn(3, "queued", 8)));
+                    w.send(&SupervisorMsg::Cancel(Cancel { id: 3 }));
+                }
+                if streamed == 3 {
+                    w.send(&SupervisorMsg::Cancel(Cancel { id: 2 }));
+                }
+            }
+            Some(WorkerMsg::Done(d)) if d.id == 3 => queued_done = Some(d),
+            Some(WorkerMsg::Done(d)) if d.id == 2 => break d,
+            other => panic!("expected Token/Done, got {other:?}; {}", w.stderr()),
+        }
+    };
+    assert_eq!(done.finish, Finish::Cancelled);
+    assert!(done.tokens >= 3 && done.tokens < 2000, "{done:?}");
+    assert_eq!(done.tokens as usize, streamed);
+    let queued = queued_done.expect("the queued request was answered");
+    assert_eq!((queued.finish, queued.tokens), (Finish::Cancelled, 0));
+
+    // A cancelled completion.
+    w.send(&SupervisorMsg::Prompt(completion(4, "a long one", 4000)));
+    let Some(WorkerMsg::Token(_)) = w.recv_skip_heartbeats() else {
+        panic!("expected a Token")
+    };
+    w.send(&SupervisorMsg::Cancel(Cancel { id: 4 }));
+    let r = collect(&w, 4).unwrap();
+    assert_eq!(r.done.finish, Finish::Cancelled);
+    assert!(r.done.tokens < 2000, "{:?}", r.done);
+
+    // The worker serves on; the cancelled turn is in neither the log nor the saved context.
+    assert_eq!(log_tokens(&state).0, 1);
+    assert_eq!(state_meta(&state), saved);
+    let next = request(&mut w, turn(5, "next", 4)).unwrap();
+    assert_eq!((next.done.tokens, next.done.finish), (4, Finish::Length));
+    assert_eq!(log_tokens(&state).0, 2);
+    let log = std::fs::read_to_string(state.join("session.log")).unwrap();
+    assert!(!log.contains("a long one"), "{log}");
+}
+
+#[test]
+fn bad_requests_are_invalid_and_the_worker_keeps_serving() {
+    let t = TestDir::new();
+    let mut w = ready_worker(&t, &["--ctx", "64"]);
+    let hot = Sampling {
+        temperature: 5.0,
+        ..Sampling::default()
+    };
+    let long = "the quick brown fox jumps over the lazy dog ".repeat(20);
+    let cases: Vec<(Prompt, &str)> = vec![
+        (
+            Prompt {
+                sampling: hot,
+                ..completion(0, "hi", 4)
+            },
+            "temperature",
+        ),
+        (
+            Prompt {
+                sampling: hot,
+                ..turn(0, "hi", 4)
+            },
+            "temperature",
+        ),
+        (
+            Prompt {
+                sampling: Sampling {
+                    repeat_penalty: 0.0,
+                    ..Sampling::default()
+                },
+                ..completion(0, "hi", 4)
+            },
+            "repeat_penalty",
+        ),
+        (
+            Prompt {
+                stop: vec!["a".into(); 5],
+                ..completion(0, "hi", 4)
+            },
+            "at most 4",
+        ),
+        (
+            Prompt {
+                stop: vec!["a".repeat(300)],
+                ..turn(0, "hi", 4)
+            },
+            "256",
+        ),
+        (completion(0, &long, 4), "shorten the prompt"),
+        (chat(0, &[("user", &long)], 4), "shorten the prompt"),
+        (turn(0, &long, 4), "exceeds ctx"),
+        (turn(0, "hi", 1000), "exceeds ctx"),
+        (completion(0, "", 4), "empty prompt"),
+        (turn(0, "", 4), "empty prompt"),
+        (chat(0, &[], 4), "no messages"),
+        (chat(0, &[("wizard", "hi")], 4), "role"),
+        (
+            Prompt {
+                text: "hi".into(),
+                ..chat(0, &[("user", "hi")], 4)
+            },
+            "messages",
+        ),
+    ];
+    for (i, (p, needle)) in cases.into_iter().enumerate() {
+        let id = 100 + i as u64;
+        let e = request(&mut w, Prompt { id, ..p }).expect_err(needle);
+        assert_eq!(e.kind, ErrorKind::Invalid, "{e:?}");
+        assert!(e.message.contains(needle), "case {i}: {e:?}");
+    }
+    let r = request(&mut w, turn(1, "still there?", 4)).unwrap();
+    assert_eq!(r.done.tokens, 4);
+    assert_eq!(log_tokens(&t.join("state")).0, 1);
+    assert!(!w.stderr().contains("panicked"), "{}", w.stderr());
+}

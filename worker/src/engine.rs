@@ -13,9 +13,10 @@ use llama_cpp_2::model::LlamaModel;
 use llama_cpp_2::sampling::LlamaSampler;
 use llama_cpp_2::token::LlamaToken;
 
-use belljar_protocol::worker::{RestoredFrom, SessionInfo};
+use belljar_protocol::worker::{Finish, Prompt, PromptMode, RestoredFrom, Sampling, SessionInfo};
 
 use crate::session::{Identity, SessionFiles, StateMeta, StateReject, Turn, keep_newest};
+use crate::stop::StopScan;
 
 /// The sequence every conversation lives in.
 const SEQ: i32 = 0;
@@ -33,7 +34,9 @@ pub struct Engine<'m> {
     ctx: Option<LlamaContext<'m>>,
     ctx_len: u32,
     threads: i32,
-    sampler: LlamaSampler,
+    /// The context holds the session (its turns from `first_turn` on), not a request outside it.
+    /// When false the next session turn restores the session from disk first.
+    holds_session: bool,
     /// The tokens in the context, in order (KV positions 0..len).
     tokens: Vec<LlamaToken>,
     turns: Vec<Turn>,
@@ -46,13 +49,34 @@ pub struct Engine<'m> {
 
 /// How a request ended.
 pub enum Outcome {
+    /// Generation ended (a cancelled session turn is not kept: neither in the log nor in the
+    /// context).
     Done {
+        /// Tokens generated.
         tokens: u32,
+        /// Tokens of the prompt evaluated (a chat request's as rendered).
+        prompt_tokens: u32,
         ms: u64,
+        finish: Finish,
     },
     /// Stopped early (Shutdown or the supervisor went away). The partial turn is not kept: it is
     /// neither in the log nor in the context, as the client hears that the request failed.
     Aborted,
+}
+
+/// A request that could not be served, and whose fault that is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReqError {
+    /// The request's: too long, empty, bad settings. The message names the fix.
+    Invalid(String),
+    /// The worker's (llama.cpp failed, a disk error).
+    Internal(String),
+}
+
+impl From<String> for ReqError {
+    fn from(message: String) -> ReqError {
+        ReqError::Internal(message)
+    }
 }
 
 /// A fault injected on purpose, for tests only (`BELLJAR_FAULT`, docs/operations.md).
@@ -83,8 +107,14 @@ pub struct Restored {
 /// What a generation step may be told by the caller between tokens.
 pub enum Control {
     Continue,
+    /// The client went away: stop and answer `Done` (`finish: cancelled`).
+    Cancel,
+    /// The worker is stopping: the request fails.
     Abort,
 }
+
+/// Temperatures below this are greedy: dividing logits by them could overflow to infinity.
+const MIN_TEMPERATURE: f32 = 1e-3;
 
 const NO_CONTEXT: &str = "the context is not loaded";
 
@@ -104,7 +134,7 @@ impl<'m> Engine<'m> {
             ctx: None,
             ctx_len,
             threads: i32::try_from(threads).unwrap_or(i32::MAX),
-            sampler: LlamaSampler::greedy(),
+            holds_session: true,
             tokens: Vec::new(),
             turns: Vec::new(),
             first_turn: 0,
@@ -140,16 +170,42 @@ impl<'m> Engine<'m> {
         freed
     }
 
-    /// Rebuilds a freed context and restores the session into it.
-    fn ensure_context(&mut self) -> Result<(), String> {
+    /// Makes the context hold the session: a freed context is rebuilt and the session restored
+    /// into it from disk; a context that holds a request outside the session is cleared and the
+    /// session restored the same way (its saved state, else a re-prefill from the log).
+    fn ensure_session(&mut self) -> Result<(), String> {
         if self.ctx.is_none() {
             self.create_context()?;
+            self.holds_session = false;
             let restored = self.restore(|_, _| {})?;
+            self.holds_session = true;
             tracing::warn!(
                 "context reloaded after memory pressure (session restored from {})",
                 restored.from.as_str()
             );
+        } else if !self.holds_session {
+            let started = Instant::now();
+            self.ctx()?.clear_kv_cache();
+            self.tokens.clear();
+            let from = self.restore_turns(&mut |_, _| {})?;
+            self.holds_session = true;
+            tracing::info!(
+                "session restored from {} after a request outside it: {} turns, {} tokens in {} ms",
+                from.as_str(),
+                self.turns.len(),
+                self.tokens.len(),
+                started.elapsed().as_millis()
+            );
         }
+        Ok(())
+    }
+
+    /// Empties the context for a request outside the session: the session leaves it (it is on
+    /// disk after every turn).
+    fn clear_for_other(&mut self) -> Result<(), String> {
+        self.holds_session = false;
+        self.ctx()?.clear_kv_cache();
+        self.tokens.clear();
         Ok(())
     }
 
@@ -384,34 +440,51 @@ impl<'m> Engine<'m> {
         Ok(())
     }
 
-    /// Answers one prompt: `on_token(text)` per generated token, `control()` between tokens.
-    /// A finished turn is appended to the log and the state saved before this returns; a turn
-    /// that is aborted or fails is taken back out of the context and never logged, so the log
-    /// holds exactly the replies that ended in `Done`.
+    /// Answers one prompt: `on_token(text)` for each generated token (the text that can be sent:
+    /// a tail that may be the start of a stop text is held back), `control()` between tokens.
+    /// Everything in `p` is checked first: a bad request is [`ReqError::Invalid`] and leaves the
+    /// context as it was.
     pub fn answer(
         &mut self,
-        prompt: &str,
-        max_tokens: u32,
-        ignore_eos: bool,
+        p: &Prompt,
         on_token: impl FnMut(String),
         control: impl FnMut() -> Control,
-    ) -> Result<Outcome, String> {
+    ) -> Result<Outcome, ReqError> {
         let started = Instant::now();
-        if prompt.is_empty() {
-            return Err("empty prompt; send some text".into());
+        crate::request::check(p).map_err(ReqError::Invalid)?;
+        match p.mode {
+            PromptMode::Session => self.answer_turn(p, started, on_token, control),
+            PromptMode::Completion | PromptMode::Chat => {
+                self.answer_outside(p, started, on_token, control)
+            }
         }
-        self.ensure_context()?;
+    }
+
+    /// The session's next turn. A finished turn is appended to the log and the state saved
+    /// before this returns; a turn that is cancelled, aborted or fails is taken back out of the
+    /// context and never logged, so the log holds exactly the replies that ended in `Done`
+    /// without `finish: cancelled`. With a stop text, the logged reply is the text before it (as
+    /// sent) and the turn's tokens are all the generated ones (as in the context).
+    fn answer_turn(
+        &mut self,
+        p: &Prompt,
+        started: Instant,
+        on_token: impl FnMut(String),
+        control: impl FnMut() -> Control,
+    ) -> Result<Outcome, ReqError> {
+        self.ensure_session()?;
         let prompt_tokens =
             self.model
                 .vocab()
-                .tokenize(prompt.as_bytes(), self.tokens.is_empty(), false);
+                .tokenize(p.text.as_bytes(), self.tokens.is_empty(), false);
         let n_ctx = self.n_ctx() as usize;
-        let need = prompt_tokens.len() + max_tokens as usize;
+        let need = prompt_tokens.len() + p.max_tokens as usize;
         if need > n_ctx {
-            return Err(format!(
-                "the prompt ({} tokens) plus max_tokens ({max_tokens}) exceeds ctx {n_ctx}; shorten the prompt, lower max_tokens or raise ctx",
-                prompt_tokens.len()
-            ));
+            return Err(ReqError::Invalid(format!(
+                "the prompt ({} tokens) plus max_tokens ({}) exceeds ctx {n_ctx}; shorten the prompt, lower max_tokens or raise ctx",
+                prompt_tokens.len(),
+                p.max_tokens
+            )));
         }
         if self.tokens.len() + need > n_ctx {
             let first = keep_newest(&self.turns, n_ctx - need).max(self.first_turn);
@@ -423,7 +496,7 @@ impl<'m> Engine<'m> {
         }
         let before = self.tokens.len();
         let generated =
-            match self.generate(&prompt_tokens, max_tokens, ignore_eos, on_token, control) {
+            match self.generate(&prompt_tokens, p.max_tokens, p, None, on_token, control) {
                 Ok(Some(g)) => g,
                 Ok(None) => {
                     self.take_back(before);
@@ -431,11 +504,21 @@ impl<'m> Engine<'m> {
                 }
                 Err(e) => {
                     self.take_back(before);
-                    return Err(e);
+                    return Err(e.into());
                 }
             };
+        let outcome = Outcome::Done {
+            tokens: generated.tokens.len() as u32,
+            prompt_tokens: prompt_tokens.len() as u32,
+            ms: 0,
+            finish: generated.finish,
+        };
+        if generated.finish == Finish::Cancelled {
+            self.take_back(before);
+            return Ok(outcome.at(started));
+        }
         let turn = Turn {
-            prompt: prompt.to_owned(),
+            prompt: p.text.clone(),
             reply: generated.reply,
             tokens: prompt_tokens
                 .iter()
@@ -445,50 +528,198 @@ impl<'m> Engine<'m> {
         };
         if let Err(e) = self.persist(turn) {
             self.take_back(before);
-            return Err(e);
+            return Err(e.into());
         }
-        Ok(Outcome::Done {
-            tokens: generated.tokens.len() as u32,
-            ms: started.elapsed().as_millis() as u64,
-        })
+        Ok(outcome.at(started))
     }
 
-    /// Decodes the prompt and generates; `None` when `control` aborted it.
+    /// A request outside the session (`completion`, `chat`): the context is cleared for it and
+    /// nothing of it is logged or saved; the next session turn restores the session first.
+    /// `max_tokens` is clamped to what the context has left after the prompt.
+    fn answer_outside(
+        &mut self,
+        p: &Prompt,
+        started: Instant,
+        on_token: impl FnMut(String),
+        control: impl FnMut() -> Control,
+    ) -> Result<Outcome, ReqError> {
+        let (prompt_tokens, end) = match p.mode {
+            PromptMode::Chat => (
+                self.tokenize_pieces(&crate::chat::render(&p.messages)),
+                Some(crate::chat::END),
+            ),
+            _ => (
+                self.tokenize_pieces(&[crate::chat::Piece {
+                    text: p.text.clone(),
+                    special: true,
+                }]),
+                None,
+            ),
+        };
+        if self.ctx.is_none() {
+            // Freed under memory pressure: rebuilt empty (the session comes back on its next
+            // turn). llama.cpp may make it longer than asked, so it is measured once built.
+            self.create_context()?;
+            self.holds_session = false;
+        }
+        let n_ctx = self.n_ctx() as usize;
+        if prompt_tokens.len() >= n_ctx {
+            return Err(ReqError::Invalid(format!(
+                "the prompt is {} tokens and the context holds {n_ctx}, leaving no room for a reply; shorten the prompt or raise ctx",
+                prompt_tokens.len()
+            )));
+        }
+        let max_tokens = p.max_tokens.min((n_ctx - prompt_tokens.len()) as u32);
+        self.clear_for_other()?;
+        match self.generate(&prompt_tokens, max_tokens, p, end, on_token, control)? {
+            Some(g) => Ok(Outcome::Done {
+                tokens: g.tokens.len() as u32,
+                prompt_tokens: prompt_tokens.len() as u32,
+                ms: 0,
+                finish: g.finish,
+            }
+            .at(started)),
+            None => Ok(Outcome::Aborted),
+        }
+    }
+
+    /// Tokenizes a prompt's pieces: markup with special-token parsing on, client text with it
+    /// off; BOS first when the model wants one.
+    fn tokenize_pieces(&self, pieces: &[crate::chat::Piece]) -> Vec<LlamaToken> {
+        let vocab = self.model.vocab();
+        let mut tokens = Vec::new();
+        if vocab.should_add_bos() {
+            tokens.push(vocab.bos());
+        }
+        for piece in pieces {
+            vocab.tokenize_into(piece.text.as_bytes(), &mut tokens, false, piece.special);
+        }
+        tokens
+    }
+
+    /// The sampler chain for `s` (checked): penalties when they are not neutral, then greedy at
+    /// temperature 0, else top-k, top-p, min-p (each when on), temperature and a seeded draw.
+    fn sampler(&self, s: &Sampling) -> LlamaSampler {
+        let mut chain = Vec::new();
+        if penalties_on(s) {
+            chain.push(LlamaSampler::penalties(
+                self.model.n_vocab(),
+                i32::try_from(s.penalty_last_n).unwrap_or(i32::MAX),
+                s.repeat_penalty,
+                s.frequency_penalty,
+                s.presence_penalty,
+            ));
+        }
+        if s.temperature < MIN_TEMPERATURE {
+            if chain.is_empty() {
+                return LlamaSampler::greedy();
+            }
+            chain.push(LlamaSampler::greedy());
+            return LlamaSampler::chain_simple(chain);
+        }
+        if s.top_k > 0 {
+            chain.push(LlamaSampler::top_k(
+                i32::try_from(s.top_k).unwrap_or(i32::MAX),
+            ));
+        }
+        if s.top_p < 1.0 {
+            chain.push(LlamaSampler::top_p(s.top_p, 1));
+        }
+        if s.min_p > 0.0 {
+            chain.push(LlamaSampler::min_p(s.min_p, 1));
+        }
+        chain.push(LlamaSampler::temp(s.temperature));
+        // No seed: llama.cpp draws one (LLAMA_DEFAULT_SEED means random).
+        chain.push(LlamaSampler::dist(s.seed.unwrap_or(u32::MAX)));
+        LlamaSampler::chain_simple(chain)
+    }
+
+    /// Decodes the prompt and generates up to `max_tokens`, sampling with `p.sampling` and
+    /// stopping at `p.stop` (and `end`, a template's end of turn); `None` when `control`
+    /// aborted it.
     fn generate(
         &mut self,
         prompt_tokens: &[LlamaToken],
         max_tokens: u32,
-        ignore_eos: bool,
+        p: &Prompt,
+        end: Option<&str>,
         mut on_token: impl FnMut(String),
         mut control: impl FnMut() -> Control,
     ) -> Result<Option<Generated>, String> {
         self.decode(prompt_tokens, &mut |_, _| {})?;
+        let mut sampler = self.sampler(&p.sampling);
+        if penalties_on(&p.sampling) {
+            // The penalties look at the text so far, the prompt (the conversation) included.
+            let last = self
+                .tokens
+                .len()
+                .saturating_sub(p.sampling.penalty_last_n as usize);
+            sampler.accept_many(&self.tokens[last..]);
+        }
+        let mut stop = StopScan::new(p.stop.iter().cloned().chain(end.map(str::to_owned)));
         let mut decoder = encoding_rs::UTF_8.new_decoder();
         let mut reply = String::new();
         let mut tokens: Vec<LlamaToken> = Vec::new();
-        for _ in 0..max_tokens {
+        let mut finish = Finish::Length;
+        for i in 0..max_tokens {
             let ctx = self.ctx.as_ref().ok_or_else(|| NO_CONTEXT.to_owned())?;
-            let tok = self.sampler.sample(ctx, -1);
-            if !ignore_eos && self.model.vocab().is_eog(tok) {
+            let tok = sampler.sample(ctx, -1);
+            if !p.ignore_eos && self.model.vocab().is_eog(tok) {
+                finish = Finish::Stop;
                 break;
             }
             let piece = self.model.vocab().token_to_piece(tok, false, None);
             let mut text = String::new();
             reserve_for(&mut text, &decoder, piece.len());
-            let _ = decoder.decode_to_string(&piece, &mut text, false);
-            reply.push_str(&text);
-            on_token(text);
+            let last = i + 1 == max_tokens;
+            let _ = decoder.decode_to_string(&piece, &mut text, last);
+            let step = stop.push(&text);
+            let mut emit = step.emit;
+            if last {
+                // The last token's frame carries what was held back: one frame per token.
+                emit.push_str(&stop.finish());
+            }
+            reply.push_str(&emit);
+            on_token(emit);
             self.decode(&[tok], &mut |_, _| {})?;
             tokens.push(tok);
-            if let Control::Abort = control() {
-                return Ok(None);
+            if step.stopped {
+                finish = Finish::Stop;
+                break;
+            }
+            if last {
+                break;
+            }
+            match control() {
+                Control::Continue => {}
+                Control::Cancel => {
+                    return Ok(Some(Generated {
+                        reply,
+                        tokens,
+                        finish: Finish::Cancelled,
+                    }));
+                }
+                Control::Abort => return Ok(None),
             }
         }
-        let mut tail = String::new();
-        reserve_for(&mut tail, &decoder, 0);
-        let _ = decoder.decode_to_string(&[], &mut tail, true);
-        reply.push_str(&tail);
-        Ok(Some(Generated { reply, tokens }))
+        if finish == Finish::Stop {
+            // The model ended its turn (a stop text leaves nothing held): an incomplete character
+            // becomes U+FFFD, and what was held back is sent in one more frame.
+            let mut tail = String::new();
+            reserve_for(&mut tail, &decoder, 0);
+            let _ = decoder.decode_to_string(&[], &mut tail, true);
+            let mut rest = stop.push(&tail).emit;
+            rest.push_str(&stop.finish());
+            if !rest.is_empty() {
+                reply.push_str(&rest);
+                on_token(rest);
+            }
+        }
+        Ok(Some(Generated {
+            reply,
+            tokens,
+            finish,
+        }))
     }
 
     /// Takes a turn that did not finish back out of the context: positions from `len` on are
@@ -574,10 +805,38 @@ impl<'m> Engine<'m> {
     }
 }
 
-/// A finished generation.
+/// A finished (or cancelled) generation.
 struct Generated {
+    /// The text sent (without a stop text).
     reply: String,
     tokens: Vec<LlamaToken>,
+    finish: Finish,
+}
+
+impl Outcome {
+    /// The outcome with its time taken since `started`.
+    fn at(self, started: Instant) -> Outcome {
+        match self {
+            Outcome::Done {
+                tokens,
+                prompt_tokens,
+                finish,
+                ..
+            } => Outcome::Done {
+                tokens,
+                prompt_tokens,
+                ms: started.elapsed().as_millis() as u64,
+                finish,
+            },
+            Outcome::Aborted => Outcome::Aborted,
+        }
+    }
+}
+
+/// Whether any penalty is on (not its neutral value) and looks at some tokens.
+fn penalties_on(s: &Sampling) -> bool {
+    s.penalty_last_n > 0
+        && (s.repeat_penalty != 1.0 || s.presence_penalty != 0.0 || s.frequency_penalty != 0.0)
 }
 
 /// Makes room for the decoder's worst case, so `decode_to_string` consumes the whole input

@@ -1,12 +1,15 @@
 //! `worker`: hosts one GGUF model with llama.cpp for the belljar supervisor, and the tools
 //! around it (`make-model`, `inspect`).
 
+mod chat;
 mod engine;
 mod inspect;
 mod link;
 mod make_model;
+mod request;
 mod serve;
 mod session;
+mod stop;
 
 use std::process::ExitCode;
 

@@ -13,15 +13,15 @@ use belljar_budget::{HumanDuration, InstanceName, Size, precheck};
 use belljar_host::{ProcRoot, probe_model_file, read_host_memory, read_rss};
 use belljar_protocol::PROTOCOL_VERSION;
 use belljar_protocol::worker::{
-    Done, ErrorReply, Failed, Heartbeat, Hello, Level, Loading, Prompt, Ready, Refused,
-    SupervisorMsg, Token, WorkerMsg, WorkerState,
+    Done, ErrorKind, ErrorReply, Failed, Finish, Heartbeat, Hello, Level, Loading, Prompt, Ready,
+    Refused, SupervisorMsg, Token, WorkerMsg, WorkerState,
 };
 use clap::Args;
 use llama_cpp_2::llama_backend::LlamaBackend;
 use llama_cpp_2::model::LlamaModel;
 use llama_cpp_2::model::params::LlamaModelParams;
 
-use crate::engine::{Control, Engine, Fault, Outcome};
+use crate::engine::{Control, Engine, Fault, Outcome, ReqError};
 use crate::link::{Inbound, Link, spawn_reader};
 use crate::session::{Identity, SessionFiles};
 use belljar_protocol::exit;
@@ -292,44 +292,97 @@ pub fn run(args: &ServeArgs, backend: &LlamaBackend) -> Result<(), Failure> {
         session: engine.session_info(restored),
     }));
     state.set(WorkerState::Ready);
-    serve(&link, &rx, &mut engine, &state).map_err(|e| fail(exit::UNSUPPORTED_MODEL, e))?;
+    serve(&link, &rx, &mut engine, &state);
     engine.clean_temp();
     Ok(())
 }
 
 /// The request loop. Returns on Shutdown or when the supervisor goes away; the session is
-/// durable after every request, so there is nothing left to save then.
-fn serve(
-    link: &Link,
-    rx: &Receiver<Inbound>,
-    engine: &mut Engine<'_>,
-    state: &SharedState,
-) -> Result<(), String> {
+/// durable after every request, so there is nothing left to save then. Messages are taken in
+/// before the next queued prompt is served, so a Cancel reaches a queued request in time.
+fn serve(link: &Link, rx: &Receiver<Inbound>, engine: &mut Engine<'_>, state: &SharedState) {
     let mut queue: VecDeque<Prompt> = VecDeque::new();
     loop {
-        let next = match queue.pop_front() {
-            Some(p) => Inbound::Msg(SupervisorMsg::Prompt(p)),
-            None => rx.recv().unwrap_or(Inbound::Closed),
+        let inbound = match rx.try_recv() {
+            Ok(m) => Some(m),
+            Err(TryRecvError::Empty) if !queue.is_empty() => None,
+            Err(TryRecvError::Empty) => Some(rx.recv().unwrap_or(Inbound::Closed)),
+            Err(TryRecvError::Disconnected) => Some(Inbound::Closed),
         };
-        match next {
-            Inbound::Msg(SupervisorMsg::Prompt(p)) => {
-                state.set(WorkerState::Busy);
-                let stop = answer(link, rx, engine, &p, &mut queue)?;
-                state.set(WorkerState::Ready);
-                if stop {
-                    return Ok(());
-                }
+        if let Some(m) = inbound {
+            match take(link, m, None, &mut queue) {
+                Event::Stop => return,
+                Event::Pressure(level) => on_pressure(engine, level, true),
+                Event::None | Event::CancelCurrent => {}
             }
-            Inbound::Msg(SupervisorMsg::Shutdown(_)) | Inbound::Closed => return Ok(()),
-            Inbound::Msg(SupervisorMsg::Pressure(p)) => on_pressure(engine, p.level, true),
-            Inbound::Msg(other) => error_reply(
-                link,
-                None,
-                format!("unexpected message {other:?} after the handshake"),
-            ),
-            Inbound::Bad(e) => error_reply(link, None, e),
+            continue;
+        }
+        let Some(p) = queue.pop_front() else {
+            continue;
+        };
+        state.set(WorkerState::Busy);
+        let stop = answer(link, rx, engine, &p, &mut queue);
+        state.set(WorkerState::Ready);
+        if stop {
+            return;
         }
     }
+}
+
+/// What an inbound message asks of the request loop.
+enum Event {
+    None,
+    /// Shutdown, or the supervisor went away.
+    Stop,
+    /// A Cancel for the request being generated.
+    CancelCurrent,
+    Pressure(Level),
+}
+
+/// Takes one inbound message while `current` (if any) is being generated: prompts are queued
+/// (at most [`MAX_QUEUED`]), a Cancel for a queued prompt removes it and answers it, a Cancel
+/// for an unknown id is ignored, bad frames are answered.
+fn take(
+    link: &Link,
+    inbound: Inbound,
+    current: Option<u64>,
+    queue: &mut VecDeque<Prompt>,
+) -> Event {
+    match inbound {
+        Inbound::Msg(SupervisorMsg::Prompt(q)) if queue.len() < MAX_QUEUED => queue.push_back(q),
+        Inbound::Msg(SupervisorMsg::Prompt(q)) => error_reply(
+            link,
+            Some(q.id),
+            ErrorKind::Internal,
+            format!("{MAX_QUEUED} requests are already queued; retry when one is done"),
+        ),
+        Inbound::Msg(SupervisorMsg::Cancel(c)) if current == Some(c.id) => {
+            return Event::CancelCurrent;
+        }
+        Inbound::Msg(SupervisorMsg::Cancel(c)) => {
+            if let Some(at) = queue.iter().position(|q| q.id == c.id) {
+                queue.remove(at);
+                tracing::info!("request {} cancelled while queued", c.id);
+                let _ = link.send(&WorkerMsg::Done(Done {
+                    id: c.id,
+                    finish: Finish::Cancelled,
+                    ..Done::default()
+                }));
+            } else {
+                tracing::debug!("Cancel for request {}, which is not here: ignored", c.id);
+            }
+        }
+        Inbound::Msg(SupervisorMsg::Shutdown(_)) | Inbound::Closed => return Event::Stop,
+        Inbound::Msg(SupervisorMsg::Pressure(p)) => return Event::Pressure(p.level),
+        Inbound::Msg(other) => error_reply(
+            link,
+            None,
+            ErrorKind::Internal,
+            format!("unexpected message {other:?} after the handshake"),
+        ),
+        Inbound::Bad(e) => error_reply(link, None, ErrorKind::Internal, e),
+    }
+    Event::None
 }
 
 /// Serves one prompt; returns true when the worker must stop (Shutdown or link closed).
@@ -339,66 +392,68 @@ fn answer(
     engine: &mut Engine<'_>,
     p: &Prompt,
     queue: &mut VecDeque<Prompt>,
-) -> Result<bool, String> {
+) -> bool {
     let mut stop = false;
     let mut pressure: Option<Level> = None;
     let id = p.id;
     let outcome = engine.answer(
-        &p.text,
-        p.max_tokens,
-        p.ignore_eos,
+        p,
         |text| {
             let _ = link.send(&WorkerMsg::Token(Token { id, text }));
         },
         || {
-            // Between tokens: queue new prompts, act on Shutdown, answer bad frames.
+            // Between tokens: take in new messages; act on Cancel and Shutdown.
             loop {
-                match rx.try_recv() {
-                    Ok(Inbound::Msg(SupervisorMsg::Prompt(q))) if queue.len() < MAX_QUEUED => {
-                        queue.push_back(q)
-                    }
-                    Ok(Inbound::Msg(SupervisorMsg::Prompt(q))) => error_reply(
-                        link,
-                        Some(q.id),
-                        format!("{MAX_QUEUED} requests are already queued; retry when one is done"),
-                    ),
-                    Ok(Inbound::Msg(SupervisorMsg::Shutdown(_)) | Inbound::Closed)
-                    | Err(TryRecvError::Disconnected) => {
+                let inbound = match rx.try_recv() {
+                    Ok(m) => m,
+                    Err(TryRecvError::Empty) => return Control::Continue,
+                    Err(TryRecvError::Disconnected) => Inbound::Closed,
+                };
+                match take(link, inbound, Some(id), queue) {
+                    Event::None => {}
+                    Event::Stop => {
                         stop = true;
                         return Control::Abort;
                     }
+                    Event::CancelCurrent => return Control::Cancel,
                     // Busy: finish the request first, free the context after it.
-                    Ok(Inbound::Msg(SupervisorMsg::Pressure(p))) => pressure = Some(p.level),
-                    Ok(Inbound::Msg(other)) => {
-                        error_reply(link, None, format!("unexpected message {other:?}"))
-                    }
-                    Ok(Inbound::Bad(e)) => error_reply(link, None, e),
-                    Err(TryRecvError::Empty) => return Control::Continue,
+                    Event::Pressure(level) => pressure = Some(level),
                 }
             }
         },
     );
     match outcome {
-        Ok(Outcome::Done { tokens, ms }) => {
+        Ok(Outcome::Done {
+            tokens,
+            prompt_tokens,
+            ms,
+            finish,
+        }) => {
+            if finish == Finish::Cancelled {
+                tracing::info!("request {id} cancelled after {tokens} tokens");
+            }
             let _ = link.send(&WorkerMsg::Done(Done {
                 id,
                 tokens,
                 ms,
-                ..Done::default()
+                prompt_tokens,
+                finish,
             }));
         }
         Ok(Outcome::Aborted) => error_reply(
             link,
             Some(id),
+            ErrorKind::Internal,
             "request aborted: the worker is shutting down (the partial reply is not kept in the conversation)".into(),
         ),
         // A request that cannot be served (too long, empty) is answered and the worker goes on.
-        Err(e) => error_reply(link, Some(id), e),
+        Err(ReqError::Invalid(e)) => error_reply(link, Some(id), ErrorKind::Invalid, e),
+        Err(ReqError::Internal(e)) => error_reply(link, Some(id), ErrorKind::Internal, e),
     }
     if let Some(level) = pressure {
         on_pressure(engine, level, false);
     }
-    Ok(stop)
+    stop
 }
 
 /// `serve --help`'s epilogue: an example and the exit codes, from the one table in
@@ -432,13 +487,12 @@ fn on_pressure(engine: &mut Engine<'_>, level: Level, idle: bool) {
     }
 }
 
-fn error_reply(link: &Link, id: Option<u64>, message: String) {
-    tracing::warn!("request error: {message}");
-    let _ = link.send(&WorkerMsg::Error(ErrorReply {
-        id,
-        message,
-        kind: belljar_protocol::worker::ErrorKind::Internal,
-    }));
+fn error_reply(link: &Link, id: Option<u64>, kind: ErrorKind, message: String) {
+    match kind {
+        ErrorKind::Invalid => tracing::info!("invalid request: {message}"),
+        ErrorKind::Internal => tracing::warn!("request error: {message}"),
+    }
+    let _ = link.send(&WorkerMsg::Error(ErrorReply { id, message, kind }));
 }
 
 /// Checks the GGUF header before llama.cpp sees the file: a malformed or truncated file is a bad

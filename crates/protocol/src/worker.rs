@@ -330,7 +330,13 @@ impl Sampling {
         within("temperature", self.temperature, 0.0, 2.0)?;
         within("top_p", self.top_p, 0.0, 1.0)?;
         within("min_p", self.min_p, 0.0, 1.0)?;
-        within("repeat_penalty", self.repeat_penalty, 0.0, 10.0)?;
+        // llama.cpp divides logits by it: 0 is not a penalty.
+        if !(self.repeat_penalty > 0.0 && self.repeat_penalty <= 10.0) {
+            return Err(format!(
+                "repeat_penalty must be above 0 and at most 10, got {}",
+                self.repeat_penalty
+            ));
+        }
         within("presence_penalty", self.presence_penalty, -2.0, 2.0)?;
         within("frequency_penalty", self.frequency_penalty, -2.0, 2.0)?;
         if self.penalty_last_n > 1 << 20 {

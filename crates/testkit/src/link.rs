@@ -31,6 +31,18 @@ impl WorkerLink {
         state_dir: &Path,
         extra: &[&str],
     ) -> WorkerLink {
+        WorkerLink::start_with_env(dir, instance, model, state_dir, extra, &[])
+    }
+
+    /// [`WorkerLink::start`] with environment variables set for the worker (e.g. `RUST_LOG`).
+    pub fn start_with_env(
+        dir: &Path,
+        instance: &str,
+        model: &Path,
+        state_dir: &Path,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> WorkerLink {
         let sock = dir.join(format!("{instance}-{}.sock", std::process::id()));
         let _ = std::fs::remove_file(&sock);
         let listener = UnixListener::bind(&sock).expect("bind the test socket");
@@ -45,6 +57,7 @@ impl WorkerLink {
             .arg("--state-dir")
             .arg(state_dir)
             .args(extra)
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(stderr)

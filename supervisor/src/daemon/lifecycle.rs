@@ -68,7 +68,11 @@ impl Daemon {
         self.instances
             .values()
             .filter_map(|i| i.machine.next_deadline())
-            .chain(self.instances.values().filter_map(|i| i.queue.next_expiry()))
+            .chain(
+                self.instances
+                    .values()
+                    .filter_map(|i| i.queue.next_expiry()),
+            )
             .chain(self.pressure_at)
             .chain(self.watchdog_at)
             .min()

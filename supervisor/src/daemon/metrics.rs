@@ -192,11 +192,20 @@ fn register_instances(reg: &mut Registry, instances: &[InstanceStatus]) {
         "OOM kills in the instance's cgroups",
         ooms.clone(),
     );
+    let queued = Family::<InstanceLabel, Gauge>::default();
+    reg.register(
+        "instance_queued_requests",
+        "Requests (HTTP and ask) waiting for the instance's worker, not counting the one it serves",
+        queued.clone(),
+    );
     for i in instances {
         let l = InstanceLabel {
             instance: i.name.clone(),
         };
         progress.get_or_create(&l).set(f64::from(i.load_progress));
+        queued
+            .get_or_create(&l)
+            .set(i64::try_from(i.queued).unwrap_or(i64::MAX));
         for s in STATES {
             let labels = StateLabel {
                 instance: i.name.clone(),

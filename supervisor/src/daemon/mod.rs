@@ -153,7 +153,9 @@ enum Event {
         client: requests::Client,
     },
     /// The client of request `id` went away (disconnected, or gave up).
-    RequestGone { id: u64 },
+    RequestGone {
+        id: u64,
+    },
 }
 
 /// A worker's exit waiting for its cgroup's removal.
@@ -299,8 +301,10 @@ impl Daemon {
     fn admit_all(&mut self) {
         for (spec, a) in std::mem::take(&mut self.cfg.instances) {
             let name = spec.name.to_string();
-            self.instances
-                .insert(name.clone(), Instance::new(spec, a, self.epoch, self.new_queue()));
+            self.instances.insert(
+                name.clone(),
+                Instance::new(spec, a, self.epoch, self.new_queue()),
+            );
             self.drive(&name, Input::Admit);
         }
     }

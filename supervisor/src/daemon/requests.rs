@@ -310,9 +310,8 @@ impl Daemon {
     }
 
     pub(super) fn on_error(&mut self, name: &str, generation: u64, e: ErrorReply) {
-        let mine = e
-            .id
-            .filter(|id| self.request_of(*id, name, generation).is_some());
+        let mine =
+            e.id.filter(|id| self.request_of(*id, name, generation).is_some());
         let Some(req) = mine.and_then(|id| self.requests.remove(&id)) else {
             tracing::warn!(instance = %name, "worker reported: {}", e.message);
             return;
@@ -392,9 +391,8 @@ impl Daemon {
                         Entry::new(Event::RequestFailed)
                             .named(name)
                             .log(format_args!("request {id} failed: {reason}"));
-                        req.client.fail(
-                            ApiError::new(503, "worker_stopped", reason).retry_after(1),
-                        );
+                        req.client
+                            .fail(ApiError::new(503, "worker_stopped", reason).retry_after(1));
                     }
                 }
             }
@@ -417,9 +415,11 @@ impl Daemon {
         let error = unavailable(name, state, &reason, "`supervisor restart` starts it again");
         for id in ids {
             if let Some(req) = self.requests.remove(&id) {
-                Entry::new(Event::RequestFailed).named(name).log(format_args!(
-                    "request {id} failed: {name} is {state} ({reason})"
-                ));
+                Entry::new(Event::RequestFailed)
+                    .named(name)
+                    .log(format_args!(
+                        "request {id} failed: {name} is {state} ({reason})"
+                    ));
                 req.client.fail(error.clone());
             }
         }
@@ -448,7 +448,12 @@ impl Daemon {
         let mut expired = Vec::new();
         for (name, inst) in &mut self.instances {
             for id in inst.queue.expire(now) {
-                expired.push((name.clone(), id, inst.state().as_str(), inst.reason().to_owned()));
+                expired.push((
+                    name.clone(),
+                    id,
+                    inst.state().as_str(),
+                    inst.reason().to_owned(),
+                ));
             }
         }
         for (name, id, state, reason) in expired {

@@ -1014,3 +1014,110 @@ async fn a_remove_during_an_add_is_never_undone_by_a_late_ready() {
     assert!(h.status().await.instances.iter().all(|i| i.name != "x"));
     h.stop(vec![("a".into(), a)]).await;
 }
+
+/// An `ask` in flight when its worker dies, having sent nothing to its client, goes back to the
+/// head of the queue and is served by the next run (the same request id); an `ask` sent during
+/// the backoff waits in the queue (it used to be refused as "not ready"), and `queued` counts
+/// it.
+#[tokio::test(start_paused = true)]
+async fn requests_wait_through_a_restart_and_the_one_in_flight_is_served_again() {
+    use belljar_protocol::worker::{Done, Token};
+    let mut h = Harness::start(&config(
+        "heartbeat_interval = \"1h\"\nbackoff_initial = \"1s\"\nbackoff_factor = 1.0",
+    ));
+    let (_, mut w) = h.next_worker().await;
+    w.ready().await;
+    while instance(&h.status().await, "a").state != "ready" {}
+    let socket = h.socket.clone();
+    let first = tokio::spawn(async move { ask(&socket, "a").await });
+    let SupervisorMsg::Prompt(p) = w.receive().await else {
+        panic!("the worker gets the prompt");
+    };
+    h.exit(&w, "a", Exit::Signal(9)).await;
+    let s = h.status().await;
+    assert_eq!(instance(&s, "a").state, "backoff");
+    let socket = h.socket.clone();
+    let second = tokio::spawn(async move { ask(&socket, "a").await });
+    // Both wait: the retried one at the head, the new one behind it.
+    while instance(&h.status().await, "a").queued != 2 {
+        tokio::task::yield_now().await;
+    }
+    let (_, mut w) = h.next_worker().await;
+    w.ready().await;
+    let SupervisorMsg::Prompt(again) = w.receive().await else {
+        panic!("the next run gets the prompt again");
+    };
+    assert_eq!(again.id, p.id, "the same request, first");
+    for (id, text) in [(again.id, "one")] {
+        w.send(&WorkerMsg::Token(Token {
+            id,
+            text: text.into(),
+        }))
+        .await;
+        w.send(&WorkerMsg::Done(Done {
+            id,
+            tokens: 1,
+            ms: 1,
+            ..Done::default()
+        }))
+        .await;
+    }
+    let got = first.await.unwrap();
+    assert!(
+        matches!(&got[..], [Response::Token(t), Response::Done(_)] if t.text == "one"),
+        "{got:?}"
+    );
+    let SupervisorMsg::Prompt(next) = w.receive().await else {
+        panic!("then the second");
+    };
+    assert_ne!(next.id, p.id);
+    w.send(&WorkerMsg::Done(Done {
+        id: next.id,
+        tokens: 0,
+        ms: 1,
+        ..Done::default()
+    }))
+    .await;
+    assert!(matches!(
+        second.await.unwrap().last(),
+        Some(Response::Done(_))
+    ));
+    h.stop(vec![("a".into(), w)]).await;
+}
+
+/// A request that already streamed part of its answer is not served again: its run's death
+/// fails it (the client hears why); and a request to a failed instance is refused at once.
+#[tokio::test(start_paused = true)]
+async fn a_request_that_streamed_tokens_fails_with_its_run_and_a_failed_instance_refuses() {
+    use belljar_protocol::worker::Token;
+    let mut h = Harness::start(&config("heartbeat_interval = \"1h\"\nrestart = \"never\""));
+    let (_, mut w) = h.next_worker().await;
+    w.ready().await;
+    while instance(&h.status().await, "a").state != "ready" {}
+    let socket = h.socket.clone();
+    let asked = tokio::spawn(async move { ask(&socket, "a").await });
+    let SupervisorMsg::Prompt(p) = w.receive().await else {
+        panic!("the worker gets the prompt");
+    };
+    w.send(&WorkerMsg::Token(Token {
+        id: p.id,
+        text: "half".into(),
+    }))
+    .await;
+    h.status().await;
+    h.exit(&w, "a", Exit::Signal(9)).await;
+    let got = asked.await.unwrap();
+    assert!(
+        matches!(&got[..], [Response::Token(_), Response::Error(e)] if e.message.contains("incomplete")),
+        "{got:?}"
+    );
+    while instance(&h.status().await, "a").state != "stopped"
+        && instance(&h.status().await, "a").state != "failed"
+    {}
+    let got = ask(&h.socket, "a").await;
+    assert!(
+        matches!(&got[..], [Response::Error(e)] if e.message.contains("supervisor restart")),
+        "{got:?}"
+    );
+    h.stop(vec![]).await;
+}

@@ -99,7 +99,8 @@ impl Rules {
                     "unsupported_media_type",
                     format!(
                         "a POST must carry JSON with `Content-Type: application/json` (got {})",
-                        r.content_type.map_or("none".to_owned(), |t| format!("{t:?}"))
+                        r.content_type
+                            .map_or("none".to_owned(), |t| format!("{t:?}"))
                     ),
                 ));
             }
@@ -189,7 +190,13 @@ mod tests {
     #[test]
     fn a_loopback_listener_takes_only_local_hosts_on_its_port() {
         let r = rules("127.0.0.1:8080", None);
-        for ok in ["127.0.0.1:8080", "localhost:8080", "LOCALHOST", "[::1]:8080", "127.0.0.1"] {
+        for ok in [
+            "127.0.0.1:8080",
+            "localhost:8080",
+            "LOCALHOST",
+            "[::1]:8080",
+            "127.0.0.1",
+        ] {
             assert_eq!(status(&r, &get(ok)), 200, "{ok}");
         }
         for bad in [
@@ -273,8 +280,15 @@ mod tests {
             ..get("localhost:8080")
         };
         assert_eq!(status(&r, &post(Some("application/json"))), 200);
-        assert_eq!(status(&r, &post(Some("Application/JSON; charset=utf-8"))), 200);
-        for bad in [None, Some("text/plain"), Some("application/x-www-form-urlencoded")] {
+        assert_eq!(
+            status(&r, &post(Some("Application/JSON; charset=utf-8"))),
+            200
+        );
+        for bad in [
+            None,
+            Some("text/plain"),
+            Some("application/x-www-form-urlencoded"),
+        ] {
             assert_eq!(status(&r, &post(bad)), 415, "{bad:?}");
         }
     }

@@ -15,6 +15,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use axum::Router;
 use axum::body::Body;
 use axum::extract::{Path, Request, State};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
@@ -22,7 +23,6 @@ use axum::middleware::Next;
 use axum::response::sse::{Event as Sse, KeepAlive};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use axum::Router;
 use belljar_protocol::control::{Command, Response as ControlResponse, StatusQuery, StatusReport};
 use belljar_protocol::worker::{Done, Prompt, PromptMode, Sampling};
 use http_body_util::BodyExt;
@@ -282,7 +282,11 @@ async fn model(State(app): State<App>, Path(id): Path<String>) -> Response {
 }
 
 /// The body, within `max_body` bytes and [`BODY_TIMEOUT`].
-async fn read_body(app: &App, headers: &HeaderMap, body: Body) -> Result<axum::body::Bytes, ApiError> {
+async fn read_body(
+    app: &App,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<axum::body::Bytes, ApiError> {
     let too_large = || {
         ApiError::new(
             413,
@@ -340,7 +344,12 @@ struct Submitted {
     gone: Gone,
 }
 
-fn submit(app: &App, model: String, mut prompt: Prompt, stream: bool) -> Result<Submitted, ApiError> {
+fn submit(
+    app: &App,
+    model: String,
+    mut prompt: Prompt,
+    stream: bool,
+) -> Result<Submitted, ApiError> {
     let id = next_id();
     prompt.id = id;
     let (tx, rx) = mpsc::unbounded_channel();
@@ -350,7 +359,9 @@ fn submit(app: &App, model: String, mut prompt: Prompt, stream: bool) -> Result<
             prompt: Box::new(prompt),
             client: Client::Http { tx, stream },
         })
-        .map_err(|_| ApiError::new(503, "shutting_down", "the supervisor is stopping").retry_after(5))?;
+        .map_err(|_| {
+            ApiError::new(503, "shutting_down", "the supervisor is stopping").retry_after(5)
+        })?;
     Ok(Submitted {
         rx,
         gone: Gone {
@@ -362,7 +373,11 @@ fn submit(app: &App, model: String, mut prompt: Prompt, stream: bool) -> Result<
 }
 
 fn lost() -> ApiError {
-    ApiError::new(500, "internal", "the supervisor dropped the request; retry it")
+    ApiError::new(
+        500,
+        "internal",
+        "the supervisor dropped the request; retry it",
+    )
 }
 
 /// Waits for the first thing the request produced (a token, its end, or its failure).
@@ -479,6 +494,8 @@ fn stream(answer: Answered, s: Submitted, first: Gen) -> Response {
             };
             let a = answer.as_answer();
             match next {
+                // An incomplete UTF-8 character comes as an empty token: nothing to send.
+                Some(Gen::Token(t)) if t.is_empty() => {}
                 Some(Gen::Token(t)) => pending.push_back(data(&a.chunk(Some(&t), None))),
                 Some(Gen::Reset) => {}
                 Some(Gen::Done(d)) => {
@@ -542,8 +559,12 @@ async fn ask(
         }
     };
     if a.prompt.is_empty() || a.max_tokens == Some(0) {
-        return ApiError::new(400, "invalid_request", "prompt and max_tokens must not be empty or 0")
-            .into_response();
+        return ApiError::new(
+            400,
+            "invalid_request",
+            "prompt and max_tokens must not be empty or 0",
+        )
+        .into_response();
     }
     let prompt = Prompt {
         mode: PromptMode::Session,

@@ -417,7 +417,8 @@ mod tests {
         assert_eq!(p.prompt.sampling.temperature, 0.0);
         assert_eq!(p.prompt.sampling.seed, Some(u32::MAX));
         assert_eq!(p.prompt.messages[1].content, "hi!");
-        let d = chat(json!({"model": "m", "messages": [{"role": "user", "content": "x"}]})).unwrap();
+        let d =
+            chat(json!({"model": "m", "messages": [{"role": "user", "content": "x"}]})).unwrap();
         assert_eq!(d.prompt.max_tokens, u32::MAX, "unset: the worker clamps");
         assert_eq!(d.prompt.sampling.temperature, DEFAULT_TEMPERATURE);
     }
@@ -429,17 +430,47 @@ mod tests {
             (json!({"messages": []}), "model"),
             (json!({"model": "m"}), "messages"),
             (json!({"model": "m", "messages": []}), "messages is empty"),
-            (json!({"model": "m", "messages": [{"role": "wizard", "content": "x"}]}), "role"),
-            (json!({"model": "m", "messages": [{"role": "user", "content": [{"type": "image_url"}]}]}), "image_url"),
-            (json!({"model": "m", "messages": [{"role": "user", "content": "x"}], "n": 2}), "n must be 1"),
-            (json!({"model": "m", "messages": [{"role": "user", "content": "x"}], "temperature": 9}), "temperature"),
-            (json!({"model": "m", "messages": [{"role": "user", "content": "x"}], "top_p": -1}), "top_p"),
-            (json!({"model": "m", "messages": [{"role": "user", "content": "x"}], "max_tokens": -5}), "max_tokens"),
-            (json!({"model": "m", "messages": [{"role": "user", "content": "x"}], "max_tokens": 0}), "max_tokens"),
-            (json!({"model": "m", "messages": [{"role": "user", "content": "x"}], "stop": ["a","b","c","d","e"]}), "stop"),
-            (json!({"model": "m", "messages": [{"role": "user", "content": "x"}], "stop": [""]}), "stop"),
+            (
+                json!({"model": "m", "messages": [{"role": "wizard", "content": "x"}]}),
+                "role",
+            ),
+            (
+                json!({"model": "m", "messages": [{"role": "user", "content": [{"type": "image_url"}]}]}),
+                "image_url",
+            ),
+            (
+                json!({"model": "m", "messages": [{"role": "user", "content": "x"}], "n": 2}),
+                "n must be 1",
+            ),
+            (
+                json!({"model": "m", "messages": [{"role": "user", "content": "x"}], "temperature": 9}),
+                "temperature",
+            ),
+            (
+                json!({"model": "m", "messages": [{"role": "user", "content": "x"}], "top_p": -1}),
+                "top_p",
+            ),
+            (
+                json!({"model": "m", "messages": [{"role": "user", "content": "x"}], "max_tokens": -5}),
+                "max_tokens",
+            ),
+            (
+                json!({"model": "m", "messages": [{"role": "user", "content": "x"}], "max_tokens": 0}),
+                "max_tokens",
+            ),
+            (
+                json!({"model": "m", "messages": [{"role": "user", "content": "x"}], "stop": ["a","b","c","d","e"]}),
+                "stop",
+            ),
+            (
+                json!({"model": "m", "messages": [{"role": "user", "content": "x"}], "stop": [""]}),
+                "stop",
+            ),
             (json!({"model": "m", "messages": "hi"}), "messages"),
-            (json!({"model": 5, "messages": [{"role": "user", "content": "x"}]}), "model"),
+            (
+                json!({"model": 5, "messages": [{"role": "user", "content": "x"}]}),
+                "model",
+            ),
         ];
         for (body, needle) in cases {
             let e = chat(body.clone()).expect_err(&body.to_string());
@@ -474,9 +505,18 @@ mod tests {
         assert_eq!(w["choices"][0]["message"]["content"], "hi");
         assert_eq!(w["choices"][0]["finish_reason"], "length");
         assert_eq!(w["usage"]["total_tokens"], 7);
-        assert_eq!(a.chunk(None, None)["choices"][0]["delta"]["role"], "assistant");
-        assert_eq!(a.chunk(Some("x"), None)["choices"][0]["delta"]["content"], "x");
-        assert_eq!(a.chunk(None, Some("stop"))["choices"][0]["finish_reason"], "stop");
+        assert_eq!(
+            a.chunk(None, None)["choices"][0]["delta"]["role"],
+            "assistant"
+        );
+        assert_eq!(
+            a.chunk(Some("x"), None)["choices"][0]["delta"]["content"],
+            "x"
+        );
+        assert_eq!(
+            a.chunk(None, Some("stop"))["choices"][0]["finish_reason"],
+            "stop"
+        );
         let c = Answer {
             kind: Kind::Completion,
             ..a
