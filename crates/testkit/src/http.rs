@@ -233,7 +233,8 @@ impl<R: BufRead> Read for Chunked<R> {
             }
             self.left = size;
         }
-        let n = self.inner.read(&mut buf[..buf.len().min(self.left)])?;
+        let want = buf.len().min(self.left);
+        let n = self.inner.read(&mut buf[..want])?;
         if n == 0 {
             return Err(std::io::ErrorKind::UnexpectedEof.into());
         }
@@ -328,6 +329,15 @@ impl Stream {
     /// Every event up to the end of the body.
     pub fn events(&mut self) -> Vec<SseEvent> {
         std::iter::from_fn(|| self.next_event()).collect()
+    }
+
+    /// Asserts the status, showing the body when it differs.
+    #[track_caller]
+    pub fn expect_status(&mut self, status: u16) {
+        if self.status != status {
+            let got = self.status;
+            panic!("status {got}, not {status}: {}", self.rest());
+        }
     }
 
     /// The rest of the body as text (for a response that is not a stream after all).
