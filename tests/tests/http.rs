@@ -872,7 +872,7 @@ fn malformed_requests_get_4xx_and_the_daemon_keeps_serving() {
         ),
         (
             "no Host",
-            format!("GET /v1/models HTTP/1.1\r\nConnection: close\r\n\r\n").into_bytes(),
+            b"GET /v1/models HTTP/1.1\r\nConnection: close\r\n\r\n".to_vec(),
             Some(400),
         ),
         (
