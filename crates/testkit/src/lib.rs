@@ -2,6 +2,7 @@
 //! generated model and a config, running a binary and capturing what it said.
 
 pub mod daemon;
+pub mod http;
 pub mod link;
 pub mod raw;
 
