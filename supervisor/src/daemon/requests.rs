@@ -51,6 +51,7 @@ impl ApiError {
             401 => "authentication_error",
             403 => "permission_error",
             429 => "rate_limit_error",
+            431 => "invalid_request_error",
             500..=599 => "server_error",
             _ => "invalid_request_error",
         };

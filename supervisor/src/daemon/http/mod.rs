@@ -36,7 +36,8 @@ use openai::{Answer, Kind};
 /// How long a client may take to send its request's headers, and then its body.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 const BODY_TIMEOUT: Duration = Duration::from_secs(30);
-/// The most bytes of request line and headers hyper buffers (it answers 431 beyond).
+/// The most bytes of request line and headers (431 beyond; hyper's own buffer cap is set to
+/// it too, which bounds a connection's memory).
 const MAX_HEADERS: usize = 64 * 1024;
 /// How long a snapshot (status, models) may wait for the loop.
 const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -155,6 +156,20 @@ impl IntoResponse for ApiError {
 /// The access rules, before any handler.
 async fn guard(State(app): State<App>, req: Request, next: Next) -> Response {
     let h = req.headers();
+    // hyper's buffer cap holds only roughly (a head that arrives in one or two reads can pass
+    // it): the limit is exact here.
+    let head = req.uri().to_string().len()
+        + h.iter()
+            .map(|(k, v)| k.as_str().len() + v.len() + 4)
+            .sum::<usize>();
+    if head > MAX_HEADERS {
+        return ApiError::new(
+            431,
+            "headers_too_large",
+            format!("the request line and headers take {head} bytes; send at most {MAX_HEADERS}"),
+        )
+        .into_response();
+    }
     let text = |name: header::HeaderName| h.get(name).and_then(|v| v.to_str().ok());
     let seen = access::Seen {
         post: req.method() == Method::POST,
