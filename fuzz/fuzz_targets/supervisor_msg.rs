@@ -8,7 +8,12 @@ use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
     start_case();
-    if let Some(SupervisorMsg::Pressure(p)) = round_trip::<SupervisorMsg>(data) {
-        assert_eq!(p.level.to_string(), p.level.as_str());
+    match round_trip::<SupervisorMsg>(data) {
+        Some(SupervisorMsg::Pressure(p)) => assert_eq!(p.level.to_string(), p.level.as_str()),
+        // The request checks take anything that decodes, without panicking.
+        Some(SupervisorMsg::Prompt(p)) => {
+            let _ = p.sampling.check();
+        }
+        _ => {}
     }
 });

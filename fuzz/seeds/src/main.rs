@@ -135,8 +135,11 @@ fn status() -> StatusReport {
             gpu_memory: None,
             cpu_fallback: false,
             gpu_release: Some("pending".into()),
+            queued: 3,
+            aliases: vec!["gpt-test".into()],
         }],
         metrics_addr: Some("127.0.0.1:9464".into()),
+        http_addr: Some("127.0.0.1:8080".into()),
         gpus: vec![GpuStatus {
             index: 0,
             name: "H100".into(),
@@ -260,6 +263,25 @@ fn protocol(seeds: &mut Seeds) {
             max_tokens: 16,
             ignore_eos: false,
             ..Prompt::default()
+        })),
+        json(&SupervisorMsg::Prompt(Prompt {
+            id: 10,
+            mode: belljar_protocol::worker::PromptMode::Chat,
+            messages: vec![belljar_protocol::worker::ChatMessage {
+                role: "user".into(),
+                content: "hi".into(),
+            }],
+            max_tokens: 8,
+            sampling: belljar_protocol::worker::Sampling {
+                temperature: 0.7,
+                seed: Some(42),
+                ..Default::default()
+            },
+            stop: vec!["\n".into()],
+            ..Prompt::default()
+        })),
+        json(&SupervisorMsg::Cancel(belljar_protocol::worker::Cancel {
+            id: 10,
         })),
         json(&SupervisorMsg::Shutdown(Shutdown {})),
         json(&SupervisorMsg::Pressure(PressureNotice {
