@@ -493,9 +493,10 @@ fn stream(answer: Answered, s: Submitted, first: Gen) -> Response {
     if answer.kind == Kind::Chat {
         pending.push_back(data(&answer.as_answer().chunk(None, None)));
     }
-    let state = (answer, s, Some(first), pending, false);
+    let template = answer.as_answer().token_template();
+    let state = (answer, s, Some(first), pending, false, template);
     let events = futures_util::stream::unfold(state, |mut st| async move {
-        let (answer, s, first, pending, over) = &mut st;
+        let (answer, s, first, pending, over, (head, tail)) = &mut st;
         loop {
             if let Some(e) = pending.pop_front() {
                 return Some((Ok::<_, Infallible>(e), st));
@@ -511,7 +512,10 @@ fn stream(answer: Answered, s: Submitted, first: Gen) -> Response {
             match next {
                 // An incomplete UTF-8 character comes as an empty token: nothing to send.
                 Some(Gen::Token(t)) if t.is_empty() => {}
-                Some(Gen::Token(t)) => pending.push_back(data(&a.chunk(Some(&t), None))),
+                Some(Gen::Token(t)) => {
+                    let text = serde_json::to_string(&t).unwrap_or_default();
+                    pending.push_back(Sse::default().data(format!("{head}{text}{tail}")));
+                }
                 Some(Gen::Reset) => {}
                 Some(Gen::Done(d)) => {
                     s.gone.armed = false;

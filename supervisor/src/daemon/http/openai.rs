@@ -373,6 +373,18 @@ impl Answer<'_> {
         })
     }
 
+    /// A token's chunk as text around the token: the chunk is serialised once per stream, and
+    /// each token only adds its own JSON string between the two halves (no JSON tree per token).
+    pub fn token_template(&self) -> (String, String) {
+        const MARK: &str = "\u{1}";
+        let whole = self.chunk(Some(MARK), None).to_string();
+        // serde_json writes the control character as this escape, and nowhere else.
+        match whole.split_once("\"\\u0001\"") {
+            Some((head, tail)) => (head.to_owned(), tail.to_owned()),
+            None => (whole, String::new()),
+        }
+    }
+
     /// The usage chunk that ends a stream when `stream_options.include_usage` asked for it.
     pub fn usage_chunk(&self, d: &Done) -> Value {
         json!({
@@ -529,6 +541,14 @@ mod tests {
             ..a
         };
         assert_eq!(c.whole("t", &d)["choices"][0]["text"], "t");
+        for text in ["x", "", "quote \" and \\ and \u{1} and é\n"] {
+            for answer in [a, c] {
+                let (head, tail) = answer.token_template();
+                let chunk = format!("{head}{}{tail}", serde_json::to_string(text).unwrap());
+                let parsed: Value = serde_json::from_str(&chunk).unwrap();
+                assert_eq!(parsed, answer.chunk(Some(text), None), "{chunk}");
+            }
+        }
         let e = error_body(&ApiError::new(404, "model_not_found", "no"));
         assert_eq!(e["error"]["type"], "invalid_request_error");
         assert_eq!(e["error"]["code"], "model_not_found");
