@@ -443,7 +443,7 @@ fn answer(
         Ok(Outcome::Aborted) => error_reply(
             link,
             Some(id),
-            ErrorKind::Internal,
+            ErrorKind::Aborted,
             "request aborted: the worker is shutting down (the partial reply is not kept in the conversation)".into(),
         ),
         // A request that cannot be served (too long, empty) is answered and the worker goes on.

@@ -403,7 +403,9 @@ pub struct ErrorReply {
     pub id: Option<u64>,
     pub message: String,
     /// Whose fault it is: the request's (`invalid`: too long, empty, bad settings; an HTTP
-    /// client gets 400) or the worker's (`internal`, the default).
+    /// client gets 400), the worker's (`internal`, the default), or nobody's (`aborted`: the
+    /// worker is stopping; the supervisor serves the request again when its next run is ready,
+    /// as for any run that ends mid-request).
     #[serde(default)]
     pub kind: ErrorKind,
 }
@@ -414,6 +416,7 @@ pub enum ErrorKind {
     Invalid,
     #[default]
     Internal,
+    Aborted,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]

@@ -322,7 +322,7 @@ impl Daemon {
         }
         let error = match e.kind {
             ErrorKind::Invalid => ApiError::new(400, "invalid_request", e.message),
-            ErrorKind::Internal => ApiError::new(
+            ErrorKind::Internal | ErrorKind::Aborted => ApiError::new(
                 500,
                 "worker_error",
                 format!("{name} could not serve the request: {}", e.message),

@@ -1121,3 +1121,49 @@ async fn a_request_that_streamed_tokens_fails_with_its_run_and_a_failed_instance
     );
     h.stop(vec![]).await;
 }
+
+/// A `restart` while a request is in flight: the worker aborts it as it stops (`Error`, kind
+/// `aborted`), and the next run serves it; the client never hears of the restart.
+#[tokio::test(start_paused = true)]
+async fn a_request_aborted_by_a_restart_is_served_by_the_next_run() {
+    use belljar_protocol::control::NameRequest;
+    use belljar_protocol::worker::{Done, ErrorKind, ErrorReply};
+    let mut h = Harness::start(&config("heartbeat_interval = \"1h\""));
+    let (_, mut w) = h.next_worker().await;
+    w.ready().await;
+    while instance(&h.status().await, "a").state != "ready" {}
+    let socket = h.socket.clone();
+    let asked = tokio::spawn(async move { ask(&socket, "a").await });
+    let SupervisorMsg::Prompt(p) = w.receive().await else {
+        panic!("the worker gets the prompt");
+    };
+    let socket = h.socket.clone();
+    let restart = tokio::spawn(async move {
+        control(&socket, &Command::Restart(NameRequest { name: "a".into() })).await
+    });
+    while !matches!(w.receive().await, SupervisorMsg::Shutdown(_)) {}
+    w.send(&WorkerMsg::Error(ErrorReply {
+        id: Some(p.id),
+        message: "request aborted: the worker is shutting down".into(),
+        kind: ErrorKind::Aborted,
+    }))
+    .await;
+    h.exit(&w, "a", Exit::Code(0)).await;
+    let (_, mut w) = h.next_worker().await;
+    w.ready().await;
+    let SupervisorMsg::Prompt(again) = w.receive().await else {
+        panic!("the next run gets the prompt again");
+    };
+    assert_eq!(again.id, p.id);
+    w.send(&WorkerMsg::Done(Done {
+        id: again.id,
+        tokens: 0,
+        ms: 1,
+        ..Done::default()
+    }))
+    .await;
+    let got = asked.await.unwrap();
+    assert!(matches!(&got[..], [Response::Done(_)]), "{got:?}");
+    assert!(matches!(restart.await.unwrap(), Response::Ok(_)));
+    h.stop(vec![("a".into(), w)]).await;
+}
