@@ -42,7 +42,11 @@ const WIDTH: usize = 100;
 
 fn table(r: &StatusReport, color: bool) -> String {
     let s = |b: Option<u64>| b.map_or_else(|| "-".to_owned(), |b| Size(b).to_string());
-    let mut out = format!(
+    let mut out = match &r.http_addr {
+        Some(a) => format!("api: http://{a}/v1\n"),
+        None => String::new(),
+    };
+    out.push_str(&format!(
         "memory: {} free of {} ({}, pressure {}); budget: {} of {}\n",
         Size(r.host.available),
         Size(r.host.total),
@@ -50,7 +54,7 @@ fn table(r: &StatusReport, color: bool) -> String {
         r.host.level,
         Size(r.budget.allocated),
         Size(r.budget.usable)
-    );
+    ));
     for g in &r.gpus {
         let name: String = g.name.chars().take(32).collect();
         out.push_str(&format!(
@@ -98,6 +102,9 @@ fn table(r: &StatusReport, color: bool) -> String {
         }
         if i.cpu_fallback {
             reason = format!("[CPU fallback] {reason}");
+        }
+        if i.queued > 0 {
+            reason = format!("[{} queued] {reason}", i.queued);
         }
         let reason: String = reason.chars().take(WIDTH - 4).collect();
         out.push_str(&format!("    {reason}\n"));
@@ -154,7 +161,7 @@ mod tests {
             gpu_memory: Some(3 << 30),
             cpu_fallback: state == "loading",
             gpu_release: None,
-            queued: 0,
+            queued: 3,
             aliases: vec![],
         };
         let r = StatusReport {
@@ -195,7 +202,10 @@ mod tests {
         }
         assert!(text.contains("loading 50%!"), "{text}");
         assert!(text.contains("gpu 0: NVIDIA H100"), "{text}");
-        assert!(text.contains("[CPU fallback] [VRAM 3.0 GiB]"), "{text}");
+        assert!(
+            text.contains("[3 queued] [CPU fallback] [VRAM 3.0 GiB]"),
+            "{text}"
+        );
         let names: Vec<&str> = text
             .lines()
             .skip(3)
