@@ -489,7 +489,7 @@ fn on_pressure(engine: &mut Engine<'_>, level: Level, idle: bool) {
 
 fn error_reply(link: &Link, id: Option<u64>, kind: ErrorKind, message: String) {
     match kind {
-        ErrorKind::Invalid => tracing::info!("invalid request: {message}"),
+        ErrorKind::Invalid | ErrorKind::Aborted => tracing::info!("request not served: {message}"),
         ErrorKind::Internal => tracing::warn!("request error: {message}"),
     }
     let _ = link.send(&WorkerMsg::Error(ErrorReply { id, message, kind }));
