@@ -267,6 +267,9 @@ pub async fn serve(
     loop {
         let deadline = daemon.next_deadline();
         tokio::select! {
+            // In this order: a worker's last frames (a `Failed` reason written just before it
+            // exited) are handled before its exit, which arrives on another channel.
+            biased;
             Some(ev) = rx.recv() => daemon.handle(ev),
             Some((pid, exit)) = exits.recv() => daemon.on_child_exit(pid, exit),
             () = &mut shutdown, if !daemon.stopping => daemon.begin_stop(),
