@@ -654,7 +654,27 @@ fn ask_during_a_restart_waits_and_succeeds() {
 #[test]
 fn a_client_that_goes_away_stops_its_generation() {
     let t = TestDir::new();
-    let (mut d, addr) = start(&t, &config(&t, 4096, "", ""));
+    // A model that takes a few milliseconds per token (one thread): "at most 8 more tokens" is
+    // then tens of milliseconds for the cancel to reach the worker, not the fraction of a
+    // millisecond the tiny model takes per token, which a loaded machine's scheduler exceeds.
+    t.model(
+        "models/slow.gguf",
+        &ModelShape {
+            layers: 6,
+            width: 384,
+            ff: 1024,
+            heads: 6,
+            kv_heads: 6,
+            vocab: 1024,
+            context_length: 4096,
+            seed: 3,
+            ..tiny_shape()
+        },
+    );
+    let (mut d, addr) = start(
+        &t,
+        &config(&t, 4096, "model = \"models/slow.gguf\"\nthreads = 1", ""),
+    );
     for path in ["/v1/completions", "/v1/chat/completions"] {
         let body = if path.contains("chat") {
             chat("go on forever", 4000)
@@ -680,6 +700,7 @@ fn a_client_that_goes_away_stops_its_generation() {
             .and_then(|r| r.split(' ').next())
             .and_then(|n| n.parse().ok())
             .unwrap_or_else(|| panic!("no count in {line:?}"));
+        eprintln!("{path}: {line}");
         assert!(
             more <= 8,
             "{path}: generation went on after the client left: {line}"
