@@ -10,10 +10,7 @@
 //! parsing on, so `<|im_start|>` becomes the model's control token when it has one) or message
 //! text (tokenized with it off, so a user cannot smuggle control tokens in).
 
-use belljar_protocol::worker::ChatMessage;
-
-/// The roles a message may have.
-pub const ROLES: [&str; 4] = ["system", "user", "assistant", "tool"];
+use belljar_protocol::worker::{CHAT_ROLES as ROLES, ChatMessage};
 
 /// Where a rendered reply ends: generation stops at this text (besides the model's own
 /// end-of-generation tokens).

@@ -10,14 +10,7 @@ pub fn check(p: &Prompt) -> Result<(), String> {
     p.sampling
         .check()
         .map_err(|e| format!("invalid sampling: {e}"))?;
-    // llama.cpp divides logits by it.
-    if p.sampling.repeat_penalty <= 0.0 {
-        return Err(format!(
-            "invalid sampling: repeat_penalty must be above 0 (1 is off), got {}",
-            p.sampling.repeat_penalty
-        ));
-    }
-    crate::stop::check(&p.stop)?;
+    belljar_protocol::worker::check_stops(&p.stop)?;
     match p.mode {
         PromptMode::Session | PromptMode::Completion => {
             if !p.messages.is_empty() {

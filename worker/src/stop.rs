@@ -4,35 +4,6 @@
 //!
 //! Pure text in, text out: the engine feeds each token's decoded text and sends what comes out.
 
-/// The most stop texts a request may have (OpenAI's limit).
-pub const MAX_STOPS: usize = 4;
-/// The longest stop text, in bytes.
-pub const MAX_STOP_BYTES: usize = 256;
-
-/// Why these stop texts cannot be used, if they cannot.
-pub fn check(stops: &[String]) -> Result<(), String> {
-    if stops.len() > MAX_STOPS {
-        return Err(format!(
-            "{} stop texts given; send at most {MAX_STOPS}",
-            stops.len()
-        ));
-    }
-    for (i, s) in stops.iter().enumerate() {
-        if s.is_empty() {
-            return Err(format!(
-                "stop text {i} is empty; leave it out (an empty text would stop at once)"
-            ));
-        }
-        if s.len() > MAX_STOP_BYTES {
-            return Err(format!(
-                "stop text {i} is {} bytes; each may have at most {MAX_STOP_BYTES}",
-                s.len()
-            ));
-        }
-    }
-    Ok(())
-}
-
 /// Scans a reply as it streams.
 #[derive(Debug, Clone, Default)]
 pub struct StopScan {
@@ -203,16 +174,5 @@ mod tests {
         assert!(scan.push("ax").stopped);
         assert_eq!(scan.push("more").emit, "");
         assert_eq!(scan.finish(), "");
-    }
-
-    #[test]
-    fn checks_the_limits() {
-        assert!(check(&[]).is_ok());
-        assert!(check(&vec!["s".to_owned(); 4]).is_ok());
-        let five = vec!["s".to_owned(); 5];
-        assert!(check(&five).unwrap_err().contains("at most 4"));
-        assert!(check(&["x".repeat(257)]).unwrap_err().contains("256"));
-        assert!(check(&["x".repeat(256)]).is_ok());
-        assert!(check(&[String::new()]).unwrap_err().contains("empty"));
     }
 }

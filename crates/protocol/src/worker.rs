@@ -263,7 +263,39 @@ pub enum PromptMode {
     Chat,
 }
 
-/// One chat message: `system`, `user`, `assistant` (or `tool`) and its text.
+/// The roles a chat message may have.
+pub const CHAT_ROLES: [&str; 4] = ["system", "user", "assistant", "tool"];
+
+/// The most stop texts a request may have (OpenAI's limit).
+pub const MAX_STOPS: usize = 4;
+/// The longest stop text, in bytes.
+pub const MAX_STOP_BYTES: usize = 256;
+
+/// Why these stop texts cannot be used, if they cannot.
+pub fn check_stops(stops: &[String]) -> Result<(), String> {
+    if stops.len() > MAX_STOPS {
+        return Err(format!(
+            "{} stop texts given; send at most {MAX_STOPS}",
+            stops.len()
+        ));
+    }
+    for (i, s) in stops.iter().enumerate() {
+        if s.is_empty() {
+            return Err(format!(
+                "stop text {i} is empty; leave it out (an empty text would stop at once)"
+            ));
+        }
+        if s.len() > MAX_STOP_BYTES {
+            return Err(format!(
+                "stop text {i} is {} bytes; each may have at most {MAX_STOP_BYTES}",
+                s.len()
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// One chat message: its role (one of [`CHAT_ROLES`]) and its text.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ChatMessage {
     pub role: String,
@@ -451,6 +483,17 @@ mod tests {
         assert!(serde_json::from_str::<SupervisorMsg>(r#"{"type":"Nope"}"#).is_err());
         let s = serde_json::to_string(&RestoredFrom::State).unwrap();
         assert_eq!(s, r#""state""#);
+    }
+
+    #[test]
+    fn stop_texts_are_checked_against_their_limits() {
+        assert!(check_stops(&[]).is_ok());
+        assert!(check_stops(&vec!["s".to_owned(); 4]).is_ok());
+        let five = vec!["s".to_owned(); 5];
+        assert!(check_stops(&five).unwrap_err().contains("at most 4"));
+        assert!(check_stops(&["x".repeat(257)]).unwrap_err().contains("256"));
+        assert!(check_stops(&["x".repeat(256)]).is_ok());
+        assert!(check_stops(&[String::new()]).unwrap_err().contains("empty"));
     }
 
     #[test]

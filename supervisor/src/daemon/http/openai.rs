@@ -3,15 +3,14 @@
 //! ignored, as OpenAI-compatible servers do; fields belljar cannot honour (`n` > 1, non-text
 //! content) are refused with 400.
 
-use belljar_protocol::worker::{ChatMessage, Done, Prompt, PromptMode, Sampling};
+use belljar_protocol::worker::{
+    CHAT_ROLES, ChatMessage, Done, Prompt, PromptMode, Sampling, check_stops,
+};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
 use crate::daemon::requests::ApiError;
 
-/// At most this many stop texts, each at most [`MAX_STOP_LEN`] bytes.
-pub const MAX_STOPS: usize = 4;
-pub const MAX_STOP_LEN: usize = 256;
 /// At most this many chat messages.
 pub const MAX_MESSAGES: usize = 4096;
 
@@ -202,18 +201,7 @@ fn settings(c: &Common) -> Result<(Sampling, Vec<String>), ApiError> {
         Some(Stop::One(s)) => vec![s.clone()],
         Some(Stop::Many(v)) => v.clone(),
     };
-    if stop.len() > MAX_STOPS {
-        return Err(bad(format!(
-            "stop has {} texts; give at most {MAX_STOPS}",
-            stop.len()
-        )));
-    }
-    if let Some(s) = stop.iter().find(|s| s.is_empty() || s.len() > MAX_STOP_LEN) {
-        return Err(bad(format!(
-            "a stop text must be 1 to {MAX_STOP_LEN} bytes, got {} bytes",
-            s.len()
-        )));
-    }
+    check_stops(&stop).map_err(bad)?;
     let sampling = Sampling {
         temperature: c.temperature.unwrap_or(DEFAULT_TEMPERATURE),
         top_p: c.top_p.unwrap_or(DEFAULT_TOP_P),
@@ -263,13 +251,12 @@ fn messages(raw: Vec<Message>) -> Result<Vec<ChatMessage>, ApiError> {
     raw.into_iter()
         .enumerate()
         .map(|(i, m)| {
-            if !matches!(
-                m.role.as_str(),
-                "system" | "developer" | "user" | "assistant" | "tool"
-            ) {
+            if !CHAT_ROLES.contains(&m.role.as_str()) {
+                let mut role = m.role.clone();
+                belljar_protocol::cut(&mut role, 64);
                 return Err(bad(format!(
-                    "messages[{i}].role {:?} is not one of system, developer, user, assistant, tool",
-                    m.role
+                    "messages[{i}].role {role:?} is not one of {}",
+                    CHAT_ROLES.join(", ")
                 )));
             }
             let content = match m.content {
