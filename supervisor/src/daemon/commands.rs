@@ -514,7 +514,10 @@ fn move_session_aside(instances: &std::path::Path, name: &str) -> Option<String>
 }
 
 fn unknown(name: &str) -> Response {
-    refused(format!(
-        "unknown instance {name}; `supervisor status` lists the instances"
-    ))
+    refused(unknown_instance(name))
+}
+
+/// What a control client hears about an instance that does not exist.
+pub(super) fn unknown_instance(name: &str) -> String {
+    format!("unknown instance {name}; `supervisor status` lists the instances")
 }

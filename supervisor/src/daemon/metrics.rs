@@ -7,9 +7,7 @@
 use std::convert::Infallible;
 use std::sync::atomic::AtomicU64;
 
-use belljar_protocol::control::{
-    Command, GpuStatus, InstanceStatus, Response, StatusQuery, StatusReport,
-};
+use belljar_protocol::control::{GpuStatus, InstanceStatus, StatusReport};
 use http_body_util::Full;
 use hyper::body::Bytes;
 use hyper::{Method, Request, StatusCode};
@@ -327,21 +325,8 @@ fn reply(code: StatusCode, content_type: &str, body: String) -> Reply {
 }
 
 async fn scrape(events: &mpsc::UnboundedSender<Event>) -> Result<String, String> {
-    let (tx, mut rx) = mpsc::unbounded_channel();
-    events
-        .send(Event::Control(
-            Command::Status(StatusQuery {}),
-            tx,
-            super::control::Peer::SUPERVISOR,
-        ))
-        .map_err(|_| "the supervisor is stopping".to_owned())?;
-    match tokio::time::timeout(SCRAPE_TIMEOUT, rx.recv()).await {
-        Ok(Some(Response::Status(report))) => render(&report).map_err(|e| e.to_string()),
-        Ok(_) => Err("the supervisor did not answer".to_owned()),
-        Err(_) => Err(format!(
-            "the event loop did not answer within {SCRAPE_TIMEOUT:?}"
-        )),
-    }
+    let report = super::status_snapshot(events, SCRAPE_TIMEOUT).await?;
+    render(&report).map_err(|e| e.to_string())
 }
 
 async fn handle(

@@ -292,6 +292,27 @@ pub async fn serve(
     Ok(())
 }
 
+/// The status report, asked of the loop as a client would (`/metrics`, the HTTP API's
+/// snapshots); the error says why there is none.
+async fn status_snapshot(
+    events: &mpsc::UnboundedSender<Event>,
+    timeout: Duration,
+) -> Result<StatusReport, String> {
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    events
+        .send(Event::Control(
+            belljar_protocol::control::Command::Status(belljar_protocol::control::StatusQuery {}),
+            tx,
+            control::Peer::SUPERVISOR,
+        ))
+        .map_err(|_| "the supervisor is stopping".to_owned())?;
+    match tokio::time::timeout(timeout, rx.recv()).await {
+        Ok(Some(Response::Status(report))) => Ok(*report),
+        Ok(_) => Err("the supervisor did not answer".to_owned()),
+        Err(_) => Err(format!("the event loop did not answer within {timeout:?}")),
+    }
+}
+
 async fn sleep_until(deadline: Option<Instant>) {
     match deadline {
         Some(d) => tokio::time::sleep_until(d.into()).await,

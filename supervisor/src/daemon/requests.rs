@@ -176,9 +176,7 @@ impl Daemon {
         }
         let Some(name) = self.resolve(model) else {
             let message = match client {
-                Client::Control(_) => {
-                    format!("unknown instance {model}; `supervisor status` lists the instances")
-                }
+                Client::Control(_) => super::commands::unknown_instance(model),
                 Client::Http { .. } => format!(
                     "the model {model:?} does not exist; GET /v1/models lists the models (instance names and aliases)"
                 ),

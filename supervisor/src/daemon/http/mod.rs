@@ -23,7 +23,7 @@ use axum::middleware::Next;
 use axum::response::sse::{Event as Sse, KeepAlive};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use belljar_protocol::control::{Command, Response as ControlResponse, StatusQuery, StatusReport};
+use belljar_protocol::control::StatusReport;
 use belljar_protocol::worker::{Done, Prompt, PromptMode, Sampling};
 use http_body_util::BodyExt;
 use serde_json::{Value, json};
@@ -205,44 +205,24 @@ async fn method_not_allowed(req: Request) -> ApiError {
     )
 }
 
-async fn health(State(app): State<App>) -> Response {
-    match snapshot(&app).await {
-        Ok(r) => {
-            let ready = r.instances.iter().filter(|i| i.state == "ready").count();
-            axum::Json(json!({
-                "status": "ok",
-                "instances": {"ready": ready, "total": r.instances.len() as u64 + r.omitted},
-            }))
-            .into_response()
-        }
-        Err(e) => e.into_response(),
-    }
+async fn health(State(app): State<App>) -> Result<axum::Json<Value>, ApiError> {
+    let r = snapshot(&app).await?;
+    let ready = r.instances.iter().filter(|i| i.state == "ready").count();
+    Ok(axum::Json(json!({
+        "status": "ok",
+        "instances": {"ready": ready, "total": r.instances.len() as u64 + r.omitted},
+    })))
 }
 
 /// The status report, from the loop.
 async fn snapshot(app: &App) -> Result<StatusReport, ApiError> {
-    let (tx, mut rx) = mpsc::unbounded_channel();
-    let unavailable = || {
-        ApiError::new(503, "unavailable", "the supervisor is not answering; retry").retry_after(1)
-    };
-    app.events
-        .send(Event::Control(
-            Command::Status(StatusQuery {}),
-            tx,
-            super::control::Peer::SUPERVISOR,
-        ))
-        .map_err(|_| unavailable())?;
-    match tokio::time::timeout(SNAPSHOT_TIMEOUT, rx.recv()).await {
-        Ok(Some(ControlResponse::Status(r))) => Ok(*r),
-        _ => Err(unavailable()),
-    }
+    super::status_snapshot(&app.events, SNAPSHOT_TIMEOUT)
+        .await
+        .map_err(|e| ApiError::new(503, "unavailable", format!("{e}; retry")).retry_after(1))
 }
 
-async fn status(State(app): State<App>) -> Response {
-    match snapshot(&app).await {
-        Ok(r) => axum::Json(r).into_response(),
-        Err(e) => e.into_response(),
-    }
+async fn status(State(app): State<App>) -> Result<axum::Json<StatusReport>, ApiError> {
+    snapshot(&app).await.map(axum::Json)
 }
 
 fn unix_now() -> u64 {
@@ -267,33 +247,28 @@ fn model_entry(i: &belljar_protocol::control::InstanceStatus) -> Value {
     })
 }
 
-async fn models(State(app): State<App>) -> Response {
-    match snapshot(&app).await {
-        Ok(r) => {
-            let data: Vec<Value> = r.instances.iter().map(model_entry).collect();
-            axum::Json(json!({"object": "list", "data": data})).into_response()
-        }
-        Err(e) => e.into_response(),
-    }
+async fn models(State(app): State<App>) -> Result<axum::Json<Value>, ApiError> {
+    let r = snapshot(&app).await?;
+    let data: Vec<Value> = r.instances.iter().map(model_entry).collect();
+    Ok(axum::Json(json!({"object": "list", "data": data})))
 }
 
-async fn model(State(app): State<App>, Path(id): Path<String>) -> Response {
-    match snapshot(&app).await {
-        Ok(r) => match r
-            .instances
-            .iter()
-            .find(|i| i.name == id || i.aliases.contains(&id))
-        {
-            Some(i) => axum::Json(model_entry(i)).into_response(),
-            None => ApiError::new(
+async fn model(
+    State(app): State<App>,
+    Path(id): Path<String>,
+) -> Result<axum::Json<Value>, ApiError> {
+    let r = snapshot(&app).await?;
+    r.instances
+        .iter()
+        .find(|i| i.name == id || i.aliases.contains(&id))
+        .map(|i| axum::Json(model_entry(i)))
+        .ok_or_else(|| {
+            ApiError::new(
                 404,
                 "model_not_found",
                 format!("the model {id:?} does not exist; GET /v1/models lists the models"),
             )
-            .into_response(),
-        },
-        Err(e) => e.into_response(),
-    }
+        })
 }
 
 /// The body, within `max_body` bytes and [`BODY_TIMEOUT`].
