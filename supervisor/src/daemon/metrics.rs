@@ -365,33 +365,14 @@ pub const MAX_METRICS_CONNECTIONS: usize = 16;
 
 /// Serves until the runtime stops; one task per connection, HTTP/1.1.
 pub(super) async fn serve(listener: TcpListener, events: mpsc::UnboundedSender<Event>) {
-    let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_METRICS_CONNECTIONS));
-    loop {
-        // A slot first, then the connection: beyond the cap, clients queue in the kernel.
-        let Ok(slot) = slots.clone().acquire_owned().await else {
-            return;
-        };
-        let stream = match listener.accept().await {
-            Ok((s, _)) => s,
-            Err(e) => {
-                tracing::warn!("metrics: accept failed: {e}");
-                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-                continue;
-            }
-        };
-        let events = events.clone();
-        tokio::spawn(async move {
-            let service = hyper::service::service_fn(move |req| handle(req, events.clone()));
-            let conn = hyper::server::conn::http1::Builder::new()
-                .timer(hyper_util::rt::TokioTimer::new())
-                .header_read_timeout(HEADER_TIMEOUT)
-                .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
-            if let Err(e) = conn.await {
-                tracing::debug!("metrics: connection ended: {e}");
-            }
-            drop(slot);
-        });
-    }
+    let caps = super::listen::Caps {
+        name: "metrics",
+        connections: MAX_METRICS_CONNECTIONS,
+        header_timeout: HEADER_TIMEOUT,
+        max_buf: None,
+    };
+    let service = hyper::service::service_fn(move |req| handle(req, events.clone()));
+    super::listen::serve(listener, caps, service).await;
 }
 
 #[cfg(test)]

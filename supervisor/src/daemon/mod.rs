@@ -15,6 +15,7 @@ pub mod host;
 pub mod http;
 mod instance;
 mod lifecycle;
+mod listen;
 mod metrics;
 mod notify;
 

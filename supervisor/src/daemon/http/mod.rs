@@ -92,33 +92,14 @@ impl Server {
     /// Serves until the runtime stops: one task per connection, HTTP/1.1, at most
     /// `max_connections` at once (further ones wait in the kernel's listen queue).
     pub async fn serve(self) {
-        let slots = Arc::new(tokio::sync::Semaphore::new(self.max_connections));
-        loop {
-            let Ok(slot) = slots.clone().acquire_owned().await else {
-                return;
-            };
-            let stream = match self.listener.accept().await {
-                Ok((s, _)) => s,
-                Err(e) => {
-                    tracing::warn!("http: accept failed: {e}");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            };
-            let _ = stream.set_nodelay(true);
-            let service = hyper_util::service::TowerToHyperService::new(self.router.clone());
-            tokio::spawn(async move {
-                let conn = hyper::server::conn::http1::Builder::new()
-                    .timer(hyper_util::rt::TokioTimer::new())
-                    .header_read_timeout(HEADER_TIMEOUT)
-                    .max_buf_size(MAX_HEADERS)
-                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
-                if let Err(e) = conn.await {
-                    tracing::debug!("http: connection ended: {e}");
-                }
-                drop(slot);
-            });
-        }
+        let caps = super::listen::Caps {
+            name: "http",
+            connections: self.max_connections,
+            header_timeout: HEADER_TIMEOUT,
+            max_buf: Some(MAX_HEADERS),
+        };
+        let service = hyper_util::service::TowerToHyperService::new(self.router);
+        super::listen::serve(self.listener, caps, service).await;
     }
 }
 
