@@ -184,6 +184,16 @@ pub fn open_lock_file(dir: &Path, name: &str) -> std::io::Result<File> {
 /// The contents of `dir/name`, read without following a link; refused unless the file belongs
 /// to this user (a file planted by someone else is never trusted).
 pub fn read_own_file(dir: &Path, name: &str) -> std::io::Result<String> {
+    read_checked(dir, name, false)
+}
+
+/// As [`read_own_file`], and refused too when others may read it or its group may change it
+/// (a secret: mode 0600 or 0640). The mode is that of the file read, not of a second lookup.
+pub fn read_secret_file(dir: &Path, name: &str) -> std::io::Result<String> {
+    read_checked(dir, name, true)
+}
+
+fn read_checked(dir: &Path, name: &str, secret: bool) -> std::io::Result<String> {
     let dir_fd = open_dir_nofollow(dir)?;
     let fd = openat(
         &dir_fd,
@@ -209,6 +219,16 @@ pub fn read_own_file(dir: &Path, name: &str) -> std::io::Result<String> {
                 "{} is owned by uid {}, not by this user; refusing to read it (remove it)",
                 dir.join(name).display(),
                 st.st_uid
+            ),
+        ));
+    }
+    if secret && st.st_mode & 0o027 != 0 {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::PermissionDenied,
+            format!(
+                "{} has mode {:o}: others may read or change it; chmod 600 it",
+                dir.join(name).display(),
+                st.st_mode & 0o777
             ),
         ));
     }
@@ -446,6 +466,22 @@ mod tests {
             .expect("read_own_file returned instead of blocking");
         let e = got.unwrap_err();
         assert!(e.to_string().contains("not a regular file"), "{e}");
+    }
+
+    #[test]
+    fn a_secret_file_others_may_read_or_change_is_refused() {
+        let t = tempfile::tempdir().unwrap();
+        let key = t.path().join("api.key");
+        std::fs::write(&key, "k\n").unwrap();
+        for (m, ok) in [(0o600, true), (0o640, true), (0o644, false), (0o660, false)] {
+            std::fs::set_permissions(&key, std::fs::Permissions::from_mode(m)).unwrap();
+            let got = read_secret_file(t.path(), "api.key");
+            assert_eq!(got.is_ok(), ok, "mode {m:o}: {got:?}");
+            if !ok {
+                assert!(got.unwrap_err().to_string().contains("chmod 600"));
+            }
+            assert!(read_own_file(t.path(), "api.key").is_ok(), "mode {m:o}");
+        }
     }
 
     #[test]

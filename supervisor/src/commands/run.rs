@@ -457,7 +457,7 @@ fn http_listener(
 }
 
 /// The API key: the file's first line, from a regular file the supervisor's user owns that
-/// nobody else can read (mode 0600 or 0640).
+/// nobody else can read (mode 0600 or 0640: `safe_fs::read_secret_file`).
 fn read_api_key(path: &Path) -> Result<Vec<u8>, CliError> {
     let fix = "create it owned by the supervisor's user, mode 0600, with the key on one line";
     let (Some(dir), Some(name)) = (path.parent(), path.file_name().and_then(|n| n.to_str())) else {
@@ -466,22 +466,12 @@ fn read_api_key(path: &Path) -> Result<Vec<u8>, CliError> {
             path.display()
         )));
     };
-    let text = belljar_host::safe_fs::read_own_file(dir, name).map_err(|e| {
+    let text = belljar_host::safe_fs::read_secret_file(dir, name).map_err(|e| {
         CliError::Usage(format!(
             "cannot read [http] api_key_file {}: {e}; {fix}",
             path.display()
         ))
     })?;
-    let mode = std::fs::symlink_metadata(path)
-        .map(|m| std::os::unix::fs::PermissionsExt::mode(&m.permissions()))
-        .unwrap_or(0o777);
-    if mode & 0o027 != 0 {
-        return Err(CliError::Usage(format!(
-            "[http] api_key_file {} has mode {:o}: others may read or change the key; chmod 600 it",
-            path.display(),
-            mode & 0o777
-        )));
-    }
     let key = text.lines().next().unwrap_or("").trim();
     if key.len() < 16 {
         return Err(CliError::Usage(format!(
