@@ -122,7 +122,7 @@ pub struct RemoveArgs {
 /// keeps the conversation.
 #[derive(Debug, Args)]
 #[command(
-    after_help = "Examples:\n  supervisor ask subject \"hello, who are you?\"\n  supervisor ask god \"go on\" --max-tokens 64 --ignore-eos"
+    after_help = "Examples:\n  supervisor ask subject \"hello, who are you?\"\n  supervisor ask god \"go on\" --max-tokens 64 --ignore-eos\n  supervisor ask god \"Once upon a time\" --raw"
 )]
 pub struct AskArgs {
     pub name: String,
@@ -133,6 +133,10 @@ pub struct AskArgs {
     /// Keep generating past an end-of-sequence token.
     #[arg(long)]
     pub ignore_eos: bool,
+    /// Send the prompt to the model as is, not through its chat template (a raw continuation
+    /// of the conversation's text).
+    #[arg(long)]
+    pub raw: bool,
 }
 
 /// Run a mode's instances: each worker in its own cgroup, until SIGTERM/SIGINT.

@@ -13,10 +13,14 @@ use llama_cpp_2::model::LlamaModel;
 use llama_cpp_2::sampling::LlamaSampler;
 use llama_cpp_2::token::LlamaToken;
 
-use belljar_protocol::worker::{Finish, Prompt, PromptMode, RestoredFrom, Sampling, SessionInfo};
+use belljar_chat::{Piece, Rendered};
+use belljar_protocol::worker::{
+    ChatMessage, Finish, Prompt, PromptMode, RestoredFrom, Sampling, SessionInfo,
+};
 
 use crate::session::{Identity, SessionFiles, StateMeta, StateReject, Turn, keep_newest};
 use crate::stop::StopScan;
+use crate::template::ChatFormat;
 
 /// The sequence every conversation lives in.
 const SEQ: i32 = 0;
@@ -45,6 +49,7 @@ pub struct Engine<'m> {
     files: SessionFiles,
     identity: Identity,
     fault: Option<Fault>,
+    chat: ChatFormat,
 }
 
 /// How a request ended.
@@ -54,8 +59,10 @@ pub enum Outcome {
     Done {
         /// Tokens generated.
         tokens: u32,
-        /// Tokens of the prompt evaluated (a chat request's as rendered).
+        /// Tokens of the prompt (a chat request's as rendered).
         prompt_tokens: u32,
+        /// Of those, or before them for a session turn, the tokens the context already held.
+        cached_tokens: u32,
         ms: u64,
         finish: Finish,
     },
@@ -127,6 +134,7 @@ impl<'m> Engine<'m> {
         files: SessionFiles,
         identity: Identity,
         fault: Option<Fault>,
+        chat: ChatFormat,
     ) -> Result<Engine<'m>, String> {
         let mut engine = Engine {
             backend,
@@ -141,6 +149,7 @@ impl<'m> Engine<'m> {
             files,
             identity,
             fault,
+            chat,
         };
         engine.create_context()?;
         Ok(engine)
@@ -200,13 +209,25 @@ impl<'m> Engine<'m> {
         Ok(())
     }
 
-    /// Empties the context for a request outside the session: the session leaves it (it is on
-    /// disk after every turn).
-    fn clear_for_other(&mut self) -> Result<(), String> {
+    /// Keeps the first `len` tokens of the context for a request outside the session and drops
+    /// the rest (the session leaves the context: it is on disk after every turn). Returns how many
+    /// were kept: all of the context is dropped when llama.cpp cannot remove a tail of it.
+    fn keep_prefix(&mut self, len: usize) -> Result<usize, String> {
         self.holds_session = false;
-        self.ctx()?.clear_kv_cache();
-        self.tokens.clear();
-        Ok(())
+        if self.tokens.len() > len {
+            let p0 = u32::try_from(len).ok();
+            let removed = self
+                .ctx()?
+                .clear_kv_cache_seq(Some(SEQ as u32), p0, None)
+                .unwrap_or(false);
+            if removed && p0.is_some() {
+                self.tokens.truncate(len);
+            } else {
+                self.ctx()?.clear_kv_cache();
+                self.tokens.clear();
+            }
+        }
+        Ok(self.tokens.len())
     }
 
     fn ctx(&mut self) -> Result<&mut LlamaContext<'m>, String> {
@@ -473,10 +494,14 @@ impl<'m> Engine<'m> {
         control: impl FnMut() -> Control,
     ) -> Result<Outcome, ReqError> {
         self.ensure_session()?;
-        let prompt_tokens =
+        let prompt_tokens = if p.raw {
             self.model
                 .vocab()
-                .tokenize(p.text.as_bytes(), self.tokens.is_empty(), false);
+                .tokenize(p.text.as_bytes(), self.tokens.is_empty(), false)
+        } else {
+            let rendered = self.turn_prompt(&p.text)?;
+            self.tokenize_pieces(&rendered.pieces, self.tokens.is_empty())
+        };
         let n_ctx = self.n_ctx() as usize;
         let need = prompt_tokens.len() + p.max_tokens as usize;
         if need > n_ctx {
@@ -495,21 +520,23 @@ impl<'m> Engine<'m> {
             self.refill(first, &mut |_, _| {})?;
         }
         let before = self.tokens.len();
-        let generated =
-            match self.generate(&prompt_tokens, p.max_tokens, p, None, on_token, control) {
-                Ok(Some(g)) => g,
-                Ok(None) => {
-                    self.take_back(before);
-                    return Ok(Outcome::Aborted);
-                }
-                Err(e) => {
-                    self.take_back(before);
-                    return Err(e.into());
-                }
-            };
+        let end = if p.raw { None } else { self.chat.end };
+        let generated = match self.generate(&prompt_tokens, p.max_tokens, p, end, on_token, control)
+        {
+            Ok(Some(g)) => g,
+            Ok(None) => {
+                self.take_back(before);
+                return Ok(Outcome::Aborted);
+            }
+            Err(e) => {
+                self.take_back(before);
+                return Err(e.into());
+            }
+        };
         let outcome = Outcome::Done {
             tokens: generated.tokens.len() as u32,
             prompt_tokens: prompt_tokens.len() as u32,
+            cached_tokens: before as u32,
             ms: 0,
             finish: generated.finish,
         };
@@ -533,9 +560,67 @@ impl<'m> Engine<'m> {
         Ok(outcome.at(started))
     }
 
-    /// A request outside the session (`completion`, `chat`): the context is cleared for it and
-    /// nothing of it is logged or saved; the next session turn restores the session first.
-    /// `max_tokens` is clamped to what the context has left after the prompt.
+    /// A session turn's prompt through the chat template: what the conversation in the context,
+    /// rendered with this message added, has beyond the context (the turns before it rendered
+    /// the same way, and the last reply). A template that renders the conversation's start
+    /// differently once it goes on has the turn rendered alone.
+    fn turn_prompt(&self, text: &str) -> Result<Rendered, ReqError> {
+        let message = |role: &str, content: &str| ChatMessage {
+            role: role.into(),
+            content: content.into(),
+        };
+        let mut history: Vec<ChatMessage> = Vec::new();
+        for t in self.turns.get(self.first_turn..).unwrap_or_default() {
+            history.push(message("user", &t.prompt));
+            history.push(message("assistant", &t.reply));
+        }
+        let Some(last) = history.pop() else {
+            return self.render_checked(&[message("user", text)], 0);
+        };
+        let mut before = self.chat.template.render(&history, true).map_err(refused)?;
+        before.push_str(&last.content);
+        history.push(last);
+        history.push(message("user", text));
+        let whole = self.render_checked(&history, history.len() - 1)?;
+        if whole.text().starts_with(&before) {
+            return Ok(whole.from_offset(before.len()));
+        }
+        tracing::warn!(
+            "the chat template ({}) renders the conversation's start differently once it goes on; this turn is rendered alone",
+            self.chat.what
+        );
+        self.render_checked(&[message("user", text)], 0)
+    }
+
+    /// `messages` through the chat template, ending where the reply starts. When the template
+    /// changed the message text so that it cannot be told apart from the markup, the messages
+    /// from `new` on must not hold a control token's text (a client could smuggle one in).
+    fn render_checked(&self, messages: &[ChatMessage], new: usize) -> Result<Rendered, ReqError> {
+        let rendered = self
+            .chat
+            .template
+            .render_pieces(messages, true)
+            .map_err(refused)?;
+        if !rendered.exact {
+            let vocab = self.model.vocab();
+            for (i, m) in messages.iter().enumerate().skip(new) {
+                let bytes = m.content.as_bytes();
+                if vocab.tokenize(bytes, false, true) != vocab.tokenize(bytes, false, false) {
+                    return Err(ReqError::Invalid(format!(
+                        "message {i} holds the text of one of the model's control tokens, and this chat template ({}) changes message text (it trims it, say), so it cannot be kept apart from the template's markup; remove the control token's text",
+                        self.chat.what
+                    )));
+                }
+            }
+        }
+        Ok(rendered)
+    }
+
+    /// A request outside the session (`completion`, `chat`): nothing of it is logged or saved,
+    /// and the next session turn restores the session first. The longest prefix of its prompt
+    /// that the context holds is reused (unless `fresh`), so a chat that resends its history
+    /// evaluates only what is new. `max_tokens` is clamped to what the context has left after
+    /// the prompt.
     fn answer_outside(
         &mut self,
         p: &Prompt,
@@ -544,17 +629,17 @@ impl<'m> Engine<'m> {
         control: impl FnMut() -> Control,
     ) -> Result<Outcome, ReqError> {
         let (prompt_tokens, end) = match p.mode {
-            PromptMode::Chat => (
-                self.tokenize_pieces(&crate::chat::render(&p.messages)),
-                Some(crate::chat::END),
-            ),
-            _ => (
-                self.tokenize_pieces(&[crate::chat::Piece {
+            PromptMode::Chat => {
+                let rendered = self.render_checked(&p.messages, 0)?;
+                (self.tokenize_pieces(&rendered.pieces, true), self.chat.end)
+            }
+            _ => {
+                let whole = Piece {
                     text: p.text.clone(),
                     special: true,
-                }]),
-                None,
-            ),
+                };
+                (self.tokenize_pieces(&[whole], true), None)
+            }
         };
         if self.ctx.is_none() {
             // Freed under memory pressure: rebuilt empty (the session comes back on its next
@@ -570,29 +655,61 @@ impl<'m> Engine<'m> {
             )));
         }
         let max_tokens = p.max_tokens.min((n_ctx - prompt_tokens.len()) as u32);
-        self.clear_for_other()?;
-        match self.generate(&prompt_tokens, max_tokens, p, end, on_token, control)? {
-            Some(g) => Ok(Outcome::Done {
+        let common = if p.fresh {
+            0
+        } else {
+            self.tokens
+                .iter()
+                .zip(&prompt_tokens)
+                .take_while(|(a, b)| a == b)
+                .count()
+        };
+        // At least the prompt's last token is evaluated: its logits start the reply.
+        let cached = self.keep_prefix(common.min(prompt_tokens.len() - 1))?;
+        let rest = &prompt_tokens[cached..];
+        match self.generate(rest, max_tokens, p, end, on_token, control) {
+            Ok(Some(g)) => Ok(Outcome::Done {
                 tokens: g.tokens.len() as u32,
                 prompt_tokens: prompt_tokens.len() as u32,
+                cached_tokens: cached as u32,
                 ms: 0,
                 finish: g.finish,
             }
             .at(started)),
-            None => Ok(Outcome::Aborted),
+            Ok(None) => Ok(Outcome::Aborted),
+            Err(e) => {
+                // What the context holds after a failed decode is unknown: nothing is reused.
+                if let Some(ctx) = self.ctx.as_mut() {
+                    ctx.clear_kv_cache();
+                }
+                self.tokens.clear();
+                Err(e.into())
+            }
         }
     }
 
     /// Tokenizes a prompt's pieces: markup with special-token parsing on, client text with it
-    /// off; BOS first when the model wants one.
-    fn tokenize_pieces(&self, pieces: &[crate::chat::Piece]) -> Vec<LlamaToken> {
+    /// off. With `bos`, the BOS token first when the model wants one (a BOS text the template
+    /// wrote at the start is dropped, not doubled).
+    fn tokenize_pieces(&self, pieces: &[Piece], bos: bool) -> Vec<LlamaToken> {
         let vocab = self.model.vocab();
         let mut tokens = Vec::new();
-        if vocab.should_add_bos() {
+        let add_bos = bos && vocab.should_add_bos();
+        let bos_text = if add_bos {
             tokens.push(vocab.bos());
-        }
-        for piece in pieces {
-            vocab.tokenize_into(piece.text.as_bytes(), &mut tokens, false, piece.special);
+            vocab
+                .text(vocab.bos())
+                .map(|c| c.to_string_lossy().into_owned())
+                .unwrap_or_default()
+        } else {
+            String::new()
+        };
+        for (i, piece) in pieces.iter().enumerate() {
+            let mut text = piece.text.as_str();
+            if i == 0 && piece.special && !bos_text.is_empty() {
+                text = text.strip_prefix(bos_text.as_str()).unwrap_or(text);
+            }
+            vocab.tokenize_into(text.as_bytes(), &mut tokens, false, piece.special);
         }
         tokens
     }
@@ -820,17 +937,24 @@ impl Outcome {
             Outcome::Done {
                 tokens,
                 prompt_tokens,
+                cached_tokens,
                 finish,
                 ..
             } => Outcome::Done {
                 tokens,
                 prompt_tokens,
+                cached_tokens,
                 ms: started.elapsed().as_millis() as u64,
                 finish,
             },
             Outcome::Aborted => Outcome::Aborted,
         }
     }
+}
+
+/// A template's refusal (`raise_exception`, an error in it) is the request's problem.
+fn refused(e: String) -> ReqError {
+    ReqError::Invalid(format!("the chat template refused these messages: {e}"))
 }
 
 /// Whether any penalty is on (not its neutral value) and looks at some tokens.

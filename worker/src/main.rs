@@ -1,7 +1,6 @@
 //! `worker`: hosts one GGUF model with llama.cpp for the belljar supervisor, and the tools
-//! around it (`make-model`, `inspect`).
+//! around it (`make-model`, `inspect`, `chat-template`).
 
-mod chat;
 mod engine;
 mod inspect;
 mod link;
@@ -10,6 +9,7 @@ mod request;
 mod serve;
 mod session;
 mod stop;
+mod template;
 
 use std::process::ExitCode;
 
@@ -22,7 +22,7 @@ use clap::{Parser, Subcommand};
     name = "worker",
     version,
     about = "belljar's model host: one GGUF model per process, started by the supervisor",
-    after_help = "Examples:\n  worker make-model models/demo.gguf\n  worker inspect models/demo.gguf\n  worker serve --help"
+    after_help = "Examples:\n  worker make-model models/demo.gguf\n  worker inspect models/demo.gguf\n  worker chat-template --model models/demo.gguf --messages chat.json\n  worker serve --help"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -34,6 +34,7 @@ enum Command {
     Serve(serve::ServeArgs),
     MakeModel(make_model::MakeModelArgs),
     Inspect(inspect::InspectArgs),
+    ChatTemplate(template::ChatTemplateArgs),
 }
 
 fn main() -> ExitCode {
@@ -58,6 +59,7 @@ fn main() -> ExitCode {
         }
         Command::MakeModel(args) => make_model::run(args),
         Command::Inspect(args) => backend().and_then(|b| inspect::run(args, &b)),
+        Command::ChatTemplate(args) => template::run(args, backend),
     };
     match result {
         Ok(()) => ExitCode::from(exit::OK),

@@ -2,7 +2,7 @@
 //! before the context is touched, and a bad one is answered with an `invalid` error naming the
 //! problem and the fix.
 
-use belljar_protocol::worker::{Prompt, PromptMode};
+use belljar_protocol::worker::{CHAT_ROLES, ChatMessage, Prompt, PromptMode};
 
 /// Why `p` cannot be served, if it cannot (its sizes against the context are checked later,
 /// once it is tokenized).
@@ -27,7 +27,25 @@ pub fn check(p: &Prompt) -> Result<(), String> {
             if !p.text.is_empty() {
                 return Err("a chat request has no text; send the conversation as messages".into());
             }
-            crate::chat::check(&p.messages)?;
+            check_messages(&p.messages)?;
+        }
+    }
+    Ok(())
+}
+
+/// Why these chat messages cannot be rendered, if they cannot.
+fn check_messages(messages: &[ChatMessage]) -> Result<(), String> {
+    if messages.is_empty() {
+        return Err("a chat request has no messages; send at least one".into());
+    }
+    for (i, m) in messages.iter().enumerate() {
+        if !CHAT_ROLES.contains(&m.role.as_str()) {
+            let mut role = m.role.clone();
+            belljar_protocol::cut(&mut role, 64);
+            return Err(format!(
+                "message {i} has role {role:?}; use one of {}",
+                CHAT_ROLES.join(", ")
+            ));
         }
     }
     Ok(())
@@ -44,7 +62,7 @@ pub fn mode_name(mode: PromptMode) -> &'static str {
 
 #[cfg(test)]
 mod tests {
-    use belljar_protocol::worker::{ChatMessage, Sampling};
+    use belljar_protocol::worker::Sampling;
 
     use super::*;
 

@@ -76,6 +76,10 @@ pub struct ServeArgs {
     /// Read the model into memory instead of mapping it.
     #[arg(long)]
     pub no_mmap: bool,
+    /// The chat template: a built-in's name (chatml, llama3, mistral, gemma, phi3, zephyr) or
+    /// a Jinja file's path [default: the model's own, else chatml].
+    #[arg(long, value_name = "NAME|PATH")]
+    pub chat_template: Option<String>,
     /// Heartbeat period.
     #[arg(long, default_value = "1s", value_parser = parse_duration)]
     pub heartbeat_interval: HumanDuration,
@@ -231,6 +235,13 @@ pub fn run(args: &ServeArgs, backend: &LlamaBackend) -> Result<(), Failure> {
         tracing::warn!("{w}");
     }
 
+    // A template named by the config is read and compiled before the model loads.
+    let chosen = args
+        .chat_template
+        .as_deref()
+        .map(crate::template::choose)
+        .transpose()
+        .map_err(|e| fail(exit::USAGE, e))?;
     let file = probe_model_file(&args.model).map_err(|e| fail(exit::BAD_MODEL, e.to_string()))?;
     check_header(&file.path, file.size).map_err(|e| fail(exit::BAD_MODEL, e))?;
     let identity = Identity::of_model(&file.path, args.ctx).map_err(|e| {
@@ -267,8 +278,10 @@ pub fn run(args: &ServeArgs, backend: &LlamaBackend) -> Result<(), Failure> {
         )
     })?;
     let threads = args.threads.unwrap_or_else(belljar_host::cpu_count).max(1);
+    let chat = crate::template::load(&model, chosen).map_err(|e| fail(exit::USAGE, e))?;
+    tracing::info!("chat template: {}", chat.what);
     let mut engine = Engine::new(
-        backend, &model, args.ctx, threads, files, identity, args.fault,
+        backend, &model, args.ctx, threads, files, identity, args.fault, chat,
     )
     .map_err(|e| fail(load_code, e))?;
     // A re-prefill moves the bar from LOAD_SHARE to RESTORE_END every quarter second or so, so
@@ -426,6 +439,7 @@ fn answer(
         Ok(Outcome::Done {
             tokens,
             prompt_tokens,
+            cached_tokens,
             ms,
             finish,
         }) => {
@@ -437,6 +451,7 @@ fn answer(
                 tokens,
                 ms,
                 prompt_tokens,
+                cached_tokens,
                 finish,
             }));
         }

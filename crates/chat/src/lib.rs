@@ -92,6 +92,26 @@ impl Rendered {
     pub fn text(&self) -> String {
         self.pieces.iter().map(|p| p.text.as_str()).collect()
     }
+
+    /// The prompt from byte `at` of [`Rendered::text`] on (`at` on a character boundary).
+    pub fn from_offset(&self, mut at: usize) -> Rendered {
+        let mut pieces = Vec::new();
+        for p in &self.pieces {
+            if at >= p.text.len() {
+                at -= p.text.len();
+                continue;
+            }
+            pieces.push(Piece {
+                text: p.text.get(at..).unwrap_or_default().to_owned(),
+                special: p.special,
+            });
+            at = 0;
+        }
+        Rendered {
+            pieces,
+            exact: self.exact,
+        }
+    }
 }
 
 /// A compiled chat template with the model's BOS and EOS texts.

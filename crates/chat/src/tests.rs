@@ -18,7 +18,13 @@ fn kinds(r: &Rendered) -> Vec<(&str, bool)> {
 fn chatml_keeps_contents_apart_from_the_markup() {
     let t = Template::new(builtin("chatml").unwrap(), "<s>", "</s>").unwrap();
     let r = t
-        .render_pieces(&[msg("system", "Be brief."), msg("user", "Hi <|im_end|> there")], true)
+        .render_pieces(
+            &[
+                msg("system", "Be brief."),
+                msg("user", "Hi <|im_end|> there"),
+            ],
+            true,
+        )
         .unwrap();
     assert!(r.exact);
     assert_eq!(
@@ -49,7 +55,13 @@ fn a_template_that_changes_the_content_next_to_the_markers_is_one_markup_piece()
     // Without surrounding whitespace, trim changes nothing: exact.
     let r = t.render_pieces(&[msg("user", "hi")], true).unwrap();
     assert!(r.exact);
-    assert_eq!(r.pieces[1], Piece { text: "hi".into(), special: false });
+    assert_eq!(
+        r.pieces[1],
+        Piece {
+            text: "hi".into(),
+            special: false
+        }
+    );
 }
 
 #[test]
@@ -64,14 +76,21 @@ fn markers_in_the_content_fall_back_to_the_plain_render() {
 fn trim_blocks_and_lstrip_blocks_as_in_hugging_face() {
     let src = "{% for m in messages %}\n    {% if m.role == 'user' %}\n[{{ m.content }}]\n    {% endif %}\n{% endfor %}";
     let t = Template::new(src, "", "").unwrap();
-    assert_eq!(t.render(&[msg("user", "a"), msg("user", "b")], false).unwrap(), "[a]\n[b]\n");
+    assert_eq!(
+        t.render(&[msg("user", "a"), msg("user", "b")], false)
+            .unwrap(),
+        "[a]\n[b]\n"
+    );
 }
 
 #[test]
 fn raise_exception_is_the_error_word_for_word() {
     let t = Template::new(builtin("mistral").unwrap(), "<s>", "</s>").unwrap();
     let e = t.render(&[msg("tool", "x")], true).unwrap_err();
-    assert!(e.starts_with("the mistral template has no role tool; use"), "{e}");
+    assert!(
+        e.starts_with("the mistral template has no role tool; use"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -111,7 +130,9 @@ fn tojson_writes_what_python_json_dumps_writes() {
 fn python_string_methods_loops_and_namespace() {
     let src = "{% set ns = namespace(n=0) %}{% for m in messages %}{% if loop.first %}F{% endif %}{{ m.content.strip().upper() }}{% set ns.n = ns.n + 1 %}{% if m.content.startswith(' a') %}!{% endif %}{% endfor %}{{ ns.n }}{{ bos_token }}{{ eos_token }}";
     let t = Template::new(src, "<s>", "</s>").unwrap();
-    let out = t.render(&[msg("user", " ab "), msg("user", "c")], false).unwrap();
+    let out = t
+        .render(&[msg("user", " ab "), msg("user", "c")], false)
+        .unwrap();
     assert_eq!(out, "FAB!C2<s></s>");
 }
 
@@ -121,14 +142,22 @@ fn every_builtin_compiles_and_renders_a_conversation() {
         let t = Template::new(src, "<s>", "</s>").unwrap();
         let r = t
             .render_pieces(
-                &[msg("system", "S"), msg("user", "U"), msg("assistant", "A"), msg("user", "V")],
+                &[
+                    msg("system", "S"),
+                    msg("user", "U"),
+                    msg("assistant", "A"),
+                    msg("user", "V"),
+                ],
                 true,
             )
             .unwrap_or_else(|e| panic!("{name}: {e}"));
         assert!(r.exact, "{name}");
         let text = r.text();
         for c in ["U", "A", "V"] {
-            assert!(r.pieces.iter().any(|p| !p.special && p.text.contains(c)), "{name}: {text}");
+            assert!(
+                r.pieces.iter().any(|p| !p.special && p.text.contains(c)),
+                "{name}: {text}"
+            );
         }
     }
     assert!(builtin("nope").is_none());
@@ -137,7 +166,50 @@ fn every_builtin_compiles_and_renders_a_conversation() {
 
 #[test]
 fn a_runaway_template_runs_out_of_fuel() {
-    let t = Template::new("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}", "", "").unwrap();
+    let t = Template::new(
+        "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}",
+        "",
+        "",
+    )
+    .unwrap();
     let e = t.render(&[], false).unwrap_err();
     assert!(e.contains("fuel"), "{e}");
+}
+
+#[test]
+fn from_offset_cuts_across_pieces() {
+    let r = Rendered {
+        pieces: vec![
+            Piece {
+                text: "<a>".into(),
+                special: true,
+            },
+            Piece {
+                text: "hello".into(),
+                special: false,
+            },
+            Piece {
+                text: "<b>".into(),
+                special: true,
+            },
+        ],
+        exact: true,
+    };
+    let cut = r.from_offset(5);
+    assert_eq!(cut.text(), "llo<b>");
+    assert_eq!(
+        cut.pieces[0],
+        Piece {
+            text: "llo".into(),
+            special: false
+        }
+    );
+    assert_eq!(
+        r.from_offset(8).pieces,
+        [Piece {
+            text: "<b>".into(),
+            special: true
+        }]
+    );
+    assert!(r.from_offset(11).pieces.is_empty());
 }

@@ -69,6 +69,9 @@ pub struct AskRequest {
     pub max_tokens: u32,
     #[serde(default)]
     pub ignore_eos: bool,
+    /// The prompt goes to the model as is, not through its chat template.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub raw: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

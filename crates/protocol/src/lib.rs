@@ -14,7 +14,7 @@ pub use frame::{FrameError, FrameReader, MAX_FRAME, decode, encode, write_frame}
 
 /// Bumped on any incompatible change to a message. Exchanged in the handshake
 /// (`Hello` / `Welcome`); a mismatch ends the connection with a clear error.
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// The most bytes of any text a worker supplies (a reason, an error, a token) that the
 /// supervisor keeps or passes on; longer texts are cut by [`cut`]. A worker cannot make a

@@ -249,6 +249,13 @@ pub struct Prompt {
     /// Generation stops before any of these texts, which are not sent.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub stop: Vec<String>,
+    /// A session turn's text goes to the model as is, not through the chat template.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub raw: bool,
+    /// Evaluate the whole prompt: reuse nothing the context already holds (llama.cpp server's
+    /// `cache_prompt: false`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub fresh: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -397,9 +404,15 @@ pub struct Done {
     /// Tokens generated (sent or held back by a stop string).
     pub tokens: u32,
     pub ms: u64,
-    /// Tokens of the prompt as evaluated (a chat request's: rendered by its template).
+    /// Tokens of the prompt (a chat request's: rendered by its template; a session turn's: the
+    /// turn's own, without the conversation before it).
     #[serde(default)]
     pub prompt_tokens: u32,
+    /// Tokens the context already held and were not evaluated again: of a `completion` or `chat`
+    /// request, its prompt's longest prefix that the context held (at most `prompt_tokens - 1`);
+    /// of a session turn, the conversation before it.
+    #[serde(default)]
+    pub cached_tokens: u32,
     #[serde(default)]
     pub finish: Finish,
 }

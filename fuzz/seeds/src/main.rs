@@ -182,6 +182,7 @@ fn protocol(seeds: &mut Seeds) {
             prompt: "hello \"world\"\n\u{e9}\u{1f600}".into(),
             max_tokens: 32,
             ignore_eos: true,
+            raw: true,
         })),
     ];
     let responses: Vec<Vec<u8>> = vec![
@@ -245,6 +246,8 @@ fn protocol(seeds: &mut Seeds) {
             id: 9,
             tokens: 16,
             ms: 200,
+            prompt_tokens: 40,
+            cached_tokens: 31,
             ..Done::default()
         })),
         json(&WorkerMsg::Error(ErrorReply {
@@ -278,6 +281,7 @@ fn protocol(seeds: &mut Seeds) {
                 ..Default::default()
             },
             stop: vec!["\n".into()],
+            fresh: true,
             ..Prompt::default()
         })),
         json(&SupervisorMsg::Cancel(belljar_protocol::worker::Cancel {

@@ -15,6 +15,7 @@ pub fn run(global: &GlobalArgs, args: &AskArgs) -> Result<Exit, CliError> {
         prompt: args.prompt.clone(),
         max_tokens: args.max_tokens,
         ignore_eos: args.ignore_eos,
+        raw: args.raw,
     };
     client.send(&Command::Ask(req), None)?;
     let mut out = std::io::stdout().lock();

@@ -360,6 +360,7 @@ impl Daemon {
             text: a.prompt,
             max_tokens: a.max_tokens,
             ignore_eos: a.ignore_eos,
+            raw: a.raw,
             ..Prompt::default()
         };
         self.submit(&a.name, prompt, super::requests::Client::Control(reply));

@@ -691,6 +691,7 @@ async fn ask(socket: &Path, name: &str) -> Vec<Response> {
         prompt: "hi".into(),
         max_tokens: 4,
         ignore_eos: false,
+        raw: false,
     });
     write_frame(&mut s, &ask).await.unwrap();
     let mut got = Vec::new();

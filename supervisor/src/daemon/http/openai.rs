@@ -91,6 +91,10 @@ struct Common {
     /// llama.cpp's extension: generate through the end-of-generation token.
     #[serde(default)]
     ignore_eos: bool,
+    /// llama.cpp server's extension: `false` evaluates the whole prompt, reusing nothing the
+    /// context holds.
+    #[serde(default)]
+    cache_prompt: Option<bool>,
 }
 
 /// A parsed request: the instance asked for, the worker's prompt (id 0 until submitted) and
@@ -188,6 +192,8 @@ pub fn parse(kind: Kind, body: &[u8]) -> Result<Parsed, ApiError> {
             ignore_eos: c.ignore_eos,
             sampling,
             stop,
+            raw: false,
+            fresh: c.cache_prompt == Some(false),
         },
         stream: c.stream,
         include_usage: c.stream_options.is_some_and(|o| o.include_usage),
@@ -304,6 +310,7 @@ impl Answer<'_> {
             "prompt_tokens": d.prompt_tokens,
             "completion_tokens": d.tokens,
             "total_tokens": u64::from(d.prompt_tokens) + u64::from(d.tokens),
+            "prompt_tokens_details": {"cached_tokens": d.cached_tokens},
         })
     }
 
@@ -498,6 +505,7 @@ mod tests {
             tokens: 2,
             ms: 1,
             prompt_tokens: 5,
+            cached_tokens: 4,
             finish: belljar_protocol::worker::Finish::Length,
         };
         let a = Answer {
@@ -511,6 +519,7 @@ mod tests {
         assert_eq!(w["choices"][0]["message"]["content"], "hi");
         assert_eq!(w["choices"][0]["finish_reason"], "length");
         assert_eq!(w["usage"]["total_tokens"], 7);
+        assert_eq!(w["usage"]["prompt_tokens_details"]["cached_tokens"], 4);
         assert_eq!(
             a.chunk(None, None)["choices"][0]["delta"]["role"],
             "assistant"
