@@ -507,6 +507,9 @@ struct AskBody {
     max_tokens: Option<u32>,
     #[serde(default)]
     ignore_eos: bool,
+    /// The prompt goes to the model as is, not through its chat template.
+    #[serde(default)]
+    raw: bool,
 }
 
 /// The persistent session (what `supervisor ask` talks to), streamed as SSE: `data:
@@ -546,6 +549,7 @@ async fn ask(
         text: a.prompt,
         max_tokens: a.max_tokens.unwrap_or(ASK_MAX_TOKENS),
         ignore_eos: a.ignore_eos,
+        raw: a.raw,
         sampling: Sampling::default(),
         ..Prompt::default()
     };
