@@ -735,6 +735,8 @@ fn a_reply_cut_off_by_shutdown_is_not_kept() {
         text: "a long one".into(),
         max_tokens: 2000,
         ignore_eos: true,
+        // Raw: through the (ChatML fallback) template the prompt would not fit beside 2000.
+        raw: true,
         ..Prompt::default()
     }));
     let mut streamed = 0;
@@ -1136,9 +1138,13 @@ fn sampling_with_a_seed_is_reproducible_and_greedy_is_unchanged() {
     )
     .unwrap();
     assert_eq!(top1.text, greedy.text);
-    // A session turn at the default (greedy) is what a completion of the same text gives: the
-    // session's first turn is the same tokens in an empty context.
-    let session = request(&mut w, turn(7, "the quick brown fox", 32)).unwrap();
+    // A raw session turn at the default (greedy) is what a completion of the same text gives:
+    // the session's first turn is the same tokens in an empty context.
+    let raw = Prompt {
+        raw: true,
+        ..turn(7, "the quick brown fox", 32)
+    };
+    let session = request(&mut w, raw).unwrap();
     assert_eq!(session.text, greedy.text);
 }
 
@@ -1365,4 +1371,139 @@ fn bad_requests_are_invalid_and_the_worker_keeps_serving() {
     assert_eq!(r.done.tokens, 4);
     assert_eq!(log_tokens(&t.join("state")).0, 1);
     assert!(!w.stderr().contains("panicked"), "{}", w.stderr());
+}
+
+/// Issue [chat]: a request keeps the longest prefix of its tokens that the context holds, and
+/// the reply does not depend on it (greedy: the same with and without reuse); `fresh` reuses
+/// nothing; a different start reuses only the common part.
+#[test]
+fn prompt_prefix_reuse_counts_cached_tokens_and_changes_no_reply() {
+    let t = TestDir::new();
+    let mut w = ready_worker(&t, &[]);
+    let greedy = |id, text: &str| Prompt {
+        ignore_eos: true,
+        ..completion(id, text, 8)
+    };
+    let first = request(&mut w, greedy(1, "the quick brown fox jumps")).unwrap();
+    assert_eq!(
+        first.done.cached_tokens, 0,
+        "an empty context reuses nothing"
+    );
+    let n = first.done.prompt_tokens;
+    assert!(n > 2, "{first:?}");
+    let again = request(&mut w, greedy(2, "the quick brown fox jumps")).unwrap();
+    assert_eq!(
+        again.done.cached_tokens,
+        n - 1,
+        "all but the last prompt token are reused (its logits start the reply)"
+    );
+    assert_eq!(
+        again.text, first.text,
+        "reuse does not change a greedy reply"
+    );
+    // The prompt plus the reply is in the context: a continuation of both reuses both.
+    let longer = format!("the quick brown fox jumps{} over", first.text);
+    let cont = request(&mut w, greedy(3, &longer)).unwrap();
+    assert!(
+        cont.done.cached_tokens >= n,
+        "the earlier prompt is reused: {:?}",
+        cont.done
+    );
+    let fresh = request(
+        &mut w,
+        Prompt {
+            fresh: true,
+            ..greedy(4, &longer)
+        },
+    )
+    .unwrap();
+    assert_eq!(fresh.done.cached_tokens, 0);
+    assert_eq!(fresh.text, cont.text, "fresh or reused, the same reply");
+    let other = request(&mut w, greedy(5, "a slow green turtle")).unwrap();
+    assert!(
+        other.done.cached_tokens <= 1,
+        "only a BOS can be shared: {:?}",
+        other.done
+    );
+}
+
+/// Issue [chat]: a chat resent with one more turn reuses every earlier turn, reply included;
+/// session turns report the conversation before them as cached.
+#[test]
+fn a_resent_chat_and_session_turns_reuse_the_earlier_turns() {
+    let t = TestDir::new();
+    let mut w = ready_worker(&t, &[]);
+    let one = request(&mut w, chat(1, &[("user", "hello there")], 6)).unwrap();
+    assert_eq!(one.done.cached_tokens, 0);
+    let two = request(
+        &mut w,
+        chat(
+            2,
+            &[
+                ("user", "hello there"),
+                ("assistant", &one.text),
+                ("user", "and again"),
+            ],
+            6,
+        ),
+    )
+    .unwrap();
+    // The reply's text may tokenize differently from the tokens generated (random weights):
+    // at least the whole first prompt is reused.
+    assert!(
+        two.done.cached_tokens >= one.done.prompt_tokens,
+        "{:?} after {:?}",
+        two.done,
+        one.done
+    );
+    let a = request(&mut w, turn(3, "first turn", 4)).unwrap();
+    let b = request(&mut w, turn(4, "second turn", 4)).unwrap();
+    assert_eq!(a.done.cached_tokens, 0, "a new session's first turn");
+    assert_eq!(
+        b.done.cached_tokens,
+        a.done.prompt_tokens + a.done.tokens,
+        "the second turn evaluates only itself"
+    );
+}
+
+/// Issue [chat]: `--chat-template` takes a built-in or a file; a template's
+/// `raise_exception` fails the request as invalid with its words, and the worker goes on.
+#[test]
+fn a_chat_template_from_a_file_renders_and_its_exceptions_are_invalid_requests() {
+    let t = TestDir::new();
+    let file = t.write(
+        "t.jinja",
+        "{% for m in messages %}{% if m.role == 'system' %}{{ raise_exception('no system messages, please') }}{% endif %}[{{ m.role }}] {{ m.content }}\n{% endfor %}{% if add_generation_prompt %}[assistant] {% endif %}",
+    );
+    let mut w = ready_worker(&t, &["--chat-template", file.to_str().unwrap()]);
+    let ok = request(&mut w, chat(1, &[("user", "hi")], 4)).unwrap();
+    let whole = request(&mut w, completion(2, "[user] hi\n[assistant] ", 4)).unwrap();
+    assert_eq!(
+        ok.done.prompt_tokens, whole.done.prompt_tokens,
+        "the chat renders to the template's text"
+    );
+    let e = request(&mut w, chat(3, &[("system", "x"), ("user", "hi")], 4)).unwrap_err();
+    assert_eq!(e.kind, belljar_protocol::worker::ErrorKind::Invalid);
+    assert!(
+        e.message.contains("no system messages, please"),
+        "{}",
+        e.message
+    );
+    request(&mut w, chat(4, &[("user", "still here")], 2)).unwrap();
+}
+
+/// Issue [chat]: a bad `--chat-template` stops the start before the model loads.
+#[test]
+fn a_bad_chat_template_is_a_usage_error() {
+    let t = TestDir::new();
+    let model = t.model("m.gguf", &tiny_shape());
+    let bad = t.write("bad.jinja", "{% for m in %}");
+    for (arg, needle) in [
+        ("nope", "not a built-in"),
+        (bad.to_str().unwrap(), "bad.jinja"),
+        ("/nonexistent/t.jinja", "cannot open"),
+    ] {
+        let (m, code) = failing(&model, &["--chat-template", arg], None);
+        expect_failed(&m, code, 64, needle);
+    }
 }

@@ -688,29 +688,53 @@ impl<'m> Engine<'m> {
         }
     }
 
-    /// Tokenizes a prompt's pieces: markup with special-token parsing on, client text with it
-    /// off. With `bos`, the BOS token first when the model wants one (a BOS text the template
-    /// wrote at the start is dropped, not doubled).
+    /// Tokenizes a prompt as llama.cpp tokenizes a whole text with special-token parsing on
+    /// (plain runs between control tokens, each run tokenized in one go), except that
+    /// control-token texts in message text (the non-special pieces) stay plain text: only the
+    /// template's markup yields control tokens. With `bos`, the BOS token first when the model
+    /// wants one (a BOS text the template wrote at the start is dropped, not doubled).
     fn tokenize_pieces(&self, pieces: &[Piece], bos: bool) -> Vec<LlamaToken> {
         let vocab = self.model.vocab();
         let mut tokens = Vec::new();
         let add_bos = bos && vocab.should_add_bos();
-        let bos_text = if add_bos {
+        let mut bos_text = String::new();
+        if add_bos {
             tokens.push(vocab.bos());
-            vocab
-                .text(vocab.bos())
-                .map(|c| c.to_string_lossy().into_owned())
-                .unwrap_or_default()
-        } else {
-            String::new()
+            bos_text = token_text(&vocab, vocab.bos());
+        }
+        let mut plain = String::new();
+        let flush = |plain: &mut String, tokens: &mut Vec<LlamaToken>| {
+            if !plain.is_empty() {
+                vocab.tokenize_into(plain.as_bytes(), tokens, false, false);
+                plain.clear();
+            }
         };
         for (i, piece) in pieces.iter().enumerate() {
-            let mut text = piece.text.as_str();
-            if i == 0 && piece.special && !bos_text.is_empty() {
-                text = text.strip_prefix(bos_text.as_str()).unwrap_or(text);
+            let mut rest = piece.text.as_str();
+            if !piece.special {
+                plain.push_str(rest);
+                continue;
             }
-            vocab.tokenize_into(text.as_bytes(), &mut tokens, false, piece.special);
+            if i == 0 && !bos_text.is_empty() {
+                rest = rest.strip_prefix(bos_text.as_str()).unwrap_or(rest);
+            }
+            // The control tokens llama.cpp finds in the markup, located in order.
+            for tok in vocab.tokenize(rest.as_bytes(), false, true) {
+                if !is_special(&vocab, tok) {
+                    continue; // an ordinary token: part of a plain run
+                }
+                let text = token_text(&vocab, tok);
+                let Some(at) = rest.find(text.as_str()) else {
+                    continue;
+                };
+                plain.push_str(&rest[..at]);
+                flush(&mut plain, &mut tokens);
+                tokens.push(tok);
+                rest = &rest[at + text.len()..];
+            }
+            plain.push_str(rest);
         }
+        flush(&mut plain, &mut tokens);
         tokens
     }
 
@@ -950,6 +974,22 @@ impl Outcome {
             Outcome::Aborted => Outcome::Aborted,
         }
     }
+}
+
+/// A token's text in the vocabulary (a control token's is its literal text, `<|im_end|>`).
+fn token_text(vocab: &llama_cpp_2::vocab::LlamaVocab<'_>, tok: LlamaToken) -> String {
+    vocab
+        .text(tok)
+        .map(|c| c.to_string_lossy().into_owned())
+        .unwrap_or_default()
+}
+
+/// Whether special-token parsing yields `tok` (llama.cpp's rule: control, user-defined and
+/// unknown tokens).
+fn is_special(vocab: &llama_cpp_2::vocab::LlamaVocab<'_>, tok: LlamaToken) -> bool {
+    use llama_cpp_2::token_type::LlamaTokenAttr as A;
+    let attrs = vocab.attr(tok).0;
+    attrs.contains(A::Control) || attrs.contains(A::UserDefined) || attrs.contains(A::Unknown)
 }
 
 /// A template's refusal (`raise_exception`, an error in it) is the request's problem.
