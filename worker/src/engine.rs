@@ -52,6 +52,14 @@ pub struct Engine<'m> {
     chat: ChatFormat,
 }
 
+/// How the engine runs: its context, threads, chat template and test fault.
+pub struct Setup {
+    pub ctx_len: u32,
+    pub threads: u32,
+    pub fault: Option<Fault>,
+    pub chat: ChatFormat,
+}
+
 /// How a request ended.
 pub enum Outcome {
     /// Generation ended (a cancelled session turn is not kept: neither in the log nor in the
@@ -129,13 +137,16 @@ impl<'m> Engine<'m> {
     pub fn new(
         backend: &'m LlamaBackend,
         model: &'m LlamaModel,
-        ctx_len: u32,
-        threads: u32,
+        setup: Setup,
         files: SessionFiles,
         identity: Identity,
-        fault: Option<Fault>,
-        chat: ChatFormat,
     ) -> Result<Engine<'m>, String> {
+        let Setup {
+            ctx_len,
+            threads,
+            fault,
+            chat,
+        } = setup;
         let mut engine = Engine {
             backend,
             model,

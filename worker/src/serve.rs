@@ -21,7 +21,7 @@ use llama_cpp_2::llama_backend::LlamaBackend;
 use llama_cpp_2::model::LlamaModel;
 use llama_cpp_2::model::params::LlamaModelParams;
 
-use crate::engine::{Control, Engine, Fault, Outcome, ReqError};
+use crate::engine::{Control, Engine, Fault, Outcome, ReqError, Setup};
 use crate::link::{Inbound, Link, spawn_reader};
 use crate::session::{Identity, SessionFiles};
 use belljar_protocol::exit;
@@ -280,10 +280,14 @@ pub fn run(args: &ServeArgs, backend: &LlamaBackend) -> Result<(), Failure> {
     let threads = args.threads.unwrap_or_else(belljar_host::cpu_count).max(1);
     let chat = crate::template::load(&model, chosen).map_err(|e| fail(exit::USAGE, e))?;
     tracing::info!("chat template: {}", chat.what);
-    let mut engine = Engine::new(
-        backend, &model, args.ctx, threads, files, identity, args.fault, chat,
-    )
-    .map_err(|e| fail(load_code, e))?;
+    let setup = Setup {
+        ctx_len: args.ctx,
+        threads,
+        fault: args.fault,
+        chat,
+    };
+    let mut engine =
+        Engine::new(backend, &model, setup, files, identity).map_err(|e| fail(load_code, e))?;
     // A re-prefill moves the bar from LOAD_SHARE to RESTORE_END every quarter second or so, so
     // the supervisor's load watchdog sees progress however long the conversation; writing its
     // state back comes after that.
