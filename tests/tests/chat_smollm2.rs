@@ -1,5 +1,6 @@
 //! Chat on a real model, SmolLM2-135M-Instruct, through a real daemon: a conversation that
-//! resends its history reuses the context's prefix (`cached_tokens`).
+//! resends its history reuses the context's prefix (`cached_tokens`), and `supervisor ask`
+//! renders session turns through the model's template.
 
 #![allow(clippy::unwrap_used)] // tests unwrap: a panic is the failure report
 
@@ -171,5 +172,32 @@ fn a_ten_turn_chat_resending_its_history_reuses_every_earlier_turn() {
         b.cached > 0 && b.cached < first_turn,
         "only the system prompt before the changed message is reused: {b:?}"
     );
+    assert_eq!(d.terminate().code(), Some(0), "{}", d.stderr());
+}
+
+#[test]
+fn ask_renders_session_turns_through_smollm2s_template_and_raw_keeps_raw_text() {
+    let t = TestDir::new();
+    let (mut d, _addr) = start(&t);
+    let r = d.cli(&["ask", "subject", "What is 2 + 2?"]);
+    r.expect_code(0);
+    eprintln!("ask: {:?} {}", r.stdout, r.stderr.trim());
+    assert!(r.stdout.contains('4'), "2 + 2: {:?}", r.stdout);
+    assert!(
+        !r.stdout.contains("<|im_start|>") && !r.stdout.contains("assistant\n"),
+        "the reply is the assistant's text only: {:?}",
+        r.stdout
+    );
+    let r = d.cli(&[
+        "ask",
+        "subject",
+        "\nOnce upon a time",
+        "--raw",
+        "--max-tokens",
+        "16",
+    ]);
+    r.expect_code(0);
+    eprintln!("ask --raw: {:?} {}", r.stdout, r.stderr.trim());
+    assert!(r.stderr.contains("tokens in"), "{}", r.stderr);
     assert_eq!(d.terminate().code(), Some(0), "{}", d.stderr());
 }
