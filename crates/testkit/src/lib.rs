@@ -5,6 +5,7 @@ pub mod daemon;
 pub mod http;
 pub mod link;
 pub mod raw;
+pub mod real;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
