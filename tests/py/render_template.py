@@ -73,8 +73,11 @@ def main():
                 compiled[source] = env.from_string(source)
             # Each message as clients write it and the worker passes it: role, then content.
             messages = [{"role": m["role"], "content": m["content"]} for m in case["messages"]]
+            # As transformers' apply_chat_template: tools and documents are None without tools.
             text = compiled[source].render(
                 messages=messages,
+                tools=None,
+                documents=None,
                 add_generation_prompt=case["add_generation_prompt"],
                 bos_token=case["bos_token"],
                 eos_token=case["eos_token"],

@@ -140,11 +140,11 @@ impl Template {
                 .map_err(|e| e.to_string())?,
         );
         env.set_fuel(Some(FUEL));
-        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+        env.set_unknown_method_callback(python_methods);
         env.add_function("raise_exception", raise_exception);
         env.add_function("strftime_now", strftime_now);
         env.add_filter("tojson", tojson);
-        env.add_template_owned("chat_template", source.to_owned())
+        env.add_template_owned("chat_template", generation_as_if(source))
             .map_err(|e| describe(&e))?;
         Ok(Template {
             env,
@@ -218,6 +218,9 @@ impl Template {
         let ctx = minijinja::context! {
             messages => Value::from(messages.collect::<Vec<_>>()),
             add_generation_prompt => add_generation_prompt,
+            // As transformers passes them without tools: `tools is none` holds.
+            tools => Value::from(()),
+            documents => Value::from(()),
             bos_token => self.bos.as_str(),
             eos_token => self.eos.as_str(),
         };
@@ -269,6 +272,129 @@ fn split_marked(marked: &str) -> Option<Vec<Piece>> {
     }
     push(rest, true);
     Some(pieces)
+}
+
+/// Hugging Face's `{% generation %}…{% endgeneration %}` (it marks the assistant's part for
+/// training masks and renders its body) as `{% if true %}…{% endif %}`, whitespace control kept.
+fn generation_as_if(source: &str) -> String {
+    let mut out = String::with_capacity(source.len());
+    let mut rest = source;
+    while let Some(at) = rest.find("{%") {
+        out.push_str(&rest[..at]);
+        let tag = &rest[at..];
+        let Some(end) = tag.find("%}") else {
+            break;
+        };
+        let inner = &tag[2..end];
+        let (open, body) = split_flag(inner, true);
+        let (body, close) = split_flag(body.trim(), false);
+        let replaced = match body.trim() {
+            "generation" => Some("if true"),
+            "endgeneration" => Some("endif"),
+            _ => None,
+        };
+        match replaced {
+            Some(word) => {
+                out.push_str("{%");
+                out.push_str(open);
+                out.push(' ');
+                out.push_str(word);
+                out.push(' ');
+                out.push_str(close);
+                out.push_str("%}");
+            }
+            None => out.push_str(&tag[..end + 2]),
+        }
+        rest = &tag[end + 2..];
+    }
+    out.push_str(rest);
+    out
+}
+
+/// A tag's whitespace-control flag (`-` or `+`) at its start (`leading`) or end, and the rest.
+fn split_flag(inner: &str, leading: bool) -> (&str, &str) {
+    let flagged = |c: char| c == '-' || c == '+';
+    if leading {
+        match inner.chars().next() {
+            Some(c) if flagged(c) => (&inner[..1], &inner[1..]),
+            _ => ("", inner),
+        }
+    } else {
+        match inner.chars().last() {
+            Some(c) if flagged(c) => (&inner[..inner.len() - 1], &inner[inner.len() - 1..]),
+            _ => (inner, ""),
+        }
+    }
+}
+
+/// Python's string methods: minijinja-contrib's `pycompat`, plus `rsplit`, `removeprefix` and
+/// `removesuffix`, which it lacks.
+fn python_methods(
+    state: &mut State,
+    value: &Value,
+    method: &str,
+    args: &[Value],
+) -> Result<Value, Error> {
+    if let Some(s) = value.as_str() {
+        match method {
+            "rsplit" => {
+                let (sep, maxsplit): (Option<&str>, Option<i64>) =
+                    minijinja::value::from_args(args)?;
+                return rsplit(s, sep, maxsplit.unwrap_or(-1)).map(Value::from);
+            }
+            "removeprefix" | "removesuffix" => {
+                let (affix,): (&str,) = minijinja::value::from_args(args)?;
+                let cut = if method == "removeprefix" {
+                    s.strip_prefix(affix)
+                } else {
+                    s.strip_suffix(affix)
+                };
+                return Ok(Value::from(cut.unwrap_or(s)));
+            }
+            _ => {}
+        }
+    }
+    minijinja_contrib::pycompat::unknown_method_callback(state, value, method, args)
+}
+
+/// Python's `str.rsplit(sep, maxsplit)`.
+fn rsplit(s: &str, sep: Option<&str>, maxsplit: i64) -> Result<Vec<String>, Error> {
+    let limit = usize::try_from(maxsplit).ok();
+    match sep {
+        Some("") => Err(Error::new(ErrorKind::InvalidOperation, "rsplit: empty separator")),
+        Some(sep) => {
+            let mut parts: Vec<String> = match limit {
+                Some(n) => s.rsplitn(n + 1, sep).map(str::to_owned).collect(),
+                None => s.rsplit(sep).map(str::to_owned).collect(),
+            };
+            parts.reverse();
+            Ok(parts)
+        }
+        None => {
+            // Runs of whitespace separate; the kept left part keeps its leading whitespace.
+            let mut parts = Vec::new();
+            let mut rest = s.trim_end();
+            while !rest.is_empty() {
+                if limit.is_some_and(|n| parts.len() == n) {
+                    parts.push(rest.to_owned());
+                    break;
+                }
+                match rest.rfind(char::is_whitespace) {
+                    Some(at) => {
+                        let ws = rest[at..].chars().next().map_or(1, char::len_utf8);
+                        parts.push(rest[at + ws..].to_owned());
+                        rest = rest[..at].trim_end();
+                    }
+                    None => {
+                        parts.push(rest.to_owned());
+                        rest = "";
+                    }
+                }
+            }
+            parts.reverse();
+            Ok(parts)
+        }
+    }
 }
 
 /// A message as templates see it: a map with `role` and `content`, in that order.

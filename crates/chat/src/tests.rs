@@ -213,3 +213,28 @@ fn from_offset_cuts_across_pieces() {
     );
     assert!(r.from_offset(11).pieces.is_empty());
 }
+
+#[test]
+fn generation_tags_render_their_body_and_tools_is_none() {
+    let t = Template::new(
+        "{% for m in messages %}{%- generation -%} [{{ m.content }}] {%- endgeneration %}{% endfor %}{{ tools is none }}{{ documents is none }}",
+        "",
+        "",
+    )
+    .unwrap();
+    assert_eq!(t.render(&[msg("assistant", "a")], false).unwrap(), "[a]TrueTrue");
+}
+
+#[test]
+fn rsplit_removeprefix_and_removesuffix_as_python() {
+    let t = Template::new(
+        "{{ 'a,b,c'.rsplit(',', 1) }}|{{ '  a b  c '.rsplit(none, 1) }}|{{ ' a  b '.rsplit() }}|{{ 'xay'.removeprefix('x') }}{{ 'xay'.removesuffix('y') }}{{ 'xay'.removeprefix('q') }}",
+        "",
+        "",
+    )
+    .unwrap();
+    assert_eq!(
+        t.render(&[], false).unwrap(),
+        "['a,b', 'c']|['  a b', 'c']|['a', 'b']|ayxaxay"
+    );
+}
