@@ -581,6 +581,7 @@ def main():
     tmp = tempfile.mkdtemp(prefix="chat-", dir=WORK)
     os.chmod(tmp, 0o755)
     out = {"machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+           "load_start": os.getloadavg()[0],
            "model": os.path.basename(model), "llcp": llcp, "args": vars(args)}
     servers = []
     try:
@@ -633,6 +634,7 @@ def main():
         for s in servers:
             s.close()
         shutil.rmtree(tmp, ignore_errors=True)
+    out["load_end"] = os.getloadavg()[0]
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=1)
@@ -680,7 +682,8 @@ def report(out, args):
     print(f"Measured {out['date']} by `python3 bench/chat.py` on {out['machine']}: {out['model']}, "
           f"ctx {args.ctx}, {args.threads} threads on both sides, temperature 0, max_tokens "
           f"{args.max_tokens}, {args.reps} requests per prompt and side after a warm-up. belljar: "
-          f"{out.get('belljar_version', '?')}{lv}.\n")
+          f"{out.get('belljar_version', '?')}{lv}. Load average (1 min) at start / end: "
+          f"{out['load_start']:.1f} / {out['load_end']:.1f}.\n")
     print("| prompt | side | prompt / gen tokens | TTFT median (ms) | TTFT p90 (ms) | "
           "tokens/s median | tokens/s p90 (slow tail) |")
     print("|---|---|---|---|---|---|---|")
