@@ -488,3 +488,33 @@ fn ctrl_c_to_the_process_group_stops_the_workers_gracefully() {
         "each worker was stopped by the supervisor: {log}"
     );
 }
+
+/// A chat template file the worker's user cannot read is refused at `run`, like such a model:
+/// exit 2 naming the instance, the file and the fix; nothing is started.
+#[test]
+fn a_chat_template_the_worker_user_cannot_read_is_refused_at_run() {
+    use std::os::unix::fs::PermissionsExt;
+    assert!(
+        is_root(),
+        "daemon tests create real cgroups: run them as root"
+    );
+    let t = TestDir::new();
+    let file = t.write("private/chat.jinja", "{{ messages }}");
+    std::fs::set_permissions(t.join("private"), std::fs::Permissions::from_mode(0o700)).unwrap();
+    let config = matrix_config(&t).replace(
+        "[instances.subject]\n",
+        "[instances.subject]\nchat_template = \"private/chat.jinja\"\n",
+    );
+    let mut d = Daemon::start(&t, &config, "single", &[]);
+    assert_eq!(d.wait().code(), Some(2));
+    let said = d.stderr();
+    assert!(
+        said.contains(&format!(
+            "instance subject: worker_user \"belljar-worker\" cannot read the chat template {}",
+            t.path().join("private/chat.jinja").display()
+        )) && said.contains("nothing was started"),
+        "{said}"
+    );
+    assert!(file.exists());
+    assert!(!d.parent().exists(), "no cgroup was created");
+}
