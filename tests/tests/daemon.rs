@@ -489,6 +489,80 @@ fn ctrl_c_to_the_process_group_stops_the_workers_gracefully() {
     );
 }
 
+/// The worker's arguments, from /proc.
+fn worker_args(pid: u64) -> Vec<String> {
+    std::fs::read_to_string(format!("/proc/{pid}/cmdline"))
+        .unwrap()
+        .split('\0')
+        .map(str::to_owned)
+        .collect()
+}
+
+/// The value after `flag` in `args`, if the flag is there.
+fn after<'a>(args: &'a [String], flag: &str) -> Option<&'a str> {
+    let i = args.iter().position(|a| a == flag)?;
+    args.get(i + 1).map(String::as_str)
+}
+
+/// `chat_template` reaches the worker: a built-in's name as it is, a file named relative to the
+/// config file's directory as an absolute path that the worker (as belljar-worker) reads and
+/// compiles before it gets ready; unset, no flag (the model's own template). `status --json`
+/// shows the value.
+#[test]
+fn chat_templates_reach_the_worker_on_its_command_line() {
+    assert!(
+        is_root(),
+        "daemon tests create real cgroups: run them as root"
+    );
+    let t = TestDir::new();
+    let template = "{% for m in messages %}<{{ m.role }}>{{ m.content }}\n{% endfor %}\
+                    {% if add_generation_prompt %}<assistant>{% endif %}";
+    t.write("templates/chat.jinja", template);
+    let config = matrix_config(&t)
+        .replace(
+            "[instances.subject]\n",
+            "[instances.subject]\nchat_template = \"chatml\"\n",
+        )
+        .replace(
+            "[instances.observer]\n",
+            "[instances.observer]\nchat_template = \"./templates/chat.jinja\"\n",
+        );
+    let mut d = Daemon::start(&t, &config, "matrix", &[]);
+    let s = d.wait_status("all ready", |s| all_in(s, "ready"));
+    let pid = |s: &serde_json::Value, name| instance(s, name)["pid"].as_u64().unwrap();
+
+    let subject = worker_args(pid(&s, "subject"));
+    assert_eq!(
+        after(&subject, "--chat-template"),
+        Some("chatml"),
+        "{subject:?}"
+    );
+    assert_eq!(instance(&s, "subject")["chat_template"], "chatml");
+
+    let file = t.join("templates/chat.jinja");
+    let observer = worker_args(pid(&s, "observer"));
+    assert_eq!(
+        after(&observer, "--chat-template"),
+        Some(file.to_str().unwrap()),
+        "absolute, for a worker that starts in its session dir: {observer:?}"
+    );
+    let shown = instance(&s, "observer")["chat_template"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert_eq!(
+        std::fs::canonicalize(&shown).unwrap(),
+        std::fs::canonicalize(&file).unwrap(),
+        "{shown}"
+    );
+
+    let god = worker_args(pid(&s, "god"));
+    assert_eq!(after(&god, "--chat-template"), None, "unset: {god:?}");
+    assert!(instance(&s, "god").get("chat_template").is_none(), "{s:#}");
+
+    assert_eq!(d.terminate().code(), Some(0));
+}
+
 /// A chat template file the worker's user cannot read is refused at `run`, like such a model:
 /// exit 2 naming the instance, the file and the fix; nothing is started.
 #[test]
