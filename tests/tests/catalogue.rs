@@ -954,6 +954,51 @@ fn cli_rows_without_a_daemon() {
             &["models/none.gguf"],
         ),
         cli_case("add_without_model", &["add", "x"], 2, &["--model"]),
+        cli_case(
+            "add_chat_template_unknown_name",
+            &[
+                "add",
+                "x",
+                "--model",
+                m,
+                "--chat-template",
+                "llama-3",
+                "--runtime-dir",
+                nowhere,
+            ],
+            2,
+            &["--chat-template", "not a built-in", "chatml", "needs a /"],
+        ),
+        cli_case(
+            "add_chat_template_empty",
+            &[
+                "add",
+                "x",
+                "--model",
+                m,
+                "--chat-template",
+                "",
+                "--runtime-dir",
+                nowhere,
+            ],
+            2,
+            &["--chat-template", "empty"],
+        ),
+        cli_case(
+            "add_chat_template_relative_missing",
+            &[
+                "add",
+                "x",
+                "--model",
+                m,
+                "--chat-template",
+                "./templates/none.jinja",
+                "--runtime-dir",
+                nowhere,
+            ],
+            2,
+            &["templates/none.jinja", "check the path"],
+        ),
         cli_case("remove_without_name", &["remove"], 2, &["<NAME>"]),
         cli_case(
             "status_unreachable_runtime_dir",
@@ -1491,6 +1536,7 @@ fn cli_rows_against_a_daemon() {
     mkfifo(&fifo);
     let fifo = fifo.to_str().unwrap();
     let long = "n".repeat(64);
+    let tpl = chat_templates(t.path());
     // One argument may hold 128 KiB: a prompt of 100 KiB is far past the context.
     let big_prompt = "word ".repeat(20 * 1024);
     // (name, args, code, needles, the instance that must never start)
@@ -1627,6 +1673,55 @@ fn cli_rows_against_a_daemon() {
             2,
             vec!["at most"],
             Some("gpu"),
+        ),
+        (
+            "add_chat_template_directory",
+            vec!["add", "tdir", "--model", b, "--chat-template", "/tmp"],
+            2,
+            vec!["cannot add tdir", "is a directory"],
+            Some("tdir"),
+        ),
+        (
+            "add_chat_template_fifo",
+            vec!["add", "tfifo", "--model", b, "--chat-template", &tpl.fifo],
+            2,
+            vec!["not a regular file"],
+            Some("tfifo"),
+        ),
+        (
+            "add_chat_template_not_utf8",
+            vec![
+                "add",
+                "tlatin",
+                "--model",
+                b,
+                "--chat-template",
+                &tpl.latin1,
+            ],
+            2,
+            vec!["not UTF-8"],
+            Some("tlatin"),
+        ),
+        (
+            "add_chat_template_syntax_error",
+            vec![
+                "add",
+                "tsyntax",
+                "--model",
+                b,
+                "--chat-template",
+                &tpl.syntax,
+            ],
+            2,
+            vec!["does not compile", "line 2"],
+            Some("tsyntax"),
+        ),
+        (
+            "add_chat_template_too_large",
+            vec!["add", "thuge", "--model", b, "--chat-template", &tpl.huge],
+            2,
+            vec!["larger than the 1048576 accepted"],
+            Some("thuge"),
         ),
         (
             "ask_empty_prompt",
@@ -1952,6 +2047,38 @@ fn control_cases(model: &str) -> Vec<ControlCase> {
             &[],
             2,
             &["absolute|does not exist"],
+        ),
+        add(
+            "add_chat_template_unknown_name",
+            "tname",
+            model,
+            &[("chat_template", Value::from("llama-3"))],
+            2,
+            &["chat_template", "not a built-in"],
+        ),
+        add(
+            "add_chat_template_empty",
+            "tempty",
+            model,
+            &[("chat_template", Value::from(""))],
+            2,
+            &["chat_template", "empty"],
+        ),
+        add(
+            "add_chat_template_relative",
+            "trel",
+            model,
+            &[("chat_template", Value::from("templates/chat.jinja"))],
+            2,
+            &["relative", "absolute path"],
+        ),
+        add(
+            "add_chat_template_not_a_string",
+            "ttype",
+            model,
+            &[("chat_template", Value::from(7))],
+            2,
+            &["bad request"],
         ),
         add(
             "add_model_dev_zero",

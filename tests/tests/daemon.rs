@@ -507,7 +507,8 @@ fn after<'a>(args: &'a [String], flag: &str) -> Option<&'a str> {
 /// `chat_template` reaches the worker: a built-in's name as it is, a file named relative to the
 /// config file's directory as an absolute path that the worker (as belljar-worker) reads and
 /// compiles before it gets ready; unset, no flag (the model's own template). `status --json`
-/// shows the value.
+/// shows the value, and `add --chat-template` resolves a relative path against the CLI's
+/// working directory.
 #[test]
 fn chat_templates_reach_the_worker_on_its_command_line() {
     assert!(
@@ -518,6 +519,7 @@ fn chat_templates_reach_the_worker_on_its_command_line() {
     let template = "{% for m in messages %}<{{ m.role }}>{{ m.content }}\n{% endfor %}\
                     {% if add_generation_prompt %}<assistant>{% endif %}";
     t.write("templates/chat.jinja", template);
+    t.write("cwd/helper.jinja", template);
     let config = matrix_config(&t)
         .replace(
             "[instances.subject]\n",
@@ -560,6 +562,34 @@ fn chat_templates_reach_the_worker_on_its_command_line() {
     assert_eq!(after(&god, "--chat-template"), None, "unset: {god:?}");
     assert!(instance(&s, "god").get("chat_template").is_none(), "{s:#}");
 
+    // `add`: a relative --chat-template is the CLI's working directory's.
+    let b = t.join("models/b.gguf");
+    let r = belljar_testkit::run_cmd(
+        std::process::Command::new(belljar_testkit::bin("supervisor"))
+            .current_dir(t.join("cwd"))
+            .args(["add", "helper", "--model"])
+            .arg(&b)
+            .args(["--ram-limit", "64MiB", "--chat-template", "./helper.jinja"])
+            .arg("--runtime-dir")
+            .arg(&d.runtime)
+            .arg("--config")
+            .arg(&d.config),
+    );
+    assert_eq!(r.code, Some(0), "{}{}", r.stdout, r.stderr);
+    let s = d.wait_status("helper ready", |s| all_in(s, "ready"));
+    let helper_file = std::fs::canonicalize(t.join("cwd/helper.jinja")).unwrap();
+    let helper = worker_args(pid(&s, "helper"));
+    assert_eq!(
+        after(&helper, "--chat-template"),
+        Some(helper_file.to_str().unwrap()),
+        "{helper:?}"
+    );
+    assert_eq!(
+        instance(&s, "helper")["chat_template"],
+        helper_file.to_str().unwrap()
+    );
+    let persisted = read(&d.state, "instances.json");
+    assert!(persisted.contains("helper.jinja"), "{persisted}");
     assert_eq!(d.terminate().code(), Some(0));
 }
 

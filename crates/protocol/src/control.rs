@@ -44,6 +44,10 @@ pub struct AddRequest {
     #[serde(default)]
     pub gpu_device: Option<u32>,
     pub priority: Option<i64>,
+    /// The worker's chat template: a built-in's name, or a file's absolute path (the client
+    /// resolves a relative one). Absent in requests and persisted files of older versions.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chat_template: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

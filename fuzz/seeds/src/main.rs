@@ -166,6 +166,7 @@ fn protocol(seeds: &mut Seeds) {
             gpu_layers: None,
             gpu_device: Some(0),
             priority: Some(-1),
+            chat_template: Some("llama3".into()),
         })),
         json(&Command::Remove(RemoveRequest {
             name: "helper".into(),
