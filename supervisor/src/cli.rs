@@ -66,7 +66,8 @@ pub struct CompletionsArgs {
 #[derive(Debug, Args)]
 #[command(
     after_help = "Examples:\n  supervisor add helper --model models/demo.gguf --ram-limit 256M\n  \
-supervisor add big --model /srv/models/q4.gguf --ctx 8192 --priority 5\n\n\
+supervisor add big --model /srv/models/q4.gguf --ctx 8192 --priority 5\n  \
+supervisor add chat --model models/demo.gguf --chat-template ./chat.jinja\n\n\
 The budget (layer 2) and the free memory (layer 3) are checked first: a refusal names the \
 shortfall, exits 1 and changes nothing. Adding an existing name exits 1 (an identical retry is \
 harmless)."
@@ -92,6 +93,11 @@ pub struct AddArgs {
     /// Higher is more important; the lowest is shed first.
     #[arg(long, allow_negative_numbers = true)]
     pub priority: Option<i64>,
+    /// The chat template: a built-in's name (chatml, llama3, mistral, gemma, phi3, zephyr) or
+    /// a Jinja file's path, which has a / (./chat.jinja) [default: from [defaults], else the
+    /// model's own, else chatml].
+    #[arg(long, value_name = "NAME|PATH")]
+    pub chat_template: Option<String>,
 }
 
 /// An instance by name.

@@ -223,6 +223,7 @@ fn config_cases(model: &str, dir: &Path) -> Vec<ConfigCase> {
     };
     let fifo_model = dir.join("model.fifo");
     mkfifo(&fifo_model);
+    let tpl = chat_templates(dir);
     let deep = format!("a = {}{}\n", "[".repeat(100_000), "]".repeat(100_000));
     let mut garbage: Vec<u8> = (0..4096u32)
         .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
@@ -431,6 +432,67 @@ fn config_cases(model: &str, dir: &Path) -> Vec<ConfigCase> {
             "model = \"/dev/zero\"",
             &["not a regular file"],
         ),
+        // chat templates (checked when the config is loaded: before anything starts)
+        i(
+            "chat_template_unknown_name",
+            "chat_template = \"llama-3\"",
+            &[
+                "chat_template",
+                "\"llama-3\" is not a built-in",
+                "chatml",
+                "needs a /",
+            ],
+        ),
+        i(
+            "chat_template_empty",
+            "chat_template = \"\"",
+            &["chat_template", "empty"],
+        ),
+        i(
+            "chat_template_missing_file",
+            &format!("chat_template = \"{}\"", tpl.missing),
+            &["[instances.a] chat_template", "none.jinja does not exist"],
+        ),
+        i(
+            "chat_template_relative_missing_file",
+            "chat_template = \"./none.jinja\"",
+            &["none.jinja does not exist", "config file's directory"],
+        ),
+        i(
+            "chat_template_is_a_directory",
+            "chat_template = \"/tmp\"",
+            &["chat template /tmp is a directory"],
+        ),
+        i(
+            "chat_template_is_a_fifo",
+            &format!("chat_template = \"{}\"", tpl.fifo),
+            &["not a regular file"],
+        ),
+        i(
+            "chat_template_is_dev_zero",
+            "chat_template = \"/dev/zero\"",
+            &["not a regular file"],
+        ),
+        i(
+            "chat_template_not_utf8",
+            &format!("chat_template = \"{}\"", tpl.latin1),
+            &["latin1.jinja is not UTF-8"],
+        ),
+        i(
+            "chat_template_syntax_error",
+            &format!("chat_template = \"{}\"", tpl.syntax),
+            &["syntax.jinja does not compile", "line 2"],
+        ),
+        i(
+            "chat_template_too_large",
+            &format!("chat_template = \"{}\"", tpl.huge),
+            &["huge.jinja is 1048577 bytes, larger than the 1048576 accepted"],
+        ),
+        d(
+            "chat_template_in_defaults_syntax_error",
+            &format!("chat_template = \"{}\"", tpl.syntax),
+            &["[defaults] chat_template", "does not compile"],
+        ),
         // the file itself
         ConfigCase {
             name: "config_is_a_fifo",
@@ -477,6 +539,38 @@ fn config_cases(model: &str, dir: &Path) -> Vec<ConfigCase> {
             validate_only: true,
         },
     ]
+}
+
+/// Chat template files that must be refused, by absolute path.
+#[derive(Debug)]
+struct Templates {
+    missing: String,
+    fifo: String,
+    latin1: String,
+    syntax: String,
+    huge: String,
+}
+
+/// Writes the bad chat templates under `dir/templates`.
+fn chat_templates(dir: &Path) -> Templates {
+    let dir = dir.join("templates");
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = |name: &str, bytes: &[u8]| {
+        let p = dir.join(name);
+        std::fs::write(&p, bytes).unwrap();
+        p.to_str().unwrap().to_owned()
+    };
+    let fifo = dir.join("fifo.jinja");
+    if !fifo.exists() {
+        mkfifo(&fifo);
+    }
+    Templates {
+        missing: dir.join("none.jinja").to_str().unwrap().to_owned(),
+        fifo: fifo.to_str().unwrap().to_owned(),
+        latin1: file("latin1.jinja", b"caf\xe9 {{ messages }}\n"),
+        syntax: file("syntax.jinja", b"line one\n{% for x in %}{% endfor %}\n"),
+        huge: file("huge.jinja", &vec![b'x'; (1 << 20) + 1]),
+    }
 }
 
 /// Writes a row's config at `dir/budgets.toml` (or makes it a FIFO, a directory, nothing).
@@ -860,6 +954,51 @@ fn cli_rows_without_a_daemon() {
             &["models/none.gguf"],
         ),
         cli_case("add_without_model", &["add", "x"], 2, &["--model"]),
+        cli_case(
+            "add_chat_template_unknown_name",
+            &[
+                "add",
+                "x",
+                "--model",
+                m,
+                "--chat-template",
+                "llama-3",
+                "--runtime-dir",
+                nowhere,
+            ],
+            2,
+            &["--chat-template", "not a built-in", "chatml", "needs a /"],
+        ),
+        cli_case(
+            "add_chat_template_empty",
+            &[
+                "add",
+                "x",
+                "--model",
+                m,
+                "--chat-template",
+                "",
+                "--runtime-dir",
+                nowhere,
+            ],
+            2,
+            &["--chat-template", "empty"],
+        ),
+        cli_case(
+            "add_chat_template_relative_missing",
+            &[
+                "add",
+                "x",
+                "--model",
+                m,
+                "--chat-template",
+                "./templates/none.jinja",
+                "--runtime-dir",
+                nowhere,
+            ],
+            2,
+            &["templates/none.jinja", "check the path"],
+        ),
         cli_case("remove_without_name", &["remove"], 2, &["<NAME>"]),
         cli_case(
             "status_unreachable_runtime_dir",
@@ -1397,6 +1536,7 @@ fn cli_rows_against_a_daemon() {
     mkfifo(&fifo);
     let fifo = fifo.to_str().unwrap();
     let long = "n".repeat(64);
+    let tpl = chat_templates(t.path());
     // One argument may hold 128 KiB: a prompt of 100 KiB is far past the context.
     let big_prompt = "word ".repeat(20 * 1024);
     // (name, args, code, needles, the instance that must never start)
@@ -1533,6 +1673,55 @@ fn cli_rows_against_a_daemon() {
             2,
             vec!["at most"],
             Some("gpu"),
+        ),
+        (
+            "add_chat_template_directory",
+            vec!["add", "tdir", "--model", b, "--chat-template", "/tmp"],
+            2,
+            vec!["cannot add tdir", "is a directory"],
+            Some("tdir"),
+        ),
+        (
+            "add_chat_template_fifo",
+            vec!["add", "tfifo", "--model", b, "--chat-template", &tpl.fifo],
+            2,
+            vec!["not a regular file"],
+            Some("tfifo"),
+        ),
+        (
+            "add_chat_template_not_utf8",
+            vec![
+                "add",
+                "tlatin",
+                "--model",
+                b,
+                "--chat-template",
+                &tpl.latin1,
+            ],
+            2,
+            vec!["not UTF-8"],
+            Some("tlatin"),
+        ),
+        (
+            "add_chat_template_syntax_error",
+            vec![
+                "add",
+                "tsyntax",
+                "--model",
+                b,
+                "--chat-template",
+                &tpl.syntax,
+            ],
+            2,
+            vec!["does not compile", "line 2"],
+            Some("tsyntax"),
+        ),
+        (
+            "add_chat_template_too_large",
+            vec!["add", "thuge", "--model", b, "--chat-template", &tpl.huge],
+            2,
+            vec!["larger than the 1048576 accepted"],
+            Some("thuge"),
         ),
         (
             "ask_empty_prompt",
@@ -1858,6 +2047,38 @@ fn control_cases(model: &str) -> Vec<ControlCase> {
             &[],
             2,
             &["absolute|does not exist"],
+        ),
+        add(
+            "add_chat_template_unknown_name",
+            "tname",
+            model,
+            &[("chat_template", Value::from("llama-3"))],
+            2,
+            &["chat_template", "not a built-in"],
+        ),
+        add(
+            "add_chat_template_empty",
+            "tempty",
+            model,
+            &[("chat_template", Value::from(""))],
+            2,
+            &["chat_template", "empty"],
+        ),
+        add(
+            "add_chat_template_relative",
+            "trel",
+            model,
+            &[("chat_template", Value::from("templates/chat.jinja"))],
+            2,
+            &["relative", "absolute path"],
+        ),
+        add(
+            "add_chat_template_not_a_string",
+            "ttype",
+            model,
+            &[("chat_template", Value::from(7))],
+            2,
+            &["bad request"],
         ),
         add(
             "add_model_dev_zero",

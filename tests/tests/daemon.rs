@@ -488,3 +488,137 @@ fn ctrl_c_to_the_process_group_stops_the_workers_gracefully() {
         "each worker was stopped by the supervisor: {log}"
     );
 }
+
+/// The worker's arguments, from /proc.
+fn worker_args(pid: u64) -> Vec<String> {
+    std::fs::read_to_string(format!("/proc/{pid}/cmdline"))
+        .unwrap()
+        .split('\0')
+        .map(str::to_owned)
+        .collect()
+}
+
+/// The value after `flag` in `args`, if the flag is there.
+fn after<'a>(args: &'a [String], flag: &str) -> Option<&'a str> {
+    let i = args.iter().position(|a| a == flag)?;
+    args.get(i + 1).map(String::as_str)
+}
+
+/// `chat_template` reaches the worker: a built-in's name as it is, a file named relative to the
+/// config file's directory as an absolute path that the worker (as belljar-worker) reads and
+/// compiles before it gets ready; unset, no flag (the model's own template). `status --json`
+/// shows the value, and `add --chat-template` resolves a relative path against the CLI's
+/// working directory.
+#[test]
+fn chat_templates_reach_the_worker_on_its_command_line() {
+    assert!(
+        is_root(),
+        "daemon tests create real cgroups: run them as root"
+    );
+    let t = TestDir::new();
+    let template = "{% for m in messages %}<{{ m.role }}>{{ m.content }}\n{% endfor %}\
+                    {% if add_generation_prompt %}<assistant>{% endif %}";
+    t.write("templates/chat.jinja", template);
+    t.write("cwd/helper.jinja", template);
+    let config = matrix_config(&t)
+        .replace(
+            "[instances.subject]\n",
+            "[instances.subject]\nchat_template = \"chatml\"\n",
+        )
+        .replace(
+            "[instances.observer]\n",
+            "[instances.observer]\nchat_template = \"./templates/chat.jinja\"\n",
+        );
+    let mut d = Daemon::start(&t, &config, "matrix", &[]);
+    let s = d.wait_status("all ready", |s| all_in(s, "ready"));
+    let pid = |s: &serde_json::Value, name| instance(s, name)["pid"].as_u64().unwrap();
+
+    let subject = worker_args(pid(&s, "subject"));
+    assert_eq!(
+        after(&subject, "--chat-template"),
+        Some("chatml"),
+        "{subject:?}"
+    );
+    assert_eq!(instance(&s, "subject")["chat_template"], "chatml");
+
+    let file = t.join("templates/chat.jinja");
+    let observer = worker_args(pid(&s, "observer"));
+    assert_eq!(
+        after(&observer, "--chat-template"),
+        Some(file.to_str().unwrap()),
+        "absolute, for a worker that starts in its session dir: {observer:?}"
+    );
+    let shown = instance(&s, "observer")["chat_template"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert_eq!(
+        std::fs::canonicalize(&shown).unwrap(),
+        std::fs::canonicalize(&file).unwrap(),
+        "{shown}"
+    );
+
+    let god = worker_args(pid(&s, "god"));
+    assert_eq!(after(&god, "--chat-template"), None, "unset: {god:?}");
+    assert!(instance(&s, "god").get("chat_template").is_none(), "{s:#}");
+
+    // `add`: a relative --chat-template is the CLI's working directory's.
+    let b = t.join("models/b.gguf");
+    let r = belljar_testkit::run_cmd(
+        std::process::Command::new(belljar_testkit::bin("supervisor"))
+            .current_dir(t.join("cwd"))
+            .args(["add", "helper", "--model"])
+            .arg(&b)
+            .args(["--ram-limit", "64MiB", "--chat-template", "./helper.jinja"])
+            .arg("--runtime-dir")
+            .arg(&d.runtime)
+            .arg("--config")
+            .arg(&d.config),
+    );
+    assert_eq!(r.code, Some(0), "{}{}", r.stdout, r.stderr);
+    let s = d.wait_status("helper ready", |s| all_in(s, "ready"));
+    let helper_file = std::fs::canonicalize(t.join("cwd/helper.jinja")).unwrap();
+    let helper = worker_args(pid(&s, "helper"));
+    assert_eq!(
+        after(&helper, "--chat-template"),
+        Some(helper_file.to_str().unwrap()),
+        "{helper:?}"
+    );
+    assert_eq!(
+        instance(&s, "helper")["chat_template"],
+        helper_file.to_str().unwrap()
+    );
+    let persisted = read(&d.state, "instances.json");
+    assert!(persisted.contains("helper.jinja"), "{persisted}");
+    assert_eq!(d.terminate().code(), Some(0));
+}
+
+/// A chat template file the worker's user cannot read is refused at `run`, like such a model:
+/// exit 2 naming the instance, the file and the fix; nothing is started.
+#[test]
+fn a_chat_template_the_worker_user_cannot_read_is_refused_at_run() {
+    use std::os::unix::fs::PermissionsExt;
+    assert!(
+        is_root(),
+        "daemon tests create real cgroups: run them as root"
+    );
+    let t = TestDir::new();
+    let file = t.write("private/chat.jinja", "{{ messages }}");
+    std::fs::set_permissions(t.join("private"), std::fs::Permissions::from_mode(0o700)).unwrap();
+    let config = matrix_config(&t).replace(
+        "[instances.subject]\n",
+        "[instances.subject]\nchat_template = \"private/chat.jinja\"\n",
+    );
+    let mut d = Daemon::start(&t, &config, "single", &[]);
+    assert_eq!(d.wait().code(), Some(2));
+    let said = d.stderr();
+    assert!(
+        said.contains(&format!(
+            "instance subject: worker_user \"belljar-worker\" cannot read the chat template {}",
+            t.path().join("private/chat.jinja").display()
+        )) && said.contains("nothing was started"),
+        "{said}"
+    );
+    assert!(file.exists());
+    assert!(!d.parent().exists(), "no cgroup was created");
+}

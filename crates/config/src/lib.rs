@@ -34,8 +34,9 @@ pub enum ConfigError {
     File { path: String, message: String },
 }
 
-/// A parsed and checked config. Instances and modes are known valid; model files are not yet
-/// checked (that is I/O, done by the caller through crates/host).
+/// A parsed and checked config. Instances and modes are known valid; model files and chat
+/// template files are not yet checked (that is I/O, done by the caller through crates/host;
+/// a template's text with [`rules::chat_template_source`]).
 #[derive(Debug, Clone)]
 pub struct Config {
     pub path: PathBuf,
@@ -81,6 +82,10 @@ pub struct InstanceSpec {
     /// More names HTTP clients may use for the instance (OpenAI's `model`); unique across the
     /// config, never equal to an instance name.
     pub aliases: Vec<String>,
+    /// `--chat-template` for the worker: a built-in's name, or a file's path (it has a `/`;
+    /// relative paths in the file were resolved against the config file's directory). `None`:
+    /// the model's own template, else chatml.
+    pub chat_template: Option<String>,
 }
 
 /// The user workers run as by default, created by packaging/belljar.sysusers.
@@ -121,9 +126,24 @@ impl Config {
         let ctx = ErrCtx { text, path };
         let raw: RawConfig = toml::from_str(text).map_err(|e| ctx.toml(&e))?;
         let dir = path.parent().unwrap_or(Path::new(""));
-        let resolve = |section: InstanceSection| InstanceSection {
-            model: section.model.map(|m| dir.join(m)),
-            ..section
+        // Relative paths (`model`, a `chat_template` file) are the config directory's.
+        let resolve = |section: InstanceSection| -> Result<InstanceSection, String> {
+            let chat_template = match section.chat_template {
+                Some(t) if t.contains('/') => Some(
+                    dir.join(&t).into_os_string().into_string().map_err(|p| {
+                        format!(
+                            "chat_template: the path {} is not UTF-8 (the config file's directory is not); give an absolute path or move the config",
+                            Path::new(&p).display()
+                        )
+                    })?,
+                ),
+                other => other,
+            };
+            Ok(InstanceSection {
+                model: section.model.map(|m| dir.join(m)),
+                chat_template,
+                ..section
+            })
         };
 
         let mut instances = BTreeMap::new();
@@ -144,10 +164,11 @@ impl Config {
             }
             // The deserializers enforce the same rules with the key's line; this is the one
             // function `add` uses too, so the two cannot drift apart.
-            section
+            let section = section
                 .check()
+                .and_then(|()| resolve(section))
                 .map_err(|e| ctx.at(key.span().start, format!("[instances.{name}] {e}")))?;
-            instances.insert(name, resolve(section));
+            instances.insert(name, section);
         }
         raw.defaults
             .check()
@@ -243,7 +264,7 @@ impl Config {
         Ok(Config {
             path: path.to_path_buf(),
             budget: raw.budget,
-            defaults: resolve(raw.defaults),
+            defaults: resolve(raw.defaults).map_err(|e| ctx.file(format!("[defaults] {e}")))?,
             instances,
             modes,
             pressure,
@@ -337,6 +358,10 @@ impl Config {
             },
             // Never from [defaults] (refused there): an alias names one instance.
             aliases: section.aliases.clone().unwrap_or_default(),
+            chat_template: section
+                .chat_template
+                .clone()
+                .or_else(|| d.chat_template.clone()),
         }
     }
 }

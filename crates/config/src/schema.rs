@@ -115,6 +115,12 @@ pub struct InstanceSection {
     /// in `[instances.NAME]` (and `add`): `Config::parse` refuses it in `[defaults]`.
     #[serde(default, deserialize_with = "opt_aliases")]
     pub aliases: Option<Vec<String>>,
+    /// The chat template the worker renders with: a built-in's name (`belljar_chat::BUILTINS`)
+    /// or a Jinja file's path (anything with a `/`; a relative one is resolved against the
+    /// config file's directory by `Config::parse`). Unset: the model's own, else chatml. The
+    /// file itself is read and compiled by the caller ([`rules::chat_template_source`]).
+    #[serde(default, deserialize_with = "opt_chat_template")]
+    pub chat_template: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -348,6 +354,9 @@ pub mod rules {
     pub const MAX_ALIASES: usize = 16;
     /// The longest alias, in bytes.
     pub const MAX_ALIAS_LEN: usize = 128;
+    /// The largest chat template file, in bytes: what the worker accepts
+    /// ([`belljar_chat::MAX_SOURCE`]).
+    pub const MAX_CHAT_TEMPLATE: usize = belljar_chat::MAX_SOURCE;
 
     pub fn nonzero_size(v: &Size) -> Result<(), String> {
         if v.bytes() == 0 {
@@ -525,6 +534,65 @@ pub mod rules {
         Ok(())
     }
 
+    /// `chat_template`: not empty; without a `/` the name of a built-in. A value with a `/` is a
+    /// file's path, whose text [`chat_template_source`] checks once it is read.
+    pub fn chat_template(v: &str) -> Result<(), String> {
+        let builtins = belljar_chat::builtin_names();
+        if v.is_empty() {
+            return Err(format!(
+                "the chat template is empty; give a built-in's name ({builtins}) or a Jinja file's path such as \"./my.jinja\", or remove the key to use the model's own template"
+            ));
+        }
+        if v.contains('/') || belljar_chat::builtin(v).is_some() {
+            return Ok(());
+        }
+        // A misspelt built-in (`Llama3`, `llama-3`), else a file named without its `./`.
+        let lower = v.to_lowercase();
+        let nearest = belljar_chat::BUILTINS
+            .iter()
+            .map(|(name, _)| (strsim::levenshtein(&lower, name), *name))
+            .min()
+            .filter(|(d, _)| *d <= 2);
+        if let Some((_, name)) = nearest {
+            return Err(format!(
+                "{v:?} is not a built-in chat template ({builtins}); did you mean {name:?}? (a Jinja file's path needs a /, e.g. \"./my.jinja\")"
+            ));
+        }
+        let hint = if v.contains('.') {
+            format!("did you mean the file \"./{v}\"?")
+        } else {
+            "e.g. \"./my.jinja\"".to_owned()
+        };
+        Err(format!(
+            "{v:?} is not a built-in chat template ({builtins}); give one of those, or a Jinja file's path, which needs a / ({hint})"
+        ))
+    }
+
+    /// The text of a chat template file, `bytes` as read from `path` (at most one byte more
+    /// than [`MAX_CHAT_TEMPLATE`] need be read): at most that size, UTF-8, and a template
+    /// that compiles (the error names the line), as the worker will load it.
+    pub fn chat_template_source(path: &Path, bytes: &[u8]) -> Result<(), String> {
+        let path = path.display();
+        let max = MAX_CHAT_TEMPLATE;
+        if bytes.len() > max {
+            return Err(format!(
+                "the chat template {path} is larger than {max} bytes; point chat_template at a Jinja template file (is it the right file?)"
+            ));
+        }
+        let source = std::str::from_utf8(bytes).map_err(|e| {
+            format!(
+                "the chat template {path} is not UTF-8 text (invalid byte at offset {}); save it as UTF-8",
+                e.valid_up_to()
+            )
+        })?;
+        belljar_chat::Template::new(source, "", "").map_err(|e| {
+            format!(
+                "the chat template {path} does not compile: {e}; fix the template or use a built-in"
+            )
+        })?;
+        Ok(())
+    }
+
     pub fn backoff_factor(v: &f64) -> Result<(), String> {
         if !(v.is_finite() && (1.0..=MAX_BACKOFF_FACTOR).contains(v)) {
             return Err(format!(
@@ -590,6 +658,9 @@ impl InstanceSection {
         key("stop_timeout", &self.stop_timeout, rules::duration)?;
         key("aliases", &self.aliases, |v: &Vec<String>| {
             rules::aliases(v)
+        })?;
+        key("chat_template", &self.chat_template, |v: &String| {
+            rules::chat_template(v)
         })?;
         Ok(())
     }
@@ -707,6 +778,13 @@ fn opt_percent<'de, D: Deserializer<'de>>(d: D) -> Result<Option<f64>, D::Error>
 fn opt_aliases<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Vec<String>>, D::Error> {
     ruled(d, |v: &Vec<String>| {
         rules::aliases(v).map_err(|e| format!("aliases: {e}"))
+    })
+    .map(Some)
+}
+
+fn opt_chat_template<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    ruled(d, |v: &String| {
+        rules::chat_template(v).map_err(|e| format!("chat_template: {e}"))
     })
     .map(Some)
 }

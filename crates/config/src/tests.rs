@@ -500,6 +500,133 @@ fn aliases_are_refused_in_defaults() {
     );
 }
 
+/// A built-in's name is kept as it is; a file's path is resolved against the config file's
+/// directory, like `model`, in `[defaults]` and per instance; unset is the model's own.
+#[test]
+fn chat_template_names_are_kept_and_paths_resolved() {
+    let c = parse(
+        "[defaults]\nmodel = \"m.gguf\"\nchat_template = \"./chat.jinja\"\n\
+         [instances.a]\n\
+         [instances.b]\nchat_template = \"llama3\"\n\
+         [instances.c]\nchat_template = \"/srv/templates/x.jinja\"\n\
+         [instances.d]\nchat_template = \"templates/x.jinja\"\n\
+         [modes.m]\ninstances = [\"a\", \"b\", \"c\", \"d\"]\n",
+    )
+    .unwrap();
+    let m = c.mode("m", 4).unwrap();
+    let got: Vec<Option<&str>> = m.iter().map(|s| s.chat_template.as_deref()).collect();
+    assert_eq!(
+        got,
+        [
+            Some("/etc/belljar/./chat.jinja"),
+            Some("llama3"),
+            Some("/srv/templates/x.jinja"),
+            Some("/etc/belljar/templates/x.jinja"),
+        ]
+    );
+    assert_eq!(
+        c.defaults.chat_template.as_deref(),
+        Some("/etc/belljar/./chat.jinja")
+    );
+    for name in ["chatml", "llama3", "mistral", "gemma", "phi3", "zephyr"] {
+        let c = parse(&format!("{TWO}chat_template = \"{name}\"\n")).unwrap();
+        let b = &c.instances[&InstanceName::parse("b").unwrap()];
+        assert_eq!(b.chat_template.as_deref(), Some(name));
+    }
+    // Unset: the model's own template (the worker decides), in every instance.
+    let c = parse(&format!("{TWO}[modes.m]\ninstances = [\"a\", \"b\"]\n")).unwrap();
+    assert!(
+        c.mode("m", 2)
+            .unwrap()
+            .iter()
+            .all(|s| s.chat_template.is_none())
+    );
+    // A config named relative to the working directory: the path stays a path (it keeps its
+    // `/`, so the worker does not take it for a built-in's name).
+    let c = Config::parse(
+        &format!("{TWO}chat_template = \"./t.jinja\"\n"),
+        Path::new("budgets.toml"),
+    )
+    .unwrap();
+    let b = &c.instances[&InstanceName::parse("b").unwrap()];
+    assert_eq!(b.chat_template.as_deref(), Some("./t.jinja"));
+}
+
+#[test]
+fn bad_chat_template_values_are_refused_with_the_line_and_the_fix() {
+    let e = parse(&format!("{TWO}chat_template = \"llama-3\"\n"))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains(":5:"), "the line: {e}");
+    assert!(e.contains("chat_template: \"llama-3\" is not a built-in chat template (chatml, llama3, mistral, gemma, phi3, zephyr)"), "{e}");
+    assert!(e.contains("did you mean \"llama3\"?"), "{e}");
+    assert!(e.contains("needs a /") && e.contains("./my.jinja"), "{e}");
+    let e = parse(&format!("{TWO}chat_template = \"vicuna\"\n"))
+        .unwrap_err()
+        .to_string();
+    assert!(!e.contains("did you mean"), "nothing near: {e}");
+    assert!(e.contains("which needs a / (e.g. \"./my.jinja\")"), "{e}");
+    let e = parse(&format!("{TWO}chat_template = \"my.jinja\"\n"))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("did you mean the file \"./my.jinja\"?"), "{e}");
+    let e = parse(&format!("{TWO}chat_template = \"\"\n"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains(":5:") && e.contains("chat_template: the chat template is empty"),
+        "{e}"
+    );
+    assert!(e.contains("remove the key"), "{e}");
+    let e = parse("[defaults]\nmodel = \"m\"\nchat_template = \"ChatML\"\n")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains(":3:") && e.contains("\"ChatML\" is not a built-in"),
+        "{e}"
+    );
+    assert!(e.contains("did you mean \"chatml\"?"), "{e}");
+    let e = parse(&format!("{TWO}chat_template = 3\n"))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("invalid type"), "{e}");
+    // The same rule for a run-time add.
+    for (value, want) in [("bogus", "not a built-in"), ("", "empty")] {
+        let s = InstanceSection {
+            chat_template: Some(value.into()),
+            ..InstanceSection::default()
+        };
+        let e = s.check().unwrap_err();
+        assert!(e.starts_with("chat_template: ") && e.contains(want), "{e}");
+    }
+}
+
+/// A template file's text, as `validate`, `run` and `add` check it once it is read.
+#[test]
+fn chat_template_files_must_be_small_utf8_and_compile() {
+    use rules::{MAX_CHAT_TEMPLATE, chat_template_source};
+    let path = Path::new("/etc/belljar/chat.jinja");
+    let good = "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}";
+    chat_template_source(path, good.as_bytes()).unwrap();
+    chat_template_source(path, &vec![b'x'; MAX_CHAT_TEMPLATE]).unwrap();
+
+    let e = chat_template_source(path, b"line one\n{% for x in %}{% endfor %}\n").unwrap_err();
+    assert!(
+        e.contains("/etc/belljar/chat.jinja does not compile"),
+        "{e}"
+    );
+    assert!(e.contains("line 2"), "names the line: {e}");
+    let e = chat_template_source(path, b"{{ messages ").unwrap_err();
+    assert!(e.contains("does not compile"), "{e}");
+    let e = chat_template_source(path, b"caf\xe9").unwrap_err();
+    assert!(
+        e.contains("is not UTF-8 text (invalid byte at offset 3)"),
+        "{e}"
+    );
+    let e = chat_template_source(path, &vec![b'x'; MAX_CHAT_TEMPLATE + 1]).unwrap_err();
+    assert!(e.contains("larger than 1048576 bytes"), "{e}");
+}
+
 /// The shipped budgets.toml parses, and so does its commented `[http]` example.
 #[test]
 fn shipped_config_and_its_http_example_parse() {

@@ -1,8 +1,9 @@
 //! The only crate that touches /proc, /sys (and later NVML): host memory readings, model-file
-//! probes and CPU counts, and the files root makes where other users could interfere
-//! ([`safe_fs`]: no link followed, no other owner trusted). Every root path is injected; the defaults are consts beside the code.
+//! probes, chat template files and CPU counts, and the files root makes where other users could
+//! interfere ([`safe_fs`]: no link followed, no other owner trusted). Every root path is injected; the defaults are consts beside the code.
 
 pub mod cgroup;
+pub mod chat_template;
 pub mod gpu;
 pub mod meminfo;
 pub mod model_file;

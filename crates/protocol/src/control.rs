@@ -44,6 +44,10 @@ pub struct AddRequest {
     #[serde(default)]
     pub gpu_device: Option<u32>,
     pub priority: Option<i64>,
+    /// The worker's chat template: a built-in's name, or a file's absolute path (the client
+    /// resolves a relative one). Absent in requests and persisted files of older versions.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chat_template: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -244,6 +248,10 @@ pub struct InstanceStatus {
     /// More names HTTP clients may use for it (`aliases`).
     #[serde(default)]
     pub aliases: Vec<String>,
+    /// Its `chat_template` (a built-in's name or a file's path); absent when the worker uses
+    /// the model's own template (else chatml).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chat_template: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -287,6 +295,7 @@ mod tests {
             gpu_release: None,
             queued: 0,
             aliases: vec![],
+            chat_template: None,
         }
     }
 

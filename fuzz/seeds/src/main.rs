@@ -137,6 +137,7 @@ fn status() -> StatusReport {
             gpu_release: Some("pending".into()),
             queued: 3,
             aliases: vec!["gpt-test".into()],
+            chat_template: Some("/etc/belljar/chat.jinja".into()),
         }],
         metrics_addr: Some("127.0.0.1:9464".into()),
         http_addr: Some("127.0.0.1:8080".into()),
@@ -165,6 +166,7 @@ fn protocol(seeds: &mut Seeds) {
             gpu_layers: None,
             gpu_device: Some(0),
             priority: Some(-1),
+            chat_template: Some("llama3".into()),
         })),
         json(&Command::Remove(RemoveRequest {
             name: "helper".into(),

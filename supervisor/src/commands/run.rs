@@ -154,6 +154,25 @@ pub fn run(global: &GlobalArgs, args: &RunArgs) -> Result<Exit, CliError> {
                     spec.model.display()
                 )));
             }
+            // The worker reads its chat template file as that user too, before the model.
+            if let Some(template) = spec
+                .chat_template
+                .as_deref()
+                .filter(|t| crate::chat_template::is_file(t))
+            {
+                let readable = belljar_host::model_file::readable_by(
+                    Path::new(template),
+                    found.uid.as_raw(),
+                    found.gid.as_raw(),
+                )
+                .map_err(CliError::Usage)?;
+                if !readable {
+                    return Err(CliError::Usage(format!(
+                        "instance {}: worker_user {user:?} cannot read the chat template {template} (workers run unprivileged): make the file readable by it and every directory on its path searchable (for example chmod o+r on the file and o+x on the directories), or move it under /etc/belljar; nothing was started",
+                        spec.name
+                    )));
+                }
+            }
         }
     }
     // Refused when a link, another user's or group/world-writable (belljar_host::safe_fs).

@@ -163,6 +163,7 @@ mod tests {
             gpu_release: None,
             queued: 3,
             aliases: vec![],
+            chat_template: None,
         };
         let r = StatusReport {
             host: HostStatus {

@@ -70,7 +70,7 @@ pub fn run(global: &GlobalArgs, args: &ValidateArgs) -> Result<Exit, CliError> {
     Ok(if passed { Exit::Ok } else { Exit::Refused })
 }
 
-/// Reads and checks the config file.
+/// Reads and checks the config file, and the chat template files it names.
 pub fn load_config(path: &Path) -> Result<Config, CliError> {
     let cannot = |e: std::io::Error| {
         CliError::Usage(format!(
@@ -91,7 +91,9 @@ pub fn load_config(path: &Path) -> Result<Config, CliError> {
         )));
     };
     let text = std::io::read_to_string(file).map_err(cannot)?;
-    Ok(Config::parse(&text, path)?)
+    let config = Config::parse(&text, path)?;
+    crate::chat_template::check_config(&config)?;
+    Ok(config)
 }
 
 /// The memory reading, real or assumed (`--assume-total`, `--assume-available`).

@@ -420,8 +420,8 @@ pub(super) struct Plan {
 
 /// Resolves an added instance against `[defaults]` and checks what needs no ledger: the name,
 /// the config's per-instance rules (`InstanceSection::check`, as for the file), an absolute
-/// model path, the model file and the per-instance cap. Reads the model's header and the
-/// observations: blocking file I/O, run off the loop.
+/// model path, the model file, the chat template file and the per-instance cap. Reads the
+/// model's header, the template and the observations: blocking file I/O, run off the loop.
 fn plan(input: &PlanInput) -> Result<Plan, Response> {
     let req = &input.req;
     let name = InstanceName::parse(&req.name).map_err(|e| usage(e.to_string()))?;
@@ -432,6 +432,7 @@ fn plan(input: &PlanInput) -> Result<Plan, Response> {
         gpu_layers: req.gpu_layers,
         gpu_device: req.gpu_device,
         priority: req.priority,
+        chat_template: req.chat_template.clone(),
         ..InstanceSection::default()
     };
     section
@@ -466,6 +467,9 @@ fn plan(input: &PlanInput) -> Result<Plan, Response> {
         }
     }
     let file = probe_model_file(&req.model).map_err(|e| usage(e.to_string()))?;
+    if let Some(template) = &req.chat_template {
+        chat_template(&name, template, input.peer)?;
+    }
     let others = u32::try_from(input.others).unwrap_or(u32::MAX);
     let threads = (cpu_count() / others.saturating_add(1)).max(1);
     let spec = input.config.spec(&name, &section, threads);
@@ -492,6 +496,39 @@ fn plan(input: &PlanInput) -> Result<Plan, Response> {
         identity: e.identity,
     };
     Ok(Plan { spec, admitted })
+}
+
+/// Checks an added instance's chat template file (a built-in's name was checked with the other
+/// keys) as `validate` checks the config's: an absolute path, readable by a client that is
+/// neither root nor the supervisor's user (checked first, as for the model: the errors below
+/// describe the file), a regular file of UTF-8 that compiles.
+fn chat_template(name: &InstanceName, template: &str, peer: Option<Peer>) -> Result<(), Response> {
+    if !crate::chat_template::is_file(template) {
+        return Ok(());
+    }
+    let path = std::path::Path::new(template);
+    if !path.is_absolute() {
+        return Err(usage(format!(
+            "cannot add {name}: the chat template path {template} is relative; give an absolute path (`supervisor add` resolves a relative --chat-template itself)"
+        )));
+    }
+    if let Some(p) = peer {
+        match belljar_host::model_file::readable_by(path, p.uid, p.gid) {
+            Ok(true) => {}
+            Ok(false) => {
+                return Err(refused(format!(
+                    "{template} is not readable by uid {}: a member of the control group may only add a chat template it could read itself; fix the file's permissions or ask root to add it",
+                    p.uid
+                )));
+            }
+            Err(e) => {
+                return Err(refused(format!(
+                    "cannot check who may read {template}: {e}"
+                )));
+            }
+        }
+    }
+    crate::chat_template::check(template).map_err(|e| usage(format!("cannot add {name}: {e}")))
 }
 
 /// Moves a removed instance's session dir aside; says what became of it (nothing when it had

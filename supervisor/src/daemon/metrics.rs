@@ -420,6 +420,7 @@ mod tests {
                 gpu_release: None,
                 queued: 0,
                 aliases: vec![],
+                chat_template: None,
             }],
             metrics_addr: None,
             http_addr: None,

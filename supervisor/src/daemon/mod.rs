@@ -533,6 +533,7 @@ impl Daemon {
             gpu_release: i.gpu_release.as_str().map(str::to_owned),
             queued: i.queue.len() as u64,
             aliases: i.spec.aliases.clone(),
+            chat_template: i.spec.chat_template.clone(),
         }
     }
 

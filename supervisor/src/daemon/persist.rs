@@ -63,6 +63,7 @@ mod tests {
             gpu_layers: None,
             gpu_device: None,
             priority: Some(-1),
+            chat_template: Some("/etc/belljar/chat.jinja".into()),
         };
         save(dir.path(), std::slice::from_ref(&req)).unwrap();
         assert_eq!(load(dir.path()).unwrap(), vec![req]);
@@ -71,6 +72,22 @@ mod tests {
         assert!(e.contains("moved it to"), "{e}");
         assert!(dir.path().join("instances.json.corrupt").exists());
         assert!(load(dir.path()).unwrap().is_empty());
+    }
+
+    /// A file written before `chat_template` existed still loads (none: the model's own
+    /// template), and one without a template is written as before.
+    #[test]
+    fn a_file_from_before_chat_templates_loads() {
+        let dir = tempfile::tempdir().unwrap();
+        let old = r#"[{"name": "a", "model": "/m.gguf", "ram_limit": null, "ctx": 512,
+            "gpu_layers": null, "gpu_device": null, "priority": null}]"#;
+        write_atomic(dir.path(), ADDED_FILE, old.as_bytes()).unwrap();
+        let list = load(dir.path()).unwrap();
+        assert_eq!(list.len(), 1);
+        assert_eq!(list[0].chat_template, None);
+        save(dir.path(), &list).unwrap();
+        let text = std::fs::read_to_string(path(dir.path())).unwrap();
+        assert!(!text.contains("chat_template"), "{text}");
     }
 
     /// Issue 16: a `.instances.json.tmp` symlink planted in the state dir made root overwrite the

@@ -60,6 +60,18 @@ pub fn request(
     );
     push("--required", limits.max.to_string().into());
     push("--headroom", env.headroom.to_string().into());
+    if let Some(template) = &spec.chat_template {
+        // A file's path, like the model's, is made absolute for the worker in its session dir;
+        // a built-in's name goes as it is.
+        let value: OsString = if crate::chat_template::is_file(template) {
+            std::path::absolute(template)
+                .map_or_else(|_| template.into(), std::path::PathBuf::into_os_string)
+        } else {
+            template.into()
+        };
+        args.push("--chat-template".into());
+        args.push(value);
+    }
     if !spec.use_mmap {
         args.push("--no-mmap".into());
     }

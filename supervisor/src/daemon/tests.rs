@@ -847,6 +847,7 @@ async fn an_add_that_never_gets_ready_leaves_nothing_and_a_bad_model_is_exit_2()
             gpu_layers: None,
             gpu_device: None,
             priority: None,
+            chat_template: None,
         })
     };
     let persisted = |dir: &Path| std::fs::read_to_string(dir.join("state/instances.json"));
@@ -893,52 +894,25 @@ async fn an_add_that_never_gets_ready_leaves_nothing_and_a_bad_model_is_exit_2()
     h.stop(vec![("a".into(), a), ("good".into(), g)]).await;
 }
 
-/// `add` applies the config's per-instance checks on the server side and wants an absolute
-/// model path: `ctx 0`, `ram_limit 0`, a ctx past its bound and a path relative to wherever the
-/// daemon runs were accepted and persisted before. Each is refused, naming the key and the fix,
-/// and nothing is added.
-#[tokio::test]
-async fn add_is_checked_like_the_config() {
-    // Instance `a` never gets a worker here: a short stop_timeout ends the test quickly.
-    let h = Harness::start(&config("stop_timeout = \"50ms\""));
-    let model = h._tmp.path().join("added.gguf");
-    belljar_gguf::ModelShape::default()
-        .write(std::fs::File::create(&model).unwrap())
-        .unwrap();
-    // The same file, relative to this process's working directory.
-    let cwd = std::env::current_dir().unwrap();
-    let up = cwd.components().count() - 1;
-    let relative = PathBuf::from("../".repeat(up)).join(model.strip_prefix("/").unwrap());
-    assert!(relative.exists() && relative.is_relative());
-    let req = |f: &dyn Fn(&mut AddRequest)| {
-        let mut r = AddRequest {
-            name: "added".into(),
-            model: model.clone(),
-            ram_limit: None,
-            ctx: None,
-            gpu_layers: None,
-            gpu_device: None,
-            priority: None,
-        };
-        f(&mut r);
-        Command::Add(r)
+/// An `add` of instance "added" with `model`, changed by `f`.
+fn added(model: &Path, f: &dyn Fn(&mut AddRequest)) -> Command {
+    let mut r = AddRequest {
+        name: "added".into(),
+        model: model.to_path_buf(),
+        ram_limit: None,
+        ctx: None,
+        gpu_layers: None,
+        gpu_device: None,
+        priority: None,
+        chat_template: None,
     };
-    let cases: [(Command, &[&str]); 5] = [
-        (req(&|r| r.ctx = Some(0)), &["ctx", "at least 1"]),
-        (
-            req(&|r| r.ctx = Some(u32::MAX)),
-            &["ctx", "at most 16777216"],
-        ),
-        (req(&|r| r.ram_limit = Some(0)), &["ram_limit", "zero"]),
-        (
-            req(&|r| r.priority = Some(i64::MIN)),
-            &["priority", "between -1000000 and 1000000"],
-        ),
-        (
-            req(&|r| r.model = relative.clone()),
-            &["relative", "absolute path"],
-        ),
-    ];
+    f(&mut r);
+    Command::Add(r)
+}
+
+/// Each command is refused with a usage error whose message has every needle, and nothing is
+/// added.
+async fn refused_as_usage(h: &Harness, cases: Vec<(Command, &[&str])>) {
     for (cmd, needles) in cases {
         let answer = tokio::time::timeout(Duration::from_secs(10), control(&h.socket, &cmd))
             .await
@@ -961,6 +935,86 @@ async fn add_is_checked_like_the_config() {
         "nothing added"
     );
     assert!(!h._tmp.path().join("state").join("added.json").exists());
+}
+
+/// A generated model in the harness's temp dir, for `add`.
+fn model_to_add(h: &Harness) -> PathBuf {
+    let model = h._tmp.path().join("added.gguf");
+    belljar_gguf::ModelShape::default()
+        .write(std::fs::File::create(&model).unwrap())
+        .unwrap();
+    model
+}
+
+/// `add` applies the config's per-instance checks on the server side and wants an absolute
+/// model path: `ctx 0`, `ram_limit 0`, a ctx past its bound and a path relative to wherever the
+/// daemon runs were accepted and persisted before. Each is refused, naming the key and the fix,
+/// and nothing is added.
+#[tokio::test]
+async fn add_is_checked_like_the_config() {
+    // Instance `a` never gets a worker here: a short stop_timeout ends the test quickly.
+    let h = Harness::start(&config("stop_timeout = \"50ms\""));
+    let model = model_to_add(&h);
+    // The same file, relative to this process's working directory.
+    let cwd = std::env::current_dir().unwrap();
+    let up = cwd.components().count() - 1;
+    let relative = PathBuf::from("../".repeat(up)).join(model.strip_prefix("/").unwrap());
+    assert!(relative.exists() && relative.is_relative());
+    let req = |f: &dyn Fn(&mut AddRequest)| added(&model, f);
+    let cases: Vec<(Command, &[&str])> = vec![
+        (req(&|r| r.ctx = Some(0)), &["ctx", "at least 1"]),
+        (
+            req(&|r| r.ctx = Some(u32::MAX)),
+            &["ctx", "at most 16777216"],
+        ),
+        (req(&|r| r.ram_limit = Some(0)), &["ram_limit", "zero"]),
+        (
+            req(&|r| r.priority = Some(i64::MIN)),
+            &["priority", "between -1000000 and 1000000"],
+        ),
+        (
+            req(&|r| r.model = relative.clone()),
+            &["relative", "absolute path"],
+        ),
+    ];
+    refused_as_usage(&h, cases).await;
+    h.stop(Vec::new()).await;
+}
+
+/// `add --chat-template` is checked on the server side as `validate` checks the config's: a
+/// built-in's name, or an absolute path of a regular file of at most 1 MiB of UTF-8 that
+/// compiles. Each bad value is refused as a usage error naming the problem; nothing is added.
+#[tokio::test]
+async fn add_checks_its_chat_template_like_the_config() {
+    let h = Harness::start(&config("stop_timeout = \"50ms\""));
+    let model = model_to_add(&h);
+    let template = |name: &str, bytes: &[u8]| {
+        let p = h._tmp.path().join(name);
+        std::fs::write(&p, bytes).unwrap();
+        p.to_str().unwrap().to_owned()
+    };
+    let syntax = template("syntax.jinja", b"line one\n{% for x in %}{% endfor %}\n");
+    let latin1 = template("latin1.jinja", b"caf\xe9 {{ messages }}\n");
+    let huge = template("huge.jinja", &vec![b'x'; (1 << 20) + 1]);
+    let dir = h._tmp.path().to_str().unwrap().to_owned();
+    let tpl = |v: &str| {
+        let v = v.to_owned();
+        added(&model, &move |r| r.chat_template = Some(v.clone()))
+    };
+    let cases: Vec<(Command, &[&str])> = vec![
+        (tpl("bogus"), &["chat_template", "not a built-in", "chatml"]),
+        (tpl(""), &["chat_template", "empty"]),
+        (
+            tpl("templates/chat.jinja"),
+            &["chat template path", "relative", "absolute path"],
+        ),
+        (tpl(&syntax), &["does not compile", "line 2"]),
+        (tpl(&latin1), &["not UTF-8"]),
+        (tpl(&huge), &["larger than"]),
+        (tpl(&dir), &["is a directory"]),
+        (tpl("/nonexistent/chat.jinja"), &["does not exist"]),
+    ];
+    refused_as_usage(&h, cases).await;
     h.stop(Vec::new()).await;
 }
 
@@ -984,6 +1038,7 @@ async fn a_remove_during_an_add_is_never_undone_by_a_late_ready() {
         gpu_layers: None,
         gpu_device: None,
         priority: None,
+        chat_template: None,
     });
     let adding = tokio::spawn(async move { control(&socket, &add).await });
     let (name, mut x) = h.next_worker().await;
