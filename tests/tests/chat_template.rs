@@ -28,11 +28,6 @@ const KNOWN_MISMATCHES: &[(&str, &str)] = &[
          x1y -> X1Y) and titlecases (ß -> Ss); minijinja's pycompat does neither",
     ),
     (
-        "str_methods_missing.jinja",
-        "str.rsplit (also removeprefix, zfill, swapcase, index, startswith with a start) is \
-         unknown to minijinja's pycompat",
-    ),
-    (
         "filters_missing.jinja",
         "jinja2's wordcount (also center, urlencode) filter is unknown to minijinja",
     ),

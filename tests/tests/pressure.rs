@@ -310,6 +310,9 @@ thrash_majflt_rate = 20
                 "--max-tokens",
                 "200",
                 "--ignore-eos",
+                // Raw: through the (ChatML fallback) template the prompt and 200 tokens would
+                // not fit ctx 256.
+                "--raw",
                 "--runtime-dir",
             ])
             .arg(runtime)
