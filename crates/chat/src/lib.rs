@@ -361,7 +361,10 @@ fn python_methods(
 fn rsplit(s: &str, sep: Option<&str>, maxsplit: i64) -> Result<Vec<String>, Error> {
     let limit = usize::try_from(maxsplit).ok();
     match sep {
-        Some("") => Err(Error::new(ErrorKind::InvalidOperation, "rsplit: empty separator")),
+        Some("") => Err(Error::new(
+            ErrorKind::InvalidOperation,
+            "rsplit: empty separator",
+        )),
         Some(sep) => {
             let mut parts: Vec<String> = match limit {
                 Some(n) => s.rsplitn(n + 1, sep).map(str::to_owned).collect(),

@@ -222,7 +222,10 @@ fn generation_tags_render_their_body_and_tools_is_none() {
         "",
     )
     .unwrap();
-    assert_eq!(t.render(&[msg("assistant", "a")], false).unwrap(), "[a]TrueTrue");
+    assert_eq!(
+        t.render(&[msg("assistant", "a")], false).unwrap(),
+        "[a]TrueTrue"
+    );
 }
 
 #[test]
