@@ -1501,7 +1501,7 @@ fn a_bad_chat_template_is_a_usage_error() {
     for (arg, needle) in [
         ("nope", "not a built-in"),
         (bad.to_str().unwrap(), "bad.jinja"),
-        ("/nonexistent/t.jinja", "cannot open"),
+        ("/nonexistent/t.jinja", "does not exist"),
     ] {
         let (m, code) = failing(&model, &["--chat-template", arg], None);
         expect_failed(&m, code, 64, needle);

@@ -5,7 +5,6 @@
 //! `tokenizer.chat_template`, else the built-in `chatml` (the fallback, docs/protocol.md). A
 //! model's template that does not compile is not fatal: the worker says so and uses the fallback.
 
-use std::io::Read as _;
 use std::path::{Path, PathBuf};
 
 use belljar_chat::{FALLBACK, Template};
@@ -51,21 +50,12 @@ pub fn choose(spec: &str) -> Result<Chosen, String> {
     })
 }
 
-/// A template file's text: UTF-8, at most [`belljar_chat::MAX_SOURCE`] bytes.
+/// A template file's text: a regular file (opened without blocking) of at most
+/// [`belljar_chat::MAX_SOURCE`] bytes of UTF-8; the supervisor checked the same at its start.
 fn read_source(path: &Path) -> Result<String, String> {
-    let file = std::fs::File::open(path)
-        .map_err(|e| format!("cannot open the chat template {}: {e}", path.display()))?;
-    let mut bytes = Vec::new();
-    file.take(belljar_chat::MAX_SOURCE as u64 + 1)
-        .read_to_end(&mut bytes)
-        .map_err(|e| format!("cannot read the chat template {}: {e}", path.display()))?;
-    if bytes.len() > belljar_chat::MAX_SOURCE {
-        return Err(format!(
-            "the chat template {} is larger than {} bytes; is it the right file?",
-            path.display(),
-            belljar_chat::MAX_SOURCE
-        ));
-    }
+    let bytes =
+        belljar_host::chat_template::read_chat_template(path, belljar_chat::MAX_SOURCE as u64)
+            .map_err(|e| e.to_string())?;
     String::from_utf8(bytes)
         .map_err(|_| format!("the chat template {} is not UTF-8 text", path.display()))
 }
