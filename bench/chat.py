@@ -575,6 +575,8 @@ def main():
     model = model_path()
     llcp = ensure_llcp(os.path.abspath(args.venv)) if "llama-cpp-python" in want else None
     os.setpriority(os.PRIO_PROCESS, 0, args.nice)
+    # SIGTERM (timeout, kill) unwinds like Ctrl-C: the servers are stopped, the temp dir removed.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
     os.makedirs(WORK, mode=0o755, exist_ok=True)
     os.chmod(WORK, 0o755)
