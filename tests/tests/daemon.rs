@@ -622,3 +622,43 @@ fn a_chat_template_the_worker_user_cannot_read_is_refused_at_run() {
     assert!(file.exists());
     assert!(!d.parent().exists(), "no cgroup was created");
 }
+
+/// The main job passes `--worker target/release/worker`: a relative worker path is resolved
+/// against the supervisor's working directory (a worker starts in its session dir, where the
+/// relative path would find nothing: every start failed and the instance ended `failed`).
+#[test]
+fn a_relative_worker_path_is_resolved_against_the_working_directory() {
+    let t = TestDir::new();
+    let cwd = std::env::current_dir().unwrap();
+    let worker = belljar_testkit::bin("worker");
+    // The worker's path relative to this test's working directory: up to the common ancestor,
+    // then down.
+    let common = cwd
+        .components()
+        .zip(worker.components())
+        .take_while(|(a, b)| a == b)
+        .count();
+    let mut rel = std::path::PathBuf::new();
+    for _ in cwd.components().skip(common) {
+        rel.push("..");
+    }
+    rel.extend(worker.components().skip(common));
+    assert!(
+        rel.is_relative() && cwd.join(&rel).is_file(),
+        "{}",
+        rel.display()
+    );
+    let model = t.model("models/m.gguf", &tiny_shape());
+    let config = format!(
+        "[defaults]\nmodel = \"{}\"\n[instances.one]\nram_limit = \"128MiB\"\n[modes.m]\ninstances = [\"one\"]\n",
+        model.display()
+    );
+    let mut d = Daemon::start_with_args(
+        &t,
+        &config,
+        "m",
+        &[std::ffi::OsStr::new("--worker"), rel.as_os_str()],
+    );
+    d.wait_status("one ready", |s| all_in(s, "ready"));
+    assert_eq!(d.terminate().code(), Some(0));
+}

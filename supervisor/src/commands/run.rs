@@ -97,7 +97,8 @@ pub fn run(global: &GlobalArgs, args: &RunArgs) -> Result<Exit, CliError> {
         None => None,
     };
     let worker_bin = match &args.worker {
-        Some(p) => p.clone(),
+        // Workers start in their session dir: a relative path is made absolute here.
+        Some(p) => std::path::absolute(p).unwrap_or_else(|_| p.clone()),
         None => std::env::current_exe()
             .ok()
             .and_then(|e| e.parent().map(|d| d.join("worker")))
