@@ -51,8 +51,17 @@ pub enum ModelFileError {
 /// Whether user `uid` (primary group `gid`, with its supplementary groups) could open `path`
 /// for reading (every directory on the way searchable, the file readable).
 pub fn readable_by(path: &Path, uid: u32, gid: u32) -> Result<bool, String> {
+    use std::os::unix::fs::OpenOptionsExt;
     let path = path.to_path_buf();
-    as_user(uid, gid, move || File::open(&path).is_ok())
+    // Non-blocking: opening a FIFO for reading would otherwise wait for a writer (a client
+    // naming one would hold a thread forever); the caller refuses what is not a regular file.
+    as_user(uid, gid, move || {
+        std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(nix::libc::O_NONBLOCK)
+            .open(&path)
+            .is_ok()
+    })
 }
 
 /// Whether user `uid` (primary group `gid`, with its supplementary groups) could execute `path`.
@@ -487,5 +496,22 @@ mod tests {
             probed.header_crc32,
             crc32fast::hash(&bytes[..header.header_len as usize])
         );
+    }
+
+    /// Issue [chat] review: a FIFO named as a model (or chat template) used to block the
+    /// readability check until some writer opened it.
+    #[test]
+    fn readable_by_does_not_wait_on_a_fifo() {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("fifo");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o644)).unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(readable_by(&fifo, 0, 0));
+        });
+        let answer = rx
+            .recv_timeout(std::time::Duration::from_secs(10))
+            .expect("readable_by returned instead of waiting for a writer");
+        assert_eq!(answer, Ok(true));
     }
 }
