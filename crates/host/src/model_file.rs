@@ -2,7 +2,6 @@
 //! readable file, has a GGUF header that reads (bounded) and describes no more data than the
 //! file holds; how large it is, and what its header says for the estimates.
 
-use std::fs::File;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
