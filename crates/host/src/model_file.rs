@@ -50,16 +50,12 @@ pub enum ModelFileError {
 /// Whether user `uid` (primary group `gid`, with its supplementary groups) could open `path`
 /// for reading (every directory on the way searchable, the file readable).
 pub fn readable_by(path: &Path, uid: u32, gid: u32) -> Result<bool, String> {
-    use std::os::unix::fs::OpenOptionsExt;
     let path = path.to_path_buf();
-    // Non-blocking: opening a FIFO for reading would otherwise wait for a writer (a client
-    // naming one would hold a thread forever); the caller refuses what is not a regular file.
+    // access(2), as executable_by: nothing is opened, so a FIFO (which would wait for a writer)
+    // or a device named here cannot hold the thread or act; the caller refuses what is not a
+    // regular file.
     as_user(uid, gid, move || {
-        std::fs::OpenOptions::new()
-            .read(true)
-            .custom_flags(nix::libc::O_NONBLOCK)
-            .open(&path)
-            .is_ok()
+        nix::unistd::access(&path, nix::unistd::AccessFlags::R_OK).is_ok()
     })
 }
 
