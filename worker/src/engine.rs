@@ -20,7 +20,7 @@ use belljar_protocol::worker::{
 
 use crate::session::{Identity, SessionFiles, StateMeta, StateReject, Turn, keep_newest};
 use crate::stop::StopScan;
-use crate::template::ChatFormat;
+use crate::template::{ChatFormat, token_text};
 
 /// The sequence every conversation lives in.
 const SEQ: i32 = 0;
@@ -985,14 +985,6 @@ impl Outcome {
             Outcome::Aborted => Outcome::Aborted,
         }
     }
-}
-
-/// A token's text in the vocabulary (a control token's is its literal text, `<|im_end|>`).
-fn token_text(vocab: &llama_cpp_2::vocab::LlamaVocab<'_>, tok: LlamaToken) -> String {
-    vocab
-        .text(tok)
-        .map(|c| c.to_string_lossy().into_owned())
-        .unwrap_or_default()
 }
 
 /// Whether special-token parsing yields `tok` (llama.cpp's rule: control, user-defined and

@@ -11,6 +11,7 @@ use belljar_chat::{FALLBACK, Template};
 use belljar_protocol::worker::ChatMessage;
 use clap::Args;
 use llama_cpp_2::model::LlamaModel;
+use llama_cpp_2::token::LlamaToken;
 
 /// The GGUF key of a model's chat template.
 const GGUF_KEY: &str = "tokenizer.chat_template";
@@ -74,13 +75,18 @@ pub struct ChatFormat {
 /// The model's BOS and EOS texts, as templates see them (`bos_token`, `eos_token`).
 pub fn special_texts(model: &LlamaModel) -> (String, String) {
     let vocab = model.vocab();
-    let text = |t| {
-        vocab
-            .text(t)
-            .map(|c| c.to_string_lossy().into_owned())
-            .unwrap_or_default()
-    };
-    (text(vocab.bos()), text(vocab.eos()))
+    (
+        token_text(&vocab, vocab.bos()),
+        token_text(&vocab, vocab.eos()),
+    )
+}
+
+/// A token's text in the vocabulary (a control token's is its literal text, `<|im_end|>`).
+pub fn token_text(vocab: &llama_cpp_2::vocab::LlamaVocab<'_>, tok: LlamaToken) -> String {
+    vocab
+        .text(tok)
+        .map(|c| c.to_string_lossy().into_owned())
+        .unwrap_or_default()
 }
 
 /// The model's own template text, if it has one.
