@@ -6,6 +6,8 @@
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
+use crate::regular::NotAFile;
+
 #[derive(Debug, thiserror::Error)]
 pub enum ChatTemplateFileError {
     #[error("the chat template {path} does not exist; check the chat_template path (a relative path in budgets.toml is resolved against the config file's directory), or name a built-in template instead", path = .path.display())]
@@ -33,26 +35,12 @@ pub fn read_chat_template(path: &Path, max: u64) -> Result<Vec<u8>, ChatTemplate
         path: owned(),
         source,
     };
-    let opened = crate::regular::open_regular(path).map_err(|e| match e.kind() {
-        std::io::ErrorKind::NotFound => ChatTemplateFileError::Missing { path: owned() },
-        _ => unreadable(e),
+    let (file, meta) = crate::regular::open_regular_file(path).map_err(|e| match e {
+        NotAFile::Missing => ChatTemplateFileError::Missing { path: owned() },
+        NotAFile::Directory => ChatTemplateFileError::Directory { path: owned() },
+        NotAFile::NotRegular => ChatTemplateFileError::NotRegular { path: owned() },
+        NotAFile::Io(e) => unreadable(e),
     })?;
-    let (file, meta) = match opened {
-        crate::regular::Opened::File(f, m) => (f, m),
-        crate::regular::Opened::Other(m) if m.is_dir() => {
-            return Err(ChatTemplateFileError::Directory { path: owned() });
-        }
-        crate::regular::Opened::Other(_) => {
-            return Err(ChatTemplateFileError::NotRegular { path: owned() });
-        }
-    };
-    // Swapped between the look and the open: check the descriptor's type again.
-    if meta.is_dir() {
-        return Err(ChatTemplateFileError::Directory { path: owned() });
-    }
-    if !meta.is_file() {
-        return Err(ChatTemplateFileError::NotRegular { path: owned() });
-    }
     let too_large = |size| ChatTemplateFileError::TooLarge {
         path: owned(),
         size,

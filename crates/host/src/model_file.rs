@@ -5,6 +5,8 @@
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
+use crate::regular::NotAFile;
+
 /// The first four bytes of every GGUF file.
 pub const GGUF_MAGIC: &[u8; 4] = b"GGUF";
 
@@ -143,25 +145,12 @@ pub fn probe_model_file(path: &Path) -> Result<ModelFile, ModelFileError> {
         path: owned(),
         source,
     };
-    let opened = crate::regular::open_regular(path).map_err(|e| match e.kind() {
-        std::io::ErrorKind::NotFound => ModelFileError::Missing { path: owned() },
-        _ => unreadable(e),
+    let (file, meta) = crate::regular::open_regular_file(path).map_err(|e| match e {
+        NotAFile::Missing => ModelFileError::Missing { path: owned() },
+        NotAFile::Directory => ModelFileError::Directory { path: owned() },
+        NotAFile::NotRegular => ModelFileError::NotRegular { path: owned() },
+        NotAFile::Io(e) => unreadable(e),
     })?;
-    let (file, meta) = match opened {
-        crate::regular::Opened::File(f, m) => (f, m),
-        crate::regular::Opened::Other(m) if m.is_dir() => {
-            return Err(ModelFileError::Directory { path: owned() });
-        }
-        crate::regular::Opened::Other(_) => {
-            return Err(ModelFileError::NotRegular { path: owned() });
-        }
-    };
-    if meta.is_dir() {
-        return Err(ModelFileError::Directory { path: owned() });
-    }
-    if !meta.is_file() {
-        return Err(ModelFileError::NotRegular { path: owned() });
-    }
     let size = meta.len();
     let mtime_ns = match meta.modified() {
         Ok(t) => match t.duration_since(std::time::UNIX_EPOCH) {

@@ -39,3 +39,35 @@ pub enum Opened {
     /// Not a regular file at the first look: not opened.
     Other(std::fs::Metadata),
 }
+
+/// Why [`open_regular_file`] did not give a file.
+#[derive(Debug)]
+pub enum NotAFile {
+    Missing,
+    Directory,
+    /// A FIFO, a device or a socket.
+    NotRegular,
+    Io(std::io::Error),
+}
+
+/// [`open_regular`] with its answers classified: the opened file and its descriptor's metadata,
+/// or why not. The type is checked on the path and again on the opened descriptor (a path
+/// swapped between the look and the open).
+pub fn open_regular_file(path: &Path) -> Result<(File, std::fs::Metadata), NotAFile> {
+    let opened = open_regular(path).map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => NotAFile::Missing,
+        _ => NotAFile::Io(e),
+    })?;
+    let (file, meta) = match opened {
+        Opened::File(f, m) => (f, m),
+        Opened::Other(m) if m.is_dir() => return Err(NotAFile::Directory),
+        Opened::Other(_) => return Err(NotAFile::NotRegular),
+    };
+    if meta.is_dir() {
+        return Err(NotAFile::Directory);
+    }
+    if !meta.is_file() {
+        return Err(NotAFile::NotRegular);
+    }
+    Ok((file, meta))
+}
