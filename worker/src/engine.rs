@@ -170,7 +170,12 @@ impl<'m> Engine<'m> {
         let params = LlamaContextParams::default()
             .with_n_ctx(NonZeroU32::new(self.ctx_len))
             .with_n_threads(self.threads)
-            .with_n_threads_batch(self.threads);
+            .with_n_threads_batch(self.threads)
+            // Sliding-window layers keep a full-size KV cache (llama.cpp's library default, said
+            // here on purpose): prefix reuse cuts the context at any position and needs the
+            // window before the cut, which a windowed cache has already overwritten, and a
+            // restored session continues from any length. The estimate counts them full-size.
+            .with_swa_full(true);
         let ctx = self.model.new_context(self.backend, params).map_err(|e| {
             format!(
                 "llama.cpp cannot create a context of {} tokens: {e}",

@@ -72,7 +72,7 @@ impl std::fmt::Display for Origin {
 }
 
 /// What the GGUF-aware estimate reads from a model's header (no tensor data).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
 pub struct ModelFacts {
     pub file_size: u64,
     /// The sum of every tensor's bytes.
@@ -81,9 +81,68 @@ pub struct ModelFacts {
     pub embedding: u32,
     pub heads: u32,
     pub kv_heads: u32,
+    /// `feed_forward_length` (0 when absent: the activations then count four widths).
+    pub ff: u32,
     /// Per-head K and V widths (`attention.key_length` / `value_length`, else embedding / heads).
     pub key_length: u32,
     pub value_length: u32,
+    /// Tokens in the vocabulary: the length of `tokenizer.ggml.tokens` (0 when absent).
+    pub vocab: u32,
+    /// No `output.weight`: llama.cpp uses `token_embd` for the output layer too.
+    pub tied: bool,
+    /// `attention.sliding_window` (0: no sliding-window layers). The worker keeps those layers'
+    /// KV cache full-size, so it does not shrink the KV term (docs/configuration.md says why).
+    pub sliding_window: u32,
+    /// Bytes of the weight matrices that llama.cpp repacks for this CPU into its CPU_REPACK
+    /// buffer ([`repacks`]).
+    pub repack: u64,
+    /// With tied embeddings whose type this CPU repacks: the output layer's repacked copy of
+    /// `token_embd` (the input keeps the original for its row lookups).
+    pub tied_repack: u64,
+}
+
+/// The SIMD features that decide which quantized types llama.cpp repacks on the CPU. They are
+/// those the worker's llama.cpp was compiled for, not the running CPU's: llama-cpp-sys-2 builds
+/// ggml without `GGML_NATIVE`, with ggml's default x86-64 set (AVX2, no AVX-512), and on
+/// aarch64 with the Rust target's features.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+pub struct CpuFeatures {
+    pub avx2: bool,
+    pub avx512: bool,
+    pub neon_dotprod: bool,
+    pub neon_i8mm: bool,
+}
+
+/// Whether llama.cpp (ggml-cpu's `ggml_repack_get_optimal_repack_type`, llama-cpp-sys-2
+/// 0.1.160) repacks a weight matrix of `ggml_type` with `rows` rows (`ne[1]`) on `cpu`.
+pub fn repacks(cpu: CpuFeatures, ggml_type: u32, rows: u64) -> bool {
+    let by = |n: u64| rows % n == 0;
+    let arm = cpu.neon_dotprod || cpu.neon_i8mm;
+    match ggml_type {
+        // Q4_0
+        2 => (cpu.avx2 && by(8)) || (arm && by(4)),
+        // Q8_0
+        8 => arm && by(4),
+        // Q2_K
+        10 => cpu.avx512 && by(8),
+        // Q4_K
+        12 => (cpu.avx2 || arm) && by(8),
+        // Q5_K, Q6_K
+        13 | 14 => arm && by(8),
+        // IQ4_NL, MXFP4
+        20 | 39 => (cpu.avx2 && by(8)) || (cpu.neon_dotprod && by(4)),
+        _ => false,
+    }
+}
+
+/// Whether a tensor is one llama.cpp multiplies as a weight matrix on the CPU (and so may
+/// repack): a 2-D matrix (3-D: a mixture's experts) of a repeating layer or the output layer.
+/// Embeddings are looked up by row, and convolutions are not matrix products.
+pub fn weight_matrix(name: &str, dims: usize) -> bool {
+    (dims == 2 || dims == 3)
+        && (name.starts_with("blk.") || name == "output.weight")
+        && !name.contains("embd")
+        && !name.contains("conv")
 }
 
 /// llama.cpp's default micro-batch (`n_ubatch`): the compute buffers are sized for it.
@@ -91,12 +150,20 @@ pub const UBATCH: u64 = 512;
 /// Bytes of KV cache element (llama.cpp's default K and V type, f16).
 pub const KV_ELEMENT: u64 = 2;
 /// The worker process itself in its cgroup: binary and shared libraries (page cache, as a fresh
-/// start reads them), heap, llama.cpp's and the tokenizer's tables. Fitted (bench/estimate.py).
+/// start reads them), heap, llama.cpp's tables. Fitted (bench/estimate.py).
 pub const BASELINE: u64 = 14_836_000;
-/// Compute and scratch per unit of embedding width (activations of a micro-batch). Fitted.
-pub const COMPUTE_PER_WIDTH: u64 = 9_103;
-/// Compute and scratch per context cell (masks and views that grow with the context). Measured.
-pub const COMPUTE_PER_CTX: u64 = 64;
+/// Bytes of a micro-batch's activations per unit of width: a 512-token micro-batch of f32.
+pub const ACTIVATION: u64 = UBATCH * 4;
+/// Bytes of an attention mask per context cell: one micro-batch's row of f16.
+pub const MASK_PER_CTX: u64 = UBATCH * 2;
+
+/// Bytes per vocabulary token beside the logits buffer: llama.cpp's tokenizer tables (each
+/// token's text, score and attributes, the text-to-id map, the piece cache), the sampler's
+/// candidate array and the compute graph's row of logits. Fitted.
+pub const VOCAB_PER_TOKEN: u64 = 166;
+/// Bytes of one logit (f32): llama.cpp's output buffer holds one row per output, and the worker
+/// asks for one (the prompt's last token).
+pub const LOGIT: u64 = 4;
 /// Headroom on top of the sum, in percent: the fitted terms are within about 3% of the
 /// measured peaks, so this keeps the estimate above them.
 pub const MARGIN_PERCENT: u64 = 3;
@@ -107,14 +174,23 @@ pub struct Breakdown {
     pub ctx: u32,
     pub mmap: bool,
     /// The weights: file pages with mmap (reclaimable but the working set), anonymous memory
-    /// without.
+    /// without (less what is repacked: that is in `repack`).
     pub weights: u64,
     /// Without mmap, reading the file also fills the page cache, charged to the same cgroup
     /// (cgroup v1 and v2): one file's worth, reclaimable.
     pub page_cache: u64,
-    /// `2 x layers x ctx x kv_heads x head_dim x 2 bytes` (K and V, f16).
+    /// llama.cpp's CPU_REPACK buffer: the matrices of the types this CPU repacks, in an
+    /// anonymous copy (with mmap beside the file's pages, without mmap instead of their share
+    /// of `weights`), plus the output's copy of tied embeddings of such a type.
+    pub repack: u64,
+    /// `2 x layers x ctx x kv_heads x head_dim x 2 bytes` (K and V, f16). Sliding-window
+    /// layers are kept full-size, so they count like the others.
     pub kv: u64,
-    /// One micro-batch's K/V plus activations, and per-context-cell scratch.
+    /// llama.cpp's output buffer: one row of `vocab` f32 logits.
+    pub output: u64,
+    /// The vocabulary's tables: [`VOCAB_PER_TOKEN`] per token.
+    pub vocab: u64,
+    /// What a prompt that fills the context touches of the compute buffer ([`compute`]).
     pub compute: u64,
     pub baseline: u64,
     pub margin: u64,
@@ -151,37 +227,79 @@ pub fn kv_cache(m: &ModelFacts, ctx: u32) -> Result<u64, Overflow> {
         })
 }
 
+/// What a prompt that fills the context touches of llama.cpp's compute buffer: the larger of a
+/// micro-batch's feed-forward activations (gate, up and their product, and two widths) and its
+/// attention activations (three widths, Q and the attention output, K and V), plus the
+/// attention masks' rows for every context cell (a sliding-window model has two masks). The
+/// buffer llama.cpp allocates is larger (it reserves the logits of a whole micro-batch, which the
+/// worker never asks for: it wants one token's), and a short prompt touches less.
+pub fn compute(m: &ModelFacts, ctx: u32) -> Option<u64> {
+    let width = u64::from(m.embedding);
+    let ff = if m.ff > 0 { u64::from(m.ff) } else { 4 * width };
+    let feed_forward = ff.checked_mul(3)?.checked_add(2 * width)?;
+    let attention = u64::from(m.heads)
+        .checked_mul(u64::from(m.key_length))?
+        .checked_mul(2)?
+        .checked_add(
+            u64::from(m.kv_heads)
+                .checked_mul(u64::from(m.key_length) + u64::from(m.value_length))?,
+        )?
+        .checked_add(3 * width)?;
+    let masks: u64 = if m.sliding_window > 0 { 2 } else { 1 };
+    feed_forward
+        .max(attention)
+        .checked_mul(ACTIVATION)?
+        .checked_add(masks * MASK_PER_CTX * u64::from(ctx))
+}
+
 /// The GGUF-aware estimate of a worker's peak in its cgroup at `ctx`, with or without mmap.
 /// Every term is checked: a header whose numbers overflow is an error naming them, never a
 /// wrapped (small) or saturated estimate.
 pub fn gguf(m: &ModelFacts, ctx: u32, mmap: bool) -> Result<Breakdown, Overflow> {
+    let repacked = m.repack.min(m.tensor_bytes);
     let (weights, page_cache) = if mmap {
         (m.file_size, 0)
     } else {
-        (m.tensor_bytes, m.file_size)
+        (m.tensor_bytes - repacked, m.file_size)
     };
-    let kv = kv_cache(m, ctx)?;
-    let compute = kv_cache(m, 1)?
-        .checked_mul(UBATCH)
-        .and_then(|v| v.checked_add(COMPUTE_PER_WIDTH * u64::from(m.embedding)))
-        .and_then(|v| v.checked_add(COMPUTE_PER_CTX * u64::from(ctx)))
+    let repack = repacked
+        .checked_add(m.tied_repack)
         .ok_or_else(|| Overflow {
-            term: "compute buffer",
+            term: "repack buffer",
             fields: format!(
-                "a {UBATCH}-token micro-batch's K/V of block_count {} x head_count_kv {} x (key_length {} + value_length {}), embedding_length {}",
-                m.block_count, m.kv_heads, m.key_length, m.value_length, m.embedding
+                "repacked matrices {repacked} + tied output {} bytes",
+                m.tied_repack
             ),
         })?;
+    let kv = kv_cache(m, ctx)?;
+    let vocab = u64::from(m.vocab);
+    let output = vocab * LOGIT;
+    let vocab_tables = vocab * VOCAB_PER_TOKEN;
+    let compute = compute(m, ctx).ok_or_else(|| Overflow {
+        term: "compute buffer",
+        fields: format!(
+            "embedding_length {} x feed_forward_length {} x heads {} x key_length {}, ctx {ctx}",
+            m.embedding, m.ff, m.heads, m.key_length
+        ),
+    })?;
     let total_overflow = || Overflow {
         term: "total",
         fields: format!(
-            "weights {weights} + page cache {page_cache} + KV cache {kv} + compute {compute} bytes"
+            "weights {weights} + page cache {page_cache} + repack {repack} + KV cache {kv} + compute {compute} bytes"
         ),
     };
-    let sum = [page_cache, kv, compute, BASELINE]
-        .into_iter()
-        .try_fold(weights, u64::checked_add)
-        .ok_or_else(total_overflow)?;
+    let sum = [
+        page_cache,
+        repack,
+        kv,
+        output,
+        vocab_tables,
+        compute,
+        BASELINE,
+    ]
+    .into_iter()
+    .try_fold(weights, u64::checked_add)
+    .ok_or_else(total_overflow)?;
     let margin = sum / 100 * MARGIN_PERCENT;
     let total = sum
         .checked_add(margin)
@@ -192,7 +310,10 @@ pub fn gguf(m: &ModelFacts, ctx: u32, mmap: bool) -> Result<Breakdown, Overflow>
         mmap,
         weights,
         page_cache,
+        repack,
         kv,
+        output,
+        vocab: vocab_tables,
         compute,
         baseline: BASELINE,
         margin,
@@ -322,6 +443,8 @@ mod tests {
             kv_heads: 14,
             key_length: 64,
             value_length: 64,
+            vocab: 8192,
+            ..Default::default()
         }
     }
 
@@ -350,13 +473,13 @@ mod tests {
         assert_eq!(b.weights, m.file_size, "mmap: the file's pages");
         assert_eq!(b.page_cache, 0);
         assert_eq!(b.reclaimable, 0);
+        assert_eq!(b.repack, 0);
         assert_eq!(b.kv, 84 * MIB);
-        assert_eq!(
-            b.compute,
-            kv_cache(&m, 1).unwrap() * UBATCH + COMPUTE_PER_WIDTH * 896 + COMPUTE_PER_CTX * 4096
-        );
+        assert_eq!(b.output, 8192 * 4, "one row of f32 logits");
+        assert_eq!(b.vocab, 8192 * VOCAB_PER_TOKEN);
+        assert_eq!(b.compute, compute(&m, 4096).unwrap());
         assert_eq!(b.baseline, BASELINE);
-        let sum = b.weights + b.kv + b.compute + b.baseline;
+        let sum = b.weights + b.kv + b.output + b.vocab + b.compute + b.baseline;
         assert_eq!(b.margin, sum / 100 * MARGIN_PERCENT);
         assert_eq!(b.total, align_up(sum + b.margin));
         assert_eq!(b.total % GRANULE, 0);
@@ -370,12 +493,178 @@ mod tests {
         assert!(n.total > b.total);
     }
 
+    /// Gemma 3 270M Q4_K_M's header (models/registry.toml), as this CPU's llama.cpp loads it:
+    /// the figures its log states are the expected values.
+    fn gemma3_270m() -> ModelFacts {
+        ModelFacts {
+            file_size: 253_113_024,
+            tensor_bytes: 246_587_904,
+            block_count: 18,
+            embedding: 640,
+            heads: 4,
+            kv_heads: 1,
+            ff: 2048,
+            key_length: 256,
+            value_length: 256,
+            vocab: 262_144,
+            tied: true,
+            sliding_window: 512,
+            // 18 attn_output [1024, 640] and 9 ffn_down [2048, 640] in Q4_K.
+            repack: 18 * 368_640 + 9 * 737_280,
+            tied_repack: 0,
+        }
+    }
+
     #[test]
-    fn the_estimate_tracks_the_measured_peaks() {
-        // bench/estimate.py on this machine: 290M at ctx 16384, mmap, peaked at 680341504.
-        let b = gguf(&facts(), 16384, true).unwrap();
-        let err = (b.total as f64 - 680_341_504.0) / 680_341_504.0;
-        assert!((0.0..0.10).contains(&err), "{err}");
+    fn repacked_matrices_are_an_anonymous_copy_beside_the_mapped_file() {
+        let m = gemma3_270m();
+        let on = gguf(&m, 4096, true).unwrap();
+        // llama.cpp: "CPU_REPACK model buffer size = 12.66 MiB" with and without mmap.
+        assert_eq!(on.repack, 13_271_040);
+        assert_eq!(on.weights, m.file_size, "beside the whole file's pages");
+        let off = gguf(&m, 4096, false).unwrap();
+        assert_eq!(off.repack, 13_271_040);
+        assert_eq!(
+            off.weights + off.repack,
+            m.tensor_bytes,
+            "without mmap the repacked matrices are loaded straight into the repack buffer"
+        );
+        // "CPU model buffer size = 222.51 MiB"
+        assert_eq!(off.weights, 233_316_864);
+    }
+
+    #[test]
+    fn tied_embeddings_of_a_repacked_type_cost_a_second_copy() {
+        let m = ModelFacts {
+            tied_repack: 30 << 20,
+            ..gemma3_270m()
+        };
+        let plain = gguf(&gemma3_270m(), 512, true).unwrap();
+        for mmap in [true, false] {
+            let b = gguf(&m, 512, mmap).unwrap();
+            let without = gguf(&gemma3_270m(), 512, mmap).unwrap();
+            assert_eq!(b.repack, without.repack + (30 << 20), "mmap {mmap}");
+            assert_eq!(b.weights, without.weights, "mmap {mmap}");
+        }
+        assert!(gguf(&m, 512, true).unwrap().total > plain.total);
+    }
+
+    #[test]
+    fn a_large_vocabulary_sizes_the_output_and_the_tables() {
+        let m = gemma3_270m();
+        let b = gguf(&m, 512, true).unwrap();
+        // "CPU  output buffer size = 1.00 MiB"
+        assert_eq!(b.output, MIB);
+        assert_eq!(b.vocab, 262_144 * VOCAB_PER_TOKEN);
+        let small = ModelFacts { vocab: 1024, ..m };
+        let s = gguf(&small, 512, true).unwrap();
+        assert!(b.total - s.total >= (b.output + b.vocab) - (s.output + s.vocab));
+    }
+
+    #[test]
+    fn sliding_window_layers_are_counted_full_size_with_two_masks() {
+        let m = gemma3_270m();
+        // "size = 12.00 MiB (4096 cells, 3 layers)" + "size = 60.00 MiB (4096 cells, 15 layers)".
+        assert_eq!(kv_cache(&m, 4096).unwrap(), 72 * MIB);
+        let global = ModelFacts {
+            sliding_window: 0,
+            ..m
+        };
+        assert_eq!(
+            kv_cache(&global, 4096).unwrap(),
+            kv_cache(&m, 4096).unwrap()
+        );
+        assert_eq!(
+            compute(&m, 4096).unwrap() - compute(&global, 4096).unwrap(),
+            MASK_PER_CTX * 4096,
+            "a second attention mask"
+        );
+        assert_eq!(
+            compute(&m, 4097).unwrap() - compute(&m, 4096).unwrap(),
+            2 * 1024,
+            "two masks' rows of 512 f16 per cell"
+        );
+    }
+
+    #[test]
+    fn compute_is_the_larger_of_the_feed_forward_and_the_attention_activations() {
+        // A wide feed-forward: 3 x ff + 2 x width.
+        let wide_ff = ModelFacts {
+            embedding: 128,
+            ff: 4096,
+            heads: 4,
+            kv_heads: 4,
+            key_length: 32,
+            value_length: 32,
+            ..Default::default()
+        };
+        assert_eq!(
+            compute(&wide_ff, 0).unwrap(),
+            (3 * 4096 + 2 * 128) * ACTIVATION
+        );
+        // Heads wider than the model (head_dim x heads > width): the attention side wins.
+        let wide_heads = ModelFacts {
+            embedding: 1024,
+            ff: 256,
+            heads: 4,
+            kv_heads: 4,
+            key_length: 256,
+            value_length: 256,
+            ..Default::default()
+        };
+        assert_eq!(
+            compute(&wide_heads, 0).unwrap(),
+            (3 * 1024 + 2 * 4 * 256 + 4 * 512) * ACTIVATION
+        );
+        // Without feed_forward_length: four widths.
+        let no_ff = ModelFacts { ff: 0, ..wide_ff };
+        assert_eq!(
+            compute(&no_ff, 0).unwrap(),
+            (3 * 512 + 2 * 128) * ACTIVATION
+        );
+    }
+
+    #[test]
+    fn which_types_llama_cpp_repacks() {
+        let x86 = CpuFeatures {
+            avx2: true,
+            ..Default::default()
+        };
+        let avx512 = CpuFeatures {
+            avx2: true,
+            avx512: true,
+            ..Default::default()
+        };
+        let arm = CpuFeatures {
+            neon_dotprod: true,
+            neon_i8mm: true,
+            ..Default::default()
+        };
+        let (q4_0, q4_1, q8_0, q2_k, q4_k, q6_k, iq4_nl) = (2, 3, 8, 10, 12, 14, 20);
+        assert!(repacks(x86, q4_0, 640));
+        assert!(!repacks(x86, q4_0, 644), "rows not a multiple of 8");
+        assert!(repacks(arm, q4_0, 644), "4 suffices on ARM");
+        assert!(!repacks(x86, q4_1, 640), "Q4_1 is never repacked");
+        assert!(!repacks(x86, q8_0, 640));
+        assert!(repacks(arm, q8_0, 640));
+        assert!(!repacks(x86, q2_k, 640));
+        assert!(repacks(avx512, q2_k, 640));
+        assert!(repacks(x86, q4_k, 640));
+        assert!(!repacks(x86, q6_k, 640));
+        assert!(repacks(arm, q6_k, 640));
+        assert!(repacks(x86, iq4_nl, 640));
+        assert!(
+            !repacks(CpuFeatures::default(), q4_0, 640),
+            "no SIMD, no repack"
+        );
+        assert!(!repacks(x86, 0, 640), "f32");
+        assert!(weight_matrix("blk.3.attn_output.weight", 2));
+        assert!(weight_matrix("blk.3.ffn_down_exps.weight", 3));
+        assert!(weight_matrix("output.weight", 2));
+        assert!(!weight_matrix("token_embd.weight", 2), "looked up by row");
+        assert!(!weight_matrix("blk.3.attn_norm.weight", 1));
+        assert!(!weight_matrix("blk.3.ssm_conv1d.weight", 2));
+        assert!(!weight_matrix("blk.3.per_layer_token_embd.weight", 2));
     }
 
     #[test]
@@ -415,6 +704,7 @@ mod tests {
                 kv_heads: 8,
                 key_length: 64,
                 value_length: 64,
+                ..Default::default()
             };
             let bigger = ModelFacts {
                 block_count: layers + more_layers,

@@ -6,6 +6,7 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use crate::regular::NotAFile;
+use belljar_budget::estimate::{CpuFeatures, repacks, weight_matrix};
 
 /// The first four bytes of every GGUF file.
 pub const GGUF_MAGIC: &[u8; 4] = b"GGUF";
@@ -305,6 +306,30 @@ fn facts_of(
     }
     let kv_heads = get("attention.head_count_kv").unwrap_or(heads);
     let head_dim = embedding / heads.max(1);
+    // The vocabulary's size is the token array's length (the reader keeps no elements).
+    let vocab = header
+        .array_len("tokenizer.ggml.tokens")
+        .and_then(|n| u32::try_from(n).ok())
+        .or_else(|| get("vocab_size"))
+        .unwrap_or(0);
+    let cpu = llama_cpu_features();
+    let repack = header
+        .tensors
+        .iter()
+        .filter(|t| {
+            weight_matrix(&t.name, t.dims.len())
+                && repacks(cpu, t.ggml_type, t.dims.get(1).copied().unwrap_or(1))
+        })
+        .map(|t| t.bytes().unwrap_or(0))
+        .fold(0u64, u64::saturating_add);
+    let tied = !header.tensors.iter().any(|t| t.name == "output.weight");
+    let tied_repack = header
+        .tensors
+        .iter()
+        .find(|t| t.name == "token_embd.weight")
+        .filter(|t| tied && t.dims.len() == 2 && repacks(cpu, t.ggml_type, t.dims[1]))
+        .and_then(|t| t.bytes())
+        .unwrap_or(0);
     Ok(belljar_budget::estimate::ModelFacts {
         file_size,
         tensor_bytes,
@@ -312,9 +337,29 @@ fn facts_of(
         embedding,
         heads,
         kv_heads,
+        ff: get("feed_forward_length").unwrap_or(0),
         key_length: get("attention.key_length").unwrap_or(head_dim),
         value_length: get("attention.value_length").unwrap_or(head_dim),
+        vocab,
+        tied,
+        sliding_window: get("attention.sliding_window").unwrap_or(0),
+        repack,
+        tied_repack,
     })
+}
+
+/// The SIMD features the worker's llama.cpp is compiled for, which decide what it repacks.
+/// llama-cpp-sys-2 builds ggml without `GGML_NATIVE`: on x86-64 with ggml's default set (AVX2
+/// on; AVX-512 only when the Rust target enables it, as `-C target-cpu=native` on such a CPU
+/// does), on aarch64 with the Rust target's features. The supervisor is built with the same
+/// target as the worker, so its own `cfg` tells.
+pub fn llama_cpu_features() -> CpuFeatures {
+    CpuFeatures {
+        avx2: cfg!(target_arch = "x86_64"),
+        avx512: cfg!(all(target_arch = "x86_64", target_feature = "avx512f")),
+        neon_dotprod: cfg!(all(target_arch = "aarch64", target_feature = "dotprod")),
+        neon_i8mm: cfg!(all(target_arch = "aarch64", target_feature = "i8mm")),
+    }
 }
 
 /// What the GGUF-aware estimate needs from a model, read from its header only (bounded: never

@@ -68,12 +68,15 @@ pub fn run(global: &GlobalArgs, args: &EstimateArgs) -> Result<Exit, CliError> {
     }
     let s = |v: u64| Size(v).to_string();
     println!(
-        "{}: {} layers, width {}, {} heads ({} KV), ctx {}, {}",
+        "{}: {} layers, width {}, {} heads ({} KV) of {}, vocab {}{}, ctx {}, {}",
         out.model,
         facts.block_count,
         facts.embedding,
         facts.heads,
         facts.kv_heads,
+        facts.key_length,
+        facts.vocab,
+        if facts.tied { " (tied)" } else { "" },
         args.ctx,
         if b.mmap { "mmap" } else { "no mmap" }
     );
@@ -82,28 +85,62 @@ pub fn run(global: &GlobalArgs, args: &EstimateArgs) -> Result<Exit, CliError> {
             "weights",
             b.weights,
             if b.mmap {
-                "file pages (mapped)"
+                "file pages (mapped)".to_owned()
             } else {
-                "anonymous copy of the tensors"
+                "anonymous copy of the tensors".to_owned()
             },
         ),
         (
             "page cache",
             b.page_cache,
-            "reading the file without mmap (reclaimable)",
+            "reading the file without mmap (reclaimable)".to_owned(),
+        ),
+        (
+            "repack",
+            b.repack,
+            if facts.tied_repack > 0 {
+                "matrices llama.cpp repacks for this CPU, and the tied output's copy".to_owned()
+            } else {
+                "matrices llama.cpp repacks for this CPU (CPU_REPACK)".to_owned()
+            },
         ),
         (
             "kv cache",
             b.kv,
-            "2 x layers x ctx x kv_heads x head_dim x 2 bytes (f16)",
+            if facts.sliding_window > 0 {
+                format!(
+                    "2 x layers x ctx x kv_heads x head_dim x 2 bytes (f16); the {}-token sliding-window layers full-size",
+                    facts.sliding_window
+                )
+            } else {
+                "2 x layers x ctx x kv_heads x head_dim x 2 bytes (f16)".to_owned()
+            },
+        ),
+        (
+            "output",
+            b.output,
+            format!("one row of {} f32 logits", facts.vocab),
+        ),
+        (
+            "vocab",
+            b.vocab,
+            format!(
+                "{} tokens x {} bytes: tokenizer tables, sampler candidates",
+                facts.vocab,
+                belljar_budget::estimate::VOCAB_PER_TOKEN
+            ),
         ),
         (
             "compute",
             b.compute,
-            "a 512-token micro-batch's K/V and activations, per-cell scratch",
+            "a 512-token micro-batch's K/V and activations, the mask's row per cell".to_owned(),
         ),
-        ("baseline", b.baseline, "the worker process itself"),
-        ("margin", b.margin, "3%"),
+        (
+            "baseline",
+            b.baseline,
+            "the worker process itself".to_owned(),
+        ),
+        ("margin", b.margin, "3%".to_owned()),
     ];
     for (name, v, what) in rows {
         println!("  {name:<11} {:>11}  {what}", s(v));

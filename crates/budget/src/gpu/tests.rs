@@ -64,6 +64,7 @@ fn facts(layers: u32, file: u64, kv_heads: u32, head_dim: u32) -> crate::estimat
         kv_heads,
         key_length: head_dim,
         value_length: head_dim,
+        ..Default::default()
     }
 }
 
