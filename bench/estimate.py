@@ -20,11 +20,12 @@ Two tables, written into docs/benchmarks.md between markers:
 Root and cgroup v1 memory or cgroup v2.
 
 Usage: python3 bench/estimate.py [--only generated|real] [--quick] [--no-long] [--no-write]
-                                 [--from FILE]
+                                 [--from FILE] [--resume]
   --quick     two small generated models, and only ctx 512/4096 of the real ones
   --no-long   short prompts only
   --from FILE the tables again from stored measurements (each cell measured is appended to
               target/bench-estimate.jsonl), with the current `supervisor estimate`: for refitting
+  --resume    keep the real-model cells already in target/bench-estimate.jsonl
 """
 import datetime
 import json
@@ -236,14 +237,14 @@ def pct(est, real):
     return (est - real) / real * 100 if real else 0.0
 
 
-def run_cell(name, path, ctx, mmap, word, long_ok, fit=None):
+def run_cell(name, path, ctx, mmap, word, long_ok, fit=None, canonical=None):
     short = measure(path, ctx, mmap, SHORT_WORDS, word)
     per_word = max(short["prompt_tokens"], 1) / SHORT_WORDS
     long = None
     if long_ok:
         words = max(1, int(ctx * LONG_FILL / per_word) - 8)
         long = measure(path, ctx, mmap, words, word)
-    cell = {"model": name, "path": path, "file": os.path.getsize(path), "ctx": ctx, "mmap": mmap, "fit": fit,
+    cell = {"model": name, "path": canonical or path, "file": os.path.getsize(path), "ctx": ctx, "mmap": mmap, "fit": fit,
             "short_peak": short["peak"], "short_tokens": short["prompt_tokens"],
             "long_peak": long["peak"] if long else None, "long_tokens": long["prompt_tokens"] if long else None,
             "load_ms": short["load_ms"], "log": short["log"]}
@@ -293,13 +294,37 @@ def real_models():
     return out
 
 
+def private_copy(path):
+    """A copy of a model for this run alone (see private_worker): another process that maps the
+    shared file would keep its pages charged to another cgroup."""
+    d = tempfile.mkdtemp(prefix="belljar-est-model-", dir=os.path.join(ROOT, "target"))
+    copy = os.path.join(d, os.path.basename(path))
+    subprocess.run(["cp", path, copy], check=True)
+    import atexit
+    atexit.register(lambda: subprocess.run(["rm", "-rf", d]))
+    return copy
+
+
 def real(quick, long_prompts):
+    # --resume: cells already in RESULTS are kept, not measured again.
+    done = {}
+    if "--resume" in sys.argv and os.path.exists(RESULTS):
+        with open(RESULTS) as f:
+            for line in f:
+                c = json.loads(line)
+                done[(c["model"], c["ctx"], c["mmap"])] = c
     rows = []
-    for name, path in real_models():
+    for name, shared in real_models():
+        path = None
         for ctx in CTXS if not quick else CTXS[:2]:
             for mmap in (True, False):
+                if (name, ctx, mmap) in done:
+                    rows.append(judge(done[(name, ctx, mmap)]))
+                    continue
+                path = path or private_copy(shared)
                 long_ok = long_prompts and long_wanted(path, ctx, mmap, True)
-                rows.append(run_cell(name, path, ctx, mmap, "word", long_ok))
+                row = run_cell(name, path, ctx, mmap, "word", long_ok, canonical=shared)
+                rows.append(row)
     return rows
 
 

@@ -180,7 +180,10 @@ fn estimate_prints_every_term_and_refuses_bad_files_clearly() {
     for term in [
         "weights",
         "page cache",
+        "repack",
         "kv cache",
+        "output",
+        "vocab",
         "compute",
         "baseline",
         "margin",

@@ -133,7 +133,11 @@ pub fn run(global: &GlobalArgs, args: &EstimateArgs) -> Result<Exit, CliError> {
         (
             "compute",
             b.compute,
-            "a 512-token micro-batch's K/V and activations, the mask's row per cell".to_owned(),
+            if facts.sliding_window > 0 {
+                "a full 512-token micro-batch's activations, two masks' rows per cell".to_owned()
+            } else {
+                "a full 512-token micro-batch's activations, the mask's row per cell".to_owned()
+            },
         ),
         (
             "baseline",
