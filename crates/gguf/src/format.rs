@@ -6,6 +6,8 @@ pub const GGUF_VERSION: u32 = 3;
 pub const ALIGNMENT: u64 = 32;
 pub const GGML_F32: u32 = 0;
 pub const GGML_F16: u32 = 1;
+pub const GGML_Q4_0: u32 = 2;
+pub const GGML_Q8_0: u32 = 8;
 
 /// Metadata value types.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
