@@ -124,6 +124,51 @@ fn kv_cache_layers(stderr: &str) -> (u32, u32) {
     )
 }
 
+/// The MiB llama.cpp logged for its buffers of `kind` ("model", "KV", "output", "compute") on
+/// `device` ("CPU", "CPU_REPACK", "CPU_Mapped"), summed (an SWA model has two KV caches), in
+/// bytes; 0 when it logged none.
+fn logged(stderr: &str, device: &str, kind: &str) -> u64 {
+    let marker = format!(" {kind} buffer size =");
+    stderr
+        .lines()
+        .filter_map(|l| {
+            let at = l.find(&marker)?;
+            if l[..at].split_whitespace().last()? != device {
+                return None;
+            }
+            let mib: f64 = l[at + marker.len()..].split_whitespace().next()?.parse().ok()?;
+            Some((mib * 1024.0 * 1024.0).round() as u64)
+        })
+        .sum()
+}
+
+/// `supervisor estimate` for the model at the worker's ctx (256), mmap on: the terms that
+/// llama.cpp states in its log must match its buffers (to the 0.01 MiB it prints), and the
+/// facts what the generator wrote.
+fn estimate_matches_the_log(model: &Path, stderr: &str) -> serde_json::Value {
+    let out = run(
+        "supervisor",
+        &["estimate", model.to_str().unwrap(), "--ctx", "256", "--json"],
+    );
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    let est: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
+    let close = |term: &str, log: u64| {
+        let e = est[term].as_u64().unwrap();
+        assert!(
+            e.abs_diff(log) <= 10 << 10,
+            "{term}: the estimate says {e}, llama.cpp's log {log}\n{stderr}"
+        );
+    };
+    close("repack", logged(stderr, "CPU_REPACK", "model"));
+    close("kv", logged(stderr, "CPU", "KV"));
+    close("output", logged(stderr, "CPU", "output"));
+    assert_eq!(
+        est["facts"]["vocab"].as_u64().unwrap().to_string(),
+        info(stderr, "n_vocab")
+    );
+    est
+}
+
 fn has_avx2() -> bool {
     std::fs::read_to_string("/proc/cpuinfo")
         .unwrap_or_default()
@@ -179,6 +224,14 @@ fn gemma3_with_a_sliding_window_generates() {
     );
     // 1 + 2 x 13 + 2: Q/K norms and the post-attention and post-feed-forward norms.
     assert_eq!(tensor_count(&stderr), 29);
+    let est = estimate_matches_the_log(&model, &stderr);
+    assert_eq!(est["facts"]["sliding_window"], 64);
+    assert_eq!(est["facts"]["key_length"], 64);
+    assert_eq!(
+        est["kv"].as_u64().unwrap(),
+        2 * 256 * (64 + 64) * 2,
+        "both layers full-size: 2 layers x 256 cells x 1 KV head x (64 + 64) x f16"
+    );
 }
 
 /// Without --swa-pattern llama.cpp's gemma3 default (every 6th layer global) applies: of 6
@@ -229,6 +282,29 @@ fn a_tied_llama_generates_without_an_output_matrix() {
         &make(&t, "tied.gguf", &[&flags[..], &["--tied"]].concat()),
     );
     assert_eq!(tensor_count(&tied), 1 + 9 + 1, "no output.weight");
+    let est = estimate_matches_the_log(&t.join("tied.gguf"), &tied);
+    assert_eq!(est["facts"]["tied"], true);
+    assert_eq!(est["repack"], 0, "f32: nothing is repacked");
+}
+
+/// Tied Q4_0 embeddings: the input keeps token_embd for its row lookups, and the output layer,
+/// a matrix product, gets a repacked copy (rows: the vocabulary, a multiple of 8).
+#[test]
+fn tied_q4_0_embeddings_are_repacked_a_second_time_for_the_output() {
+    let t = TestDir::new();
+    let model = make(
+        &t,
+        "tied-q4.gguf",
+        &[
+            "--layers", "1", "--width", "64", "--ff", "128", "--heads", "2", "--vocab", "4096",
+            "--tied", "--type", "q4_0",
+        ],
+    );
+    let stderr = generate(&t, &model);
+    let est = estimate_matches_the_log(&model, &stderr);
+    // token_embd: 4096 x 64 in Q4_0 (18 bytes per 32).
+    assert_eq!(est["facts"]["tied_repack"], 4096 * 64 / 32 * 18);
+    assert!(est["repack"].as_u64().unwrap() > 4096 * 64 / 32 * 18);
 }
 
 #[test]
@@ -243,6 +319,7 @@ fn a_q8_0_llama_generates() {
         ],
     );
     let stderr = generate(&t, &model);
+    estimate_matches_the_log(&model, &stderr);
     assert!(stderr.contains("file type   = Q8_0"), "{stderr}");
     assert!(
         stderr.contains("type q8_0:   16 tensors"),
@@ -274,6 +351,8 @@ fn a_q4_0_llama_generates_and_is_repacked() {
     } else {
         eprintln!("note: this CPU has no AVX2; the CPU_REPACK check is skipped");
     }
+    let est = estimate_matches_the_log(&model, &stderr);
+    assert!(est["repack"].as_u64().unwrap() > 0);
 }
 
 /// A Gemma-3-sized vocabulary on a tiny model (tied, Q4_0: ~10 MB, most of it the header).
@@ -290,4 +369,6 @@ fn a_262144_token_vocabulary_loads_and_generates() {
     );
     let stderr = generate(&t, &model);
     assert_eq!(info(&stderr, "n_vocab"), "262144");
+    let est = estimate_matches_the_log(&model, &stderr);
+    assert_eq!(est["output"], 262_144 * 4, "one row of f32 logits: 1 MiB");
 }
