@@ -136,7 +136,11 @@ fn logged(stderr: &str, device: &str, kind: &str) -> u64 {
             if l[..at].split_whitespace().last()? != device {
                 return None;
             }
-            let mib: f64 = l[at + marker.len()..].split_whitespace().next()?.parse().ok()?;
+            let mib: f64 = l[at + marker.len()..]
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()?;
             Some((mib * 1024.0 * 1024.0).round() as u64)
         })
         .sum()
@@ -148,7 +152,13 @@ fn logged(stderr: &str, device: &str, kind: &str) -> u64 {
 fn estimate_matches_the_log(model: &Path, stderr: &str) -> serde_json::Value {
     let out = run(
         "supervisor",
-        &["estimate", model.to_str().unwrap(), "--ctx", "256", "--json"],
+        &[
+            "estimate",
+            model.to_str().unwrap(),
+            "--ctx",
+            "256",
+            "--json",
+        ],
     );
     assert_eq!(out.code, Some(0), "{}", out.stderr);
     let est: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();

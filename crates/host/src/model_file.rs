@@ -375,6 +375,59 @@ mod tests {
     use super::*;
 
     #[test]
+    /// A Gemma-3-like header (262,144 tokens, tied Q4_0 embeddings, a sliding window, head_dim
+    /// other than width / heads): every fact the new terms need, read without keeping the
+    /// vocabulary.
+    fn gemma3_like_facts_come_from_the_header() {
+        use belljar_gguf::writer::{Arch, ModelShape, ModelSpec, WeightType};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("g.gguf");
+        let spec = ModelSpec {
+            shape: ModelShape {
+                layers: 2,
+                width: 64,
+                ff: 128,
+                heads: 2,
+                kv_heads: 1,
+                vocab: 262_144,
+                ..Default::default()
+            },
+            arch: Arch::Gemma3,
+            head_dim: Some(64),
+            sliding_window: Some(32),
+            tied: true,
+            weights: Some(WeightType::Q4_0),
+            ..Default::default()
+        };
+        spec.write(std::fs::File::create(&path).unwrap()).unwrap();
+        let (f, _) = model_facts(&path).unwrap();
+        assert_eq!(f.vocab, 262_144, "the token array's length");
+        assert!(f.tied);
+        assert_eq!(f.sliding_window, 32);
+        assert_eq!((f.key_length, f.value_length, f.ff), (64, 64, 128));
+        // Q4_0 matrices, rows a multiple of 8: per layer Q [64 -> 128], K and V [64 -> 64],
+        // output [128 -> 64], gate and up [64 -> 128], down [128 -> 64], 18 bytes per 32.
+        let q4 = |cols: u64, rows: u64| cols * rows / 32 * 18;
+        let per_layer = q4(64, 128) + 2 * q4(64, 64) + q4(128, 64) + 2 * q4(64, 128) + q4(128, 64);
+        assert_eq!(f.repack, 2 * per_layer, "{f:?}");
+        assert_eq!(
+            f.tied_repack,
+            q4(64, 262_144),
+            "the output's copy of token_embd"
+        );
+        // An f32 model repacks nothing.
+        let plain = dir.path().join("p.gguf");
+        ModelShape::default()
+            .write(std::fs::File::create(&plain).unwrap())
+            .unwrap();
+        let (p, _) = model_facts(&plain).unwrap();
+        assert_eq!(
+            (p.repack, p.tied_repack, p.tied, p.vocab),
+            (0, 0, false, 1024)
+        );
+    }
+
+    #[test]
     fn model_facts_come_from_the_header() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("gqa.gguf");
