@@ -25,7 +25,7 @@ Usage: python3 bench/estimate.py [--only generated|real] [--quick] [--no-long] [
   --no-long   short prompts only
   --from FILE the tables again from stored measurements (each cell measured is appended to
               target/bench-estimate.jsonl), with the current `supervisor estimate`: for refitting
-  --resume    keep the real-model cells already in target/bench-estimate.jsonl
+  --resume    keep the cells already in target/bench-estimate.jsonl (measure the others)
 """
 import datetime
 import json
@@ -67,6 +67,9 @@ LONG_FILL = 0.8
 # (attention over the whole context, on the CPU). At ctx 16384 the long prompt runs only for
 # models under this size, and for the real ones with mmap on (its compute is the same without).
 LONG_16K_MAX_FILE = 64 << 20
+# ... and with mmap on for generated models under this size (the error of the others' short
+# prompt is small beside their size).
+LONG_16K_MMAP_MAX_FILE = 400 << 20
 
 
 def long_wanted(path, ctx, mmap, real_model):
@@ -74,7 +77,19 @@ def long_wanted(path, ctx, mmap, real_model):
         return True
     if real_model:
         return mmap
-    return os.path.getsize(path) < LONG_16K_MAX_FILE
+    size = os.path.getsize(path)
+    return size < LONG_16K_MAX_FILE or (mmap and size < LONG_16K_MMAP_MAX_FILE)
+
+
+def measured():
+    """--resume: the cells already in RESULTS, by (model, ctx, mmap, long prompt run)."""
+    done = {}
+    if "--resume" in sys.argv and os.path.exists(RESULTS):
+        with open(RESULTS) as f:
+            for line in f:
+                c = json.loads(line)
+                done[(c["model"], c["ctx"], c["mmap"], c["long_peak"] is not None)] = c
+    return done
 
 
 def cgroup_root():
@@ -268,6 +283,7 @@ def judge(cell):
 def generated(quick, long_prompts):
     os.makedirs(MODELS, exist_ok=True)
     shapes = {k: v for k, v in SHAPES.items() if not quick or k in ("1M", "30M")}
+    done = measured()
     rows = []
     for name, (flags, fit) in shapes.items():
         path = os.path.join(MODELS, f"{name}.gguf")
@@ -276,6 +292,9 @@ def generated(quick, long_prompts):
         for ctx in CTXS:
             for mmap in (True, False):
                 long_ok = long_prompts and long_wanted(path, ctx, mmap, False)
+                if (name, ctx, mmap, long_ok) in done:
+                    rows.append(judge(done[(name, ctx, mmap, long_ok)]))
+                    continue
                 # The generated vocabulary's word-initial pieces: "b" is one token ("▁b").
                 rows.append(run_cell(name, path, ctx, mmap, "b", long_ok, fit))
     return rows
@@ -306,23 +325,17 @@ def private_copy(path):
 
 
 def real(quick, long_prompts):
-    # --resume: cells already in RESULTS are kept, not measured again.
-    done = {}
-    if "--resume" in sys.argv and os.path.exists(RESULTS):
-        with open(RESULTS) as f:
-            for line in f:
-                c = json.loads(line)
-                done[(c["model"], c["ctx"], c["mmap"])] = c
+    done = measured()
     rows = []
     for name, shared in real_models():
         path = None
         for ctx in CTXS if not quick else CTXS[:2]:
             for mmap in (True, False):
-                if (name, ctx, mmap) in done:
-                    rows.append(judge(done[(name, ctx, mmap)]))
+                long_ok = long_prompts and long_wanted(shared, ctx, mmap, True)
+                if (name, ctx, mmap, long_ok) in done:
+                    rows.append(judge(done[(name, ctx, mmap, long_ok)]))
                     continue
                 path = path or private_copy(shared)
-                long_ok = long_prompts and long_wanted(path, ctx, mmap, True)
                 row = run_cell(name, path, ctx, mmap, "word", long_ok, canonical=shared)
                 rows.append(row)
     return rows
@@ -420,7 +433,12 @@ def main():
     stored = None
     if "--from" in sys.argv:
         with open(sys.argv[sys.argv.index("--from") + 1]) as f:
-            stored = [json.loads(line) for line in f if line.strip()]
+            cells = [json.loads(line) for line in f if line.strip()]
+        # A cell measured again (with its long prompt, say) replaces the earlier one.
+        latest = {}
+        for c in cells:
+            latest[(c["model"], c["ctx"], c["mmap"])] = c
+        stored = list(latest.values())
     ok = True
     if only in (None, "real"):
         rows = [judge(c) for c in stored if c["fit"] is None] if stored is not None else real(quick, long_prompts)

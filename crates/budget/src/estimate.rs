@@ -88,6 +88,8 @@ pub struct ModelFacts {
     pub value_length: u32,
     /// Tokens in the vocabulary: the length of `tokenizer.ggml.tokens` (0 when absent).
     pub vocab: u32,
+    /// BPE merges: the length of `tokenizer.ggml.merges` (0 for other tokenizers).
+    pub merges: u32,
     /// No `output.weight`: llama.cpp uses `token_embd` for the output layer too.
     pub tied: bool,
     /// `attention.sliding_window` (0: no sliding-window layers). The worker keeps those layers'
@@ -151,7 +153,7 @@ pub const UBATCH: u64 = 512;
 pub const KV_ELEMENT: u64 = 2;
 /// The worker process itself in its cgroup: binary and shared libraries (page cache, as a fresh
 /// start reads them), heap, llama.cpp's tables. Fitted (bench/estimate.py).
-pub const BASELINE: u64 = 14_836_000;
+pub const BASELINE: u64 = 16 << 20;
 /// Bytes of a micro-batch's activations per unit of width: a 512-token micro-batch of f32.
 pub const ACTIVATION: u64 = UBATCH * 4;
 /// Bytes of an attention mask per context cell: one micro-batch's row of f16.
@@ -161,6 +163,9 @@ pub const MASK_PER_CTX: u64 = UBATCH * 2;
 /// token's text, score and attributes, the text-to-id map, the piece cache), the sampler's
 /// candidate array and the compute graph's row of logits. Fitted.
 pub const VOCAB_PER_TOKEN: u64 = 166;
+/// Bytes per BPE merge: llama.cpp's rank map of merged pairs and the metadata's strings. Fitted
+/// (SmolLM2's 48,900 merges).
+pub const PER_MERGE: u64 = 200;
 /// Bytes of one logit (f32): llama.cpp's output buffer holds one row per output, and the worker
 /// asks for one (the prompt's last token).
 pub const LOGIT: u64 = 4;
@@ -188,7 +193,7 @@ pub struct Breakdown {
     pub kv: u64,
     /// llama.cpp's output buffer: one row of `vocab` f32 logits.
     pub output: u64,
-    /// The vocabulary's tables: [`VOCAB_PER_TOKEN`] per token.
+    /// The vocabulary's tables: [`VOCAB_PER_TOKEN`] per token and [`PER_MERGE`] per BPE merge.
     pub vocab: u64,
     /// What a prompt that fills the context touches of the compute buffer ([`compute`]).
     pub compute: u64,
@@ -274,7 +279,7 @@ pub fn gguf(m: &ModelFacts, ctx: u32, mmap: bool) -> Result<Breakdown, Overflow>
     let kv = kv_cache(m, ctx)?;
     let vocab = u64::from(m.vocab);
     let output = vocab * LOGIT;
-    let vocab_tables = vocab * VOCAB_PER_TOKEN;
+    let vocab_tables = vocab * VOCAB_PER_TOKEN + u64::from(m.merges) * PER_MERGE;
     let compute = compute(m, ctx).ok_or_else(|| Overflow {
         term: "compute buffer",
         fields: format!(
@@ -507,6 +512,7 @@ mod tests {
             key_length: 256,
             value_length: 256,
             vocab: 262_144,
+            merges: 0,
             tied: true,
             sliding_window: 512,
             // 18 attn_output [1024, 640] and 9 ffn_down [2048, 640] in Q4_K.
@@ -555,7 +561,19 @@ mod tests {
         let b = gguf(&m, 512, true).unwrap();
         // "CPU  output buffer size = 1.00 MiB"
         assert_eq!(b.output, MIB);
-        assert_eq!(b.vocab, 262_144 * VOCAB_PER_TOKEN);
+        assert_eq!(
+            b.vocab,
+            262_144 * VOCAB_PER_TOKEN,
+            "SentencePiece: no merges"
+        );
+        let bpe = ModelFacts {
+            merges: 48_900,
+            ..m
+        };
+        assert_eq!(
+            gguf(&bpe, 512, true).unwrap().vocab,
+            b.vocab + 48_900 * PER_MERGE
+        );
         let small = ModelFacts { vocab: 1024, ..m };
         let s = gguf(&small, 512, true).unwrap();
         assert!(b.total - s.total >= (b.output + b.vocab) - (s.output + s.vocab));

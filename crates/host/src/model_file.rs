@@ -312,6 +312,10 @@ fn facts_of(
         .and_then(|n| u32::try_from(n).ok())
         .or_else(|| get("vocab_size"))
         .unwrap_or(0);
+    let merges = header
+        .array_len("tokenizer.ggml.merges")
+        .and_then(|n| u32::try_from(n).ok())
+        .unwrap_or(0);
     let cpu = llama_cpu_features();
     let repack = header
         .tensors
@@ -341,6 +345,7 @@ fn facts_of(
         key_length: get("attention.key_length").unwrap_or(head_dim),
         value_length: get("attention.value_length").unwrap_or(head_dim),
         vocab,
+        merges,
         tied,
         sliding_window: get("attention.sliding_window").unwrap_or(0),
         repack,

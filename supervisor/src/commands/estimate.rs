@@ -124,11 +124,21 @@ pub fn run(global: &GlobalArgs, args: &EstimateArgs) -> Result<Exit, CliError> {
         (
             "vocab",
             b.vocab,
-            format!(
-                "{} tokens x {} bytes: tokenizer tables, sampler candidates",
-                facts.vocab,
-                belljar_budget::estimate::VOCAB_PER_TOKEN
-            ),
+            if facts.merges > 0 {
+                format!(
+                    "{} tokens x {} bytes, {} merges x {} bytes: tokenizer tables",
+                    facts.vocab,
+                    belljar_budget::estimate::VOCAB_PER_TOKEN,
+                    facts.merges,
+                    belljar_budget::estimate::PER_MERGE
+                )
+            } else {
+                format!(
+                    "{} tokens x {} bytes: tokenizer tables, sampler candidates",
+                    facts.vocab,
+                    belljar_budget::estimate::VOCAB_PER_TOKEN
+                )
+            },
         ),
         (
             "compute",
