@@ -345,8 +345,11 @@ def header():
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     cgroup = "v2" if cgroup_root()[1] == "memory.peak" else "v1 (memory)"
     args = "".join(" " + a for a in sys.argv[1:])
-    return (f"Measured {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC by "
-            f"`python3 bench/estimate.py{args}`"
+    now = datetime.datetime.now(datetime.timezone.utc)
+    what = (f"Measured by `python3 bench/estimate.py` (cells stored, then judged {now:%Y-%m-%d %H:%M} UTC "
+            f"by `python3 bench/estimate.py{args}` with this estimate)" if "--from" in sys.argv else
+            f"Measured {now:%Y-%m-%d %H:%M} UTC by `python3 bench/estimate.py{args}`")
+    return (what +
             f" on {platform.node()}: {platform.machine()}, {os.cpu_count()} CPUs, {mem:.1f} GiB, "
             f"Linux {platform.release()}, cgroup {cgroup}.")
 
