@@ -16,6 +16,7 @@ pub mod priority;
 pub mod queue;
 pub mod ratelimit;
 pub mod restart;
+pub mod swap;
 pub mod validate;
 
 pub use estimate::{EstimateRule, required};
