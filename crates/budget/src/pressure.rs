@@ -131,12 +131,18 @@ impl Levels {
 pub struct Candidate {
     pub name: String,
     pub priority: i64,
+    /// When it last took or finished a request (ms on the supervisor's monotonic clock).
+    pub last_used_ms: Option<u64>,
 }
 
-/// The instance to shed: the lowest priority, ties by name.
+/// The instance to shed: the one that gives way first ([`crate::swap::give_way_first`]: the
+/// lowest priority, then the least recently used, then by name).
 pub fn shed_victim(running: &[Candidate]) -> Option<&Candidate> {
     running.iter().min_by(|a, b| {
-        crate::priority::lowest_priority_first((a.priority, &a.name), (b.priority, &b.name))
+        crate::swap::give_way_first(
+            (a.priority, a.last_used_ms, &a.name),
+            (b.priority, b.last_used_ms, &b.name),
+        )
     })
 }
 
@@ -287,6 +293,7 @@ mod tests {
         let c = |n: &str, p| Candidate {
             name: n.into(),
             priority: p,
+            last_used_ms: None,
         };
         let running = [c("god", 2), c("subject", 0), c("observer", 1), c("aaa", 0)];
         assert_eq!(
@@ -294,6 +301,19 @@ mod tests {
             "aaa",
             "lowest priority, ties by name"
         );
+        // Among equal priorities the least recently used goes first, one never used before any.
+        let used = |n: &str, p, at| Candidate {
+            last_used_ms: Some(at),
+            ..c(n, p)
+        };
+        let running = [
+            used("aaa", 0, 9_000),
+            used("subject", 0, 2_000),
+            used("god", 2, 1),
+        ];
+        assert_eq!(shed_victim(&running).unwrap().name, "subject");
+        let running = [used("aaa", 0, 9_000), c("zzz", 0)];
+        assert_eq!(shed_victim(&running).unwrap().name, "zzz", "never used");
         assert_eq!(shed_victim(&[]), None);
         let shed = [c("subject", 0), c("god", 2), c("observer", 1)];
         let order: Vec<&str> = restore_order(&shed)

@@ -252,6 +252,11 @@ pub struct InstanceStatus {
     /// the model's own template (else chatml).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub chat_template: Option<String>,
+    /// When it last took or finished a request (seconds since the epoch); null when it has not
+    /// since the supervisor started. Shedding takes the least recently used first among equal
+    /// priorities.
+    #[serde(default)]
+    pub last_used_unix: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -296,6 +301,7 @@ mod tests {
             queued: 0,
             aliases: vec![],
             chat_template: None,
+            last_used_unix: None,
         }
     }
 

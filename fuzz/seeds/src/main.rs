@@ -138,6 +138,7 @@ fn status() -> StatusReport {
             queued: 3,
             aliases: vec!["gpt-test".into()],
             chat_template: Some("/etc/belljar/chat.jinja".into()),
+            last_used_unix: Some(1_764_300_000),
         }],
         metrics_addr: Some("127.0.0.1:9464".into()),
         http_addr: Some("127.0.0.1:8080".into()),

@@ -164,6 +164,7 @@ mod tests {
             queued: 3,
             aliases: vec![],
             chat_template: None,
+            last_used_unix: None,
         };
         let r = StatusReport {
             host: HostStatus {

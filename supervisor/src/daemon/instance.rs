@@ -78,6 +78,8 @@ pub struct Instance {
     pub gpu_release: GpuRelease,
     /// Requests waiting for the worker, and the one it serves.
     pub queue: belljar_budget::queue::Queue,
+    /// When it last took or finished a request (the daemon's monotonic clock).
+    pub last_used: Option<std::time::Duration>,
 }
 
 /// The release of a stopped worker's VRAM, confirmed through NVML before it counts as free.
@@ -146,6 +148,7 @@ impl Instance {
             gpu_pids: Vec::new(),
             gpu_release: GpuRelease::Done,
             queue,
+            last_used: None,
         }
     }
 

@@ -88,7 +88,7 @@ type InstanceGauge = (
     fn(&InstanceStatus) -> Option<u64>,
 );
 
-const INSTANCE_GAUGES: [InstanceGauge; 9] = [
+const INSTANCE_GAUGES: [InstanceGauge; 10] = [
     (
         "instance_memory_current_bytes",
         "Memory charged to the instance's cgroup now",
@@ -133,6 +133,11 @@ const INSTANCE_GAUGES: [InstanceGauge; 9] = [
         "instance_uptime_seconds",
         "Seconds since the current worker was spawned",
         |i| i.uptime_s,
+    ),
+    (
+        "instance_last_used_timestamp_seconds",
+        "When the instance last took or finished a request (Unix time)",
+        |i| i.last_used_unix,
     ),
 ];
 
@@ -421,6 +426,7 @@ mod tests {
                 queued: 0,
                 aliases: vec![],
                 chat_template: None,
+                last_used_unix: None,
             }],
             metrics_addr: None,
             http_addr: None,

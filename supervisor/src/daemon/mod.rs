@@ -534,6 +534,13 @@ impl Daemon {
             queued: i.queue.len() as u64,
             aliases: i.spec.aliases.clone(),
             chat_template: i.spec.chat_template.clone(),
+            last_used_unix: i.last_used.map(|at| {
+                let ago = self.now().saturating_sub(at);
+                std::time::SystemTime::now()
+                    .checked_sub(ago)
+                    .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                    .map_or(0, |d| d.as_secs())
+            }),
         }
     }
 

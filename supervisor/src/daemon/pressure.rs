@@ -138,12 +138,13 @@ impl Daemon {
             .map(|(n, i)| Candidate {
                 name: n.clone(),
                 priority: i.spec.priority,
+                last_used_ms: i.last_used.map(|d| d.as_millis() as u64),
             })
             .collect();
         let Some(victim) = shed_victim(&running).map(|c| c.name.clone()) else {
             return;
         };
-        tracing::warn!(instance = %victim, "emergency: stopping the lowest-priority instance to shed it");
+        tracing::warn!(instance = %victim, "emergency: stopping the lowest-priority (then least recently used) instance to shed it");
         self.last_shed = Some(super::clock());
         self.drive(&victim, Input::Stop(AfterStop::Shed));
     }
@@ -157,6 +158,7 @@ impl Daemon {
             .map(|(n, i)| Candidate {
                 name: n.clone(),
                 priority: i.spec.priority,
+                last_used_ms: None,
             })
             .collect();
         let Some(first) = restore_order(&shed).first().map(|c| c.name.clone()) else {

@@ -231,6 +231,7 @@ impl Daemon {
     /// Sends the next queued request to the worker if the instance is ready and idle. Requests
     /// whose client went away meanwhile are dropped on the way.
     pub(super) fn dispatch(&mut self, name: &str) {
+        let now = self.now();
         loop {
             let Some(inst) = self.instances.get_mut(name) else {
                 return;
@@ -252,6 +253,7 @@ impl Daemon {
                 continue;
             }
             req.generation = Some(generation);
+            inst.last_used = Some(now);
             // A closed channel means the run is ending: its end requeues the request.
             let _ = tx.send(SupervisorMsg::Prompt(req.prompt.clone()));
             return;
@@ -293,8 +295,10 @@ impl Daemon {
         let Some(req) = self.requests.remove(&d.id) else {
             return;
         };
+        let now = self.now();
         if let Some(inst) = self.instances.get_mut(name) {
             inst.queue.finished(d.id);
+            inst.last_used = Some(now);
         }
         match req.cancelled_at {
             Some(at) => tracing::info!(

@@ -1084,6 +1084,11 @@ async fn requests_wait_through_a_restart_and_the_one_in_flight_is_served_again()
     let (_, mut w) = h.next_worker().await;
     w.ready().await;
     while instance(&h.status().await, "a").state != "ready" {}
+    assert_eq!(
+        instance(&h.status().await, "a").last_used_unix,
+        None,
+        "not used yet"
+    );
     let socket = h.socket.clone();
     let first = tokio::spawn(async move { ask(&socket, "a").await });
     let SupervisorMsg::Prompt(p) = w.receive().await else {
@@ -1138,6 +1143,16 @@ async fn requests_wait_through_a_restart_and_the_one_in_flight_is_served_again()
         second.await.unwrap().last(),
         Some(Response::Done(_))
     ));
+    // Taking and finishing requests is "use" (shedding's least-recently-used order).
+    let wall = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let used = instance(&h.status().await, "a").last_used_unix.unwrap();
+    assert!(
+        used <= wall + 1 && used + 3600 >= wall,
+        "{used} vs now {wall}"
+    );
     h.stop(vec![("a".into(), w)]).await;
 }
 

@@ -261,6 +261,7 @@ pub fn decide(
             .map(|c| Candidate {
                 name: c.name.clone(),
                 priority: c.priority,
+                last_used_ms: None,
             })
             .collect();
         return shed_victim(&on_gpu).map(|c| GpuAction::FallBack(c.name.clone()));
@@ -273,6 +274,7 @@ pub fn decide(
             .map(|c| Candidate {
                 name: c.name.clone(),
                 priority: c.priority,
+                last_used_ms: None,
             })
             .collect();
         return restore_order(&off)
