@@ -27,6 +27,7 @@ Usage: python3 bench/estimate.py [--only generated|real] [--quick] [--no-long] [
               target/bench-estimate.jsonl), with the current `supervisor estimate`: for refitting
   --resume    keep the cells already in target/bench-estimate.jsonl (measure the others)
 """
+import atexit
 import datetime
 import json
 import os
@@ -142,20 +143,24 @@ def buffers(log_text):
     return out
 
 
+def private_copy(path):
+    """A copy of a file (the worker binary, a model) for this run alone, removed at exit. Pages
+    of a file mapped by a process of another run cannot be evicted and stay charged to that
+    run's cgroup, so two runs sharing a file would each miss part of it."""
+    d = tempfile.mkdtemp(prefix="belljar-est-copy-", dir=os.path.join(ROOT, "target"))
+    copy = os.path.join(d, os.path.basename(path))
+    subprocess.run(["cp", path, copy], check=True)
+    atexit.register(lambda: subprocess.run(["rm", "-rf", d]))
+    return copy
+
+
 _PRIVATE_WORKER = []
 
 
 def private_worker():
-    """A copy of the worker binary for this run alone. Pages of a file mapped by a process of
-    another run cannot be evicted and stay charged to that run's cgroup, so two runs sharing the
-    binary would each miss part of it."""
+    """This run's copy of the worker binary (made once)."""
     if not _PRIVATE_WORKER:
-        d = tempfile.mkdtemp(prefix="belljar-est-bin-")
-        path = os.path.join(d, "worker")
-        subprocess.run(["cp", WORKER, path], check=True)
-        _PRIVATE_WORKER.append(path)
-        import atexit
-        atexit.register(lambda: subprocess.run(["rm", "-rf", d]))
+        _PRIVATE_WORKER.append(private_copy(WORKER))
     return _PRIVATE_WORKER[0]
 
 
@@ -313,17 +318,6 @@ def real_models():
     return out
 
 
-def private_copy(path):
-    """A copy of a model for this run alone (see private_worker): another process that maps the
-    shared file would keep its pages charged to another cgroup."""
-    d = tempfile.mkdtemp(prefix="belljar-est-model-", dir=os.path.join(ROOT, "target"))
-    copy = os.path.join(d, os.path.basename(path))
-    subprocess.run(["cp", path, copy], check=True)
-    import atexit
-    atexit.register(lambda: subprocess.run(["rm", "-rf", d]))
-    return copy
-
-
 def real(quick, long_prompts):
     done = measured()
     rows = []
@@ -364,15 +358,24 @@ def goal(rows):
     return [r for r in rows if not -3.0 <= r["err"] <= 10.0]
 
 
+def accuracy_rows(rows, with_set):
+    """The accuracy table's lines (header and one row per cell); `with_set`: the fit / held-out
+    column of the generated models."""
+    set_head, set_rule = ("set | ", "---|") if with_set else ("", "")
+    lines = [f"| model | file MiB | ctx | mmap | {set_head}peak, short prompt | peak, long prompt | gguf estimate MiB | error | "
+             f"file x 1.5{' MiB' if with_set else ''} | its error | load ms |",
+             f"|---|---|---|---|{set_rule}---|---|---|---|---|---|---|"]
+    for r in rows:
+        set_cell = f"{'fit' if r['fit'] else 'held out'} | " if with_set else ""
+        lines.append(f"| {r['model']} | {mib(r['file'])} | {r['ctx']} | {'on' if r['mmap'] else 'off'} | "
+                     f"{set_cell}{mib(r['short_peak'])} | {long_cell(r)} | {mib(r['gguf'])} | "
+                     f"{r['err']:+.1f}% | {mib(r['file_rule'])} | {r['file_err']:+.1f}% | {r['load_ms']:.0f} |")
+    return lines
+
+
 def generated_block(rows):
     held = [r for r in rows if not r["fit"]]
-    lines = [BEGIN, "", header(), "",
-             "| model | file MiB | ctx | mmap | set | peak, short prompt | peak, long prompt | gguf estimate MiB | error | file x 1.5 MiB | its error | load ms |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['model']} | {mib(r['file'])} | {r['ctx']} | {'on' if r['mmap'] else 'off'} | "
-                     f"{'fit' if r['fit'] else 'held out'} | {mib(r['short_peak'])} | {long_cell(r)} | {mib(r['gguf'])} | "
-                     f"{r['err']:+.1f}% | {mib(r['file_rule'])} | {r['file_err']:+.1f}% | {r['load_ms']:.0f} |")
+    lines = [BEGIN, "", header(), ""] + accuracy_rows(rows, True)
     misses = goal(rows)
     lines += ["",
               f"{len(rows)} cells ({len(held)} held out from the fit). The error is against the higher of the two peaks. "
@@ -385,13 +388,7 @@ def generated_block(rows):
 
 
 def real_block(rows):
-    lines = [BEGIN_REAL, "", header(), "",
-             "| model | file MiB | ctx | mmap | peak, short prompt | peak, long prompt | gguf estimate MiB | error | file x 1.5 | its error | load ms |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['model']} | {mib(r['file'])} | {r['ctx']} | {'on' if r['mmap'] else 'off'} | "
-                     f"{mib(r['short_peak'])} | {long_cell(r)} | {mib(r['gguf'])} | {r['err']:+.1f}% | "
-                     f"{mib(r['file_rule'])} | {r['file_err']:+.1f}% | {r['load_ms']:.0f} |")
+    lines = [BEGIN_REAL, "", header(), ""] + accuracy_rows(rows, False)
     misses = goal(rows)
     lines += ["",
               f"{len(rows)} cells; gguf estimate error from {min(r['err'] for r in rows):+.1f}% to {max(r['err'] for r in rows):+.1f}%; "
