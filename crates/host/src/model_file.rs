@@ -306,16 +306,13 @@ fn facts_of(
     }
     let kv_heads = get("attention.head_count_kv").unwrap_or(heads);
     let head_dim = embedding / heads.max(1);
-    // The vocabulary's size is the token array's length (the reader keeps no elements).
-    let vocab = header
-        .array_len("tokenizer.ggml.tokens")
-        .and_then(|n| u32::try_from(n).ok())
+    // The vocabulary's size and the merges' count are their arrays' lengths (the reader keeps
+    // no elements).
+    let count = |k: &str| header.array_len(k).and_then(|n| u32::try_from(n).ok());
+    let vocab = count("tokenizer.ggml.tokens")
         .or_else(|| get("vocab_size"))
         .unwrap_or(0);
-    let merges = header
-        .array_len("tokenizer.ggml.merges")
-        .and_then(|n| u32::try_from(n).ok())
-        .unwrap_or(0);
+    let merges = count("tokenizer.ggml.merges").unwrap_or(0);
     let cpu = llama_cpu_features();
     let repack = header
         .tensors

@@ -107,14 +107,17 @@ pub fn run(global: &GlobalArgs, args: &EstimateArgs) -> Result<Exit, CliError> {
         (
             "kv cache",
             b.kv,
-            if facts.sliding_window > 0 {
-                format!(
-                    "2 x layers x ctx x kv_heads x head_dim x 2 bytes (f16); the {}-token sliding-window layers full-size",
-                    facts.sliding_window
-                )
-            } else {
-                "2 x layers x ctx x kv_heads x head_dim x 2 bytes (f16)".to_owned()
-            },
+            format!(
+                "2 x layers x ctx x kv_heads x head_dim x 2 bytes (f16){}",
+                if facts.sliding_window > 0 {
+                    format!(
+                        "; the {}-token sliding-window layers full-size",
+                        facts.sliding_window
+                    )
+                } else {
+                    String::new()
+                }
+            ),
         ),
         (
             "output",
@@ -124,21 +127,20 @@ pub fn run(global: &GlobalArgs, args: &EstimateArgs) -> Result<Exit, CliError> {
         (
             "vocab",
             b.vocab,
-            if facts.merges > 0 {
-                format!(
-                    "{} tokens x {} bytes, {} merges x {} bytes: tokenizer tables",
-                    facts.vocab,
-                    belljar_budget::estimate::VOCAB_PER_TOKEN,
-                    facts.merges,
-                    belljar_budget::estimate::PER_MERGE
-                )
-            } else {
-                format!(
-                    "{} tokens x {} bytes: tokenizer tables, sampler candidates",
-                    facts.vocab,
-                    belljar_budget::estimate::VOCAB_PER_TOKEN
-                )
-            },
+            format!(
+                "{} tokens x {} bytes{}: tokenizer tables, sampler candidates",
+                facts.vocab,
+                belljar_budget::estimate::VOCAB_PER_TOKEN,
+                if facts.merges > 0 {
+                    format!(
+                        ", {} merges x {} bytes",
+                        facts.merges,
+                        belljar_budget::estimate::PER_MERGE
+                    )
+                } else {
+                    String::new()
+                }
+            ),
         ),
         (
             "compute",
