@@ -4,6 +4,91 @@
 //! allocations and the clock, and carries out the choice.
 
 use std::cmp::Ordering;
+use std::fmt;
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+/// `load =`: whether an instance runs from the start of its mode (`always`) or only while
+/// requests want it (`on-demand`: loaded by its first request, unloaded when idle or evicted to
+/// make room for another).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum LoadMode {
+    #[default]
+    Always,
+    OnDemand,
+}
+
+impl LoadMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LoadMode::Always => "always",
+            LoadMode::OnDemand => "on-demand",
+        }
+    }
+}
+
+/// `idle_unload =`: how long an on-demand instance stays loaded with nothing to do, or `"never"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum IdleUnload {
+    Never,
+    After(Duration),
+}
+
+impl IdleUnload {
+    /// The built-in default: 10 minutes.
+    pub const DEFAULT: IdleUnload = IdleUnload::After(Duration::from_secs(600));
+
+    pub fn after(self) -> Option<Duration> {
+        match self {
+            IdleUnload::Never => None,
+            IdleUnload::After(d) => Some(d),
+        }
+    }
+}
+
+impl fmt::Display for IdleUnload {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            IdleUnload::Never => f.write_str("never"),
+            IdleUnload::After(d) => write!(f, "{}", crate::HumanDuration(*d)),
+        }
+    }
+}
+
+impl Serialize for IdleUnload {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for IdleUnload {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = IdleUnload;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("\"never\" or a duration string like \"10min\" or \"30s\"")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<IdleUnload, E> {
+                if v.trim() == "never" {
+                    return Ok(IdleUnload::Never);
+                }
+                let d = crate::HumanDuration::parse(v).map_err(|e| {
+                    E::custom(format!("{e}; or \"never\" to keep it loaded while idle"))
+                })?;
+                if d.0.is_zero() {
+                    return Err(E::custom(
+                        "idle_unload \"0s\" would unload it between requests: give a duration above zero, or \"never\"",
+                    ));
+                }
+                Ok(IdleUnload::After(d.0))
+            }
+        }
+        d.deserialize_str(V)
+    }
+}
 
 /// One loaded instance as eviction sees it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 
 pub use belljar_budget::pressure::Threshold;
 pub use belljar_budget::restart::RestartMode;
+use belljar_budget::swap::{IdleUnload, LoadMode};
 use belljar_budget::{BudgetPolicy, EstimateRule, HumanDuration, InstanceName, Size};
 use serde::Serialize;
 
@@ -86,6 +87,14 @@ pub struct InstanceSpec {
     /// relative paths in the file were resolved against the config file's directory). `None`:
     /// the model's own template, else chatml.
     pub chat_template: Option<String>,
+    /// `always`: runs from the start of its mode; `on-demand`: loaded by its first request.
+    pub load: LoadMode,
+    /// On-demand instances only: unloaded after this long with nothing to do.
+    pub idle_unload: IdleUnload,
+    /// Never evicted (nor unloaded when idle) once loaded.
+    pub pinned: bool,
+    /// No eviction sooner than this after a load (two alternating models cannot thrash).
+    pub min_loaded: HumanDuration,
 }
 
 /// The user workers run as by default, created by packaging/belljar.sysusers.
@@ -362,6 +371,10 @@ impl Config {
                 .chat_template
                 .clone()
                 .or_else(|| d.chat_template.clone()),
+            load: pick!(load, LoadMode::Always),
+            idle_unload: pick!(idle_unload, IdleUnload::DEFAULT),
+            pinned: pick!(pinned, false),
+            min_loaded: pick!(min_loaded, schema::secs(30)),
         }
     }
 }

@@ -8,6 +8,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use belljar_budget::restart::RestartMode;
+use belljar_budget::swap::{IdleUnload, LoadMode};
 use belljar_budget::{HumanDuration, Size};
 use serde::{Deserialize, Deserializer};
 use toml::Spanned;
@@ -121,6 +122,15 @@ pub struct InstanceSection {
     /// file itself is read and compiled by the caller ([`rules::chat_template_source`]).
     #[serde(default, deserialize_with = "opt_chat_template")]
     pub chat_template: Option<String>,
+    /// `always` (default) or `on-demand` ([swap]).
+    pub load: Option<LoadMode>,
+    /// How long an idle on-demand instance stays loaded (`"never"`: until evicted or unloaded).
+    pub idle_unload: Option<IdleUnload>,
+    /// Never evicted (nor unloaded when idle) once loaded.
+    pub pinned: Option<bool>,
+    /// No eviction sooner than this after a load.
+    #[serde(default, deserialize_with = "opt_duration")]
+    pub min_loaded: Option<HumanDuration>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -656,6 +666,7 @@ impl InstanceSection {
             rules::nonzero_duration,
         )?;
         key("stop_timeout", &self.stop_timeout, rules::duration)?;
+        key("min_loaded", &self.min_loaded, rules::duration)?;
         key("aliases", &self.aliases, |v: &Vec<String>| {
             rules::aliases(v)
         })?;

@@ -26,6 +26,12 @@ pub enum Command {
     Remove(RemoveRequest),
     Restart(NameRequest),
     Ask(AskRequest),
+    /// `supervisor load NAME`: start an unloaded instance now (making room as a request would).
+    Load(NameRequest),
+    /// `supervisor unload NAME`: stop its worker and give its memory back; an on-demand
+    /// instance comes back with its next request, an `always` one with `load` or a restart of
+    /// the daemon.
+    Unload(NameRequest),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -48,6 +54,9 @@ pub struct AddRequest {
     /// resolves a relative one). Absent in requests and persisted files of older versions.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub chat_template: Option<String>,
+    /// `always` or `on-demand` (absent: `[defaults]`, else always).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub load: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -208,7 +217,7 @@ pub struct BudgetStatus {
 pub struct InstanceStatus {
     pub name: String,
     /// `starting`, `loading`, `ready`, `backoff`, `waiting-for-memory`, `failed`, `stopping`,
-    /// `stopped`, `shed`.
+    /// `stopped`, `shed`, `unloaded` (on-demand, no worker).
     pub state: String,
     /// Its major-fault rate stayed high over `thrash_window`: the limit is too small for the
     /// model's working set (`reason` says what to raise it to).
@@ -257,6 +266,22 @@ pub struct InstanceStatus {
     /// priorities.
     #[serde(default)]
     pub last_used_unix: Option<u64>,
+    /// `always` or `on-demand` (its `load` key).
+    #[serde(default = "always")]
+    pub load: String,
+    /// `pinned = true`: never evicted to make room.
+    #[serde(default)]
+    pub pinned: bool,
+    /// Loads on demand (by a request or `supervisor load`) since the supervisor started.
+    #[serde(default)]
+    pub loads: u64,
+    /// Times it was unloaded to make room for another instance.
+    #[serde(default)]
+    pub evictions: u64,
+}
+
+fn always() -> String {
+    "always".to_owned()
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -302,6 +327,10 @@ mod tests {
             aliases: vec![],
             chat_template: None,
             last_used_unix: None,
+            load: always(),
+            pinned: false,
+            loads: 0,
+            evictions: 0,
         }
     }
 

@@ -139,6 +139,10 @@ fn status() -> StatusReport {
             aliases: vec!["gpt-test".into()],
             chat_template: Some("/etc/belljar/chat.jinja".into()),
             last_used_unix: Some(1_764_300_000),
+            load: "on-demand".into(),
+            pinned: true,
+            loads: 4,
+            evictions: 2,
         }],
         metrics_addr: Some("127.0.0.1:9464".into()),
         http_addr: Some("127.0.0.1:8080".into()),
@@ -168,6 +172,7 @@ fn protocol(seeds: &mut Seeds) {
             gpu_device: Some(0),
             priority: Some(-1),
             chat_template: Some("llama3".into()),
+            load: Some("on-demand".into()),
         })),
         json(&Command::Remove(RemoveRequest {
             name: "helper".into(),
@@ -178,6 +183,12 @@ fn protocol(seeds: &mut Seeds) {
             keep_session: true,
         })),
         json(&Command::Restart(NameRequest {
+            name: "subject".into(),
+        })),
+        json(&Command::Load(NameRequest {
+            name: "subject".into(),
+        })),
+        json(&Command::Unload(NameRequest {
             name: "subject".into(),
         })),
         json(&Command::Ask(AskRequest {

@@ -165,6 +165,10 @@ mod tests {
             aliases: vec![],
             chat_template: None,
             last_used_unix: None,
+            load: "always".into(),
+            pinned: false,
+            loads: 0,
+            evictions: 0,
         };
         let r = StatusReport {
             host: HostStatus {

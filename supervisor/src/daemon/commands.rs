@@ -33,6 +33,8 @@ impl Daemon {
             Command::Remove(r) => self.remove(&r, reply),
             Command::Restart(r) => self.restart(&r.name, reply),
             Command::Ask(a) => self.ask(a, reply),
+            Command::Load(r) => self.load(&r.name, reply),
+            Command::Unload(r) => self.unload(&r.name, reply),
         }
     }
 

@@ -51,8 +51,12 @@ impl Daemon {
             );
         }
         self.settle_queue(name);
+        self.settle_swap(name);
         if freed {
             self.retry_waiting();
+        }
+        if freed || self.swap_again {
+            self.try_loads();
         }
     }
 
@@ -104,6 +108,12 @@ impl Daemon {
                     }
                 }
                 self.instances.remove(name);
+            }
+            Action::WantLoad => {
+                if let Some(inst) = self.instances.get_mut(name) {
+                    inst.load_wanted.get_or_insert_with(clock);
+                    self.swap_again = true;
+                }
             }
         }
         None

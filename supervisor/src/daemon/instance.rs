@@ -80,6 +80,14 @@ pub struct Instance {
     pub queue: belljar_budget::queue::Queue,
     /// When it last took or finished a request (the daemon's monotonic clock).
     pub last_used: Option<std::time::Duration>,
+    /// [swap] An unloaded on-demand instance that a request (or `load`) wants: since when.
+    pub load_wanted: Option<Instant>,
+    /// When a wanted load looks for room again (a victim's `min_loaded` ends, or memory).
+    pub load_at: Option<Instant>,
+    /// Why a wanted load waits, shown as its reason.
+    pub load_waits: Option<String>,
+    /// This instance is being evicted to make room for the named one.
+    pub evicting_for: Option<String>,
 }
 
 /// The release of a stopped worker's VRAM, confirmed through NVML before it counts as free.
@@ -122,6 +130,7 @@ impl Instance {
             load_stall_timeout: spec.load_stall_timeout.0,
             gpu_layers: spec.gpu_layers,
             swap_max: spec.swap_max.bytes(),
+            on_demand: spec.load == belljar_budget::swap::LoadMode::OnDemand,
         };
         let reservation = Reservation {
             required: a.required,
@@ -149,6 +158,10 @@ impl Instance {
             gpu_release: GpuRelease::Done,
             queue,
             last_used: None,
+            load_wanted: None,
+            load_at: None,
+            load_waits: None,
+            evicting_for: None,
         }
     }
 
@@ -163,8 +176,9 @@ impl Instance {
 
     /// The reason shown in status: the thrash detector's while it flags the instance.
     pub fn reason(&self) -> &str {
-        match (&self.thrash_reason, self.thrashing) {
-            (Some(r), true) => r,
+        match (&self.thrash_reason, self.thrashing, &self.load_waits) {
+            (Some(r), true, _) => r,
+            (_, _, Some(w)) if self.state() == State::Unloaded => w,
             _ => &self.machine.reason,
         }
     }

@@ -75,6 +75,7 @@ impl Daemon {
             )
             .chain(self.pressure_at)
             .chain(self.watchdog_at)
+            .chain(self.swap_deadline())
             .min()
     }
 
@@ -103,6 +104,9 @@ impl Daemon {
         }
         if self.pressure_at.is_some_and(|t| t <= now) && !self.stopping {
             self.pressure_tick();
+        }
+        if self.swap_deadline().is_some_and(|t| t <= now) && !self.stopping {
+            self.swap_timers();
         }
     }
 }

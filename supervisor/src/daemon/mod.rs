@@ -26,6 +26,7 @@ mod pressure;
 pub(crate) mod requests;
 mod runs;
 mod spawn;
+mod swap;
 #[cfg(test)]
 mod tests;
 
@@ -203,6 +204,9 @@ struct Daemon {
     exiting: BTreeMap<PathBuf, Exiting>,
     /// `add`s being planned on the blocking pool: the request and its client, by name.
     adding: BTreeMap<String, (belljar_protocol::control::AddRequest, ReplyTx)>,
+    /// [swap] `try_loads` is running (a nested call asks for another round instead).
+    swapping: bool,
+    swap_again: bool,
 }
 
 /// Runs the daemon until `shutdown` resolves and every worker has stopped.
@@ -258,6 +262,8 @@ pub async fn serve(
         deferred_starts: BTreeMap::new(),
         exiting: BTreeMap::new(),
         adding: BTreeMap::new(),
+        swapping: false,
+        swap_again: false,
         cfg,
     };
     daemon.admit_all();
@@ -322,15 +328,17 @@ async fn sleep_until(deadline: Option<Instant>) {
 }
 
 impl Daemon {
-    /// Layer 2 and the first start of every instance of the mode.
+    /// Layer 2 and the first start of every instance of the mode; on-demand instances wait,
+    /// `unloaded`, for their first request.
     fn admit_all(&mut self) {
         for (spec, a) in std::mem::take(&mut self.cfg.instances) {
             let name = spec.name.to_string();
-            self.instances.insert(
-                name.clone(),
-                Instance::new(spec, a, self.epoch, self.new_queue()),
-            );
-            self.drive(&name, Input::Admit);
+            let inst = Instance::new(spec, a, self.epoch, self.new_queue());
+            let on_demand = inst.state() == State::Unloaded;
+            self.instances.insert(name.clone(), inst);
+            if !on_demand {
+                self.drive(&name, Input::Admit);
+            }
         }
     }
 
@@ -541,6 +549,10 @@ impl Daemon {
                     .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
                     .map_or(0, |d| d.as_secs())
             }),
+            load: i.spec.load.as_str().to_owned(),
+            pinned: i.spec.pinned,
+            loads: m.loads,
+            evictions: m.evictions,
         }
     }
 

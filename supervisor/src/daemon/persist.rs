@@ -64,6 +64,7 @@ mod tests {
             gpu_device: None,
             priority: Some(-1),
             chat_template: Some("/etc/belljar/chat.jinja".into()),
+            load: None,
         };
         save(dir.path(), std::slice::from_ref(&req)).unwrap();
         assert_eq!(load(dir.path()).unwrap(), vec![req]);

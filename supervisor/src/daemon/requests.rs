@@ -226,6 +226,7 @@ impl Daemon {
             },
         );
         self.dispatch(&name);
+        self.want_load(&name);
     }
 
     /// Sends the next queued request to the worker if the instance is ready and idle. Requests
@@ -310,6 +311,7 @@ impl Daemon {
             None => req.client.done(d),
         }
         self.dispatch(name);
+        self.became_idle();
     }
 
     pub(super) fn on_error(&mut self, name: &str, generation: u64, e: ErrorReply) {
@@ -334,6 +336,7 @@ impl Daemon {
             req.client.fail(error);
         }
         self.dispatch(name);
+        self.became_idle();
     }
 
     /// Request `id`'s client went away: a waiting request leaves the queue; the worker is told
@@ -357,6 +360,7 @@ impl Daemon {
         } else {
             inst.queue.cancel(id);
             self.requests.remove(&id);
+            self.became_idle();
         }
     }
 

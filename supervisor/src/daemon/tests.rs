@@ -848,6 +848,7 @@ async fn an_add_that_never_gets_ready_leaves_nothing_and_a_bad_model_is_exit_2()
             gpu_device: None,
             priority: None,
             chat_template: None,
+            load: None,
         })
     };
     let persisted = |dir: &Path| std::fs::read_to_string(dir.join("state/instances.json"));
@@ -905,6 +906,7 @@ fn added(model: &Path, f: &dyn Fn(&mut AddRequest)) -> Command {
         gpu_device: None,
         priority: None,
         chat_template: None,
+        load: None,
     };
     f(&mut r);
     Command::Add(r)
@@ -1039,6 +1041,7 @@ async fn a_remove_during_an_add_is_never_undone_by_a_late_ready() {
         gpu_device: None,
         priority: None,
         chat_template: None,
+        load: None,
     });
     let adding = tokio::spawn(async move { control(&socket, &add).await });
     let (name, mut x) = h.next_worker().await;

@@ -31,10 +31,14 @@ pub enum Event {
     Stopped,
     RequestRetried,
     RequestFailed,
+    LoadedOnDemand,
+    Evicted,
+    IdleUnloaded,
+    Unloaded,
 }
 
 impl Event {
-    pub const ALL: [Event; 27] = [
+    pub const ALL: [Event; 31] = [
         Event::Spawned,
         Event::Loading,
         Event::Ready,
@@ -62,6 +66,10 @@ impl Event {
         Event::Stopped,
         Event::RequestRetried,
         Event::RequestFailed,
+        Event::LoadedOnDemand,
+        Event::Evicted,
+        Event::IdleUnloaded,
+        Event::Unloaded,
     ];
 
     /// The `EVENT` field: the words of `status` where a state has the same name.
@@ -94,6 +102,10 @@ impl Event {
             Event::Stopped => "stopped",
             Event::RequestRetried => "request-retried",
             Event::RequestFailed => "request-failed",
+            Event::LoadedOnDemand => "loaded-on-demand",
+            Event::Evicted => "evicted",
+            Event::IdleUnloaded => "idle-unloaded",
+            Event::Unloaded => "unloaded",
         }
     }
 
@@ -128,6 +140,10 @@ impl Event {
             Event::Stopped => "58f3f4a1f07e4b8c9d7c1a3e5b2d6f80",
             Event::RequestRetried => "be043fa7ac60444bb9f48217f6beceed",
             Event::RequestFailed => "cfea70fed9b848dbb13dcf736161cf61",
+            Event::LoadedOnDemand => "dbaa01225b0e4aa3adfe7880351fa9e6",
+            Event::Evicted => "77c657a34631409d82e8b6390a56a3ea",
+            Event::IdleUnloaded => "cd0287567b7f4978bd0b6796a0e9ac30",
+            Event::Unloaded => "0020329e343e4b0cb1b9b3f95e9eb85e",
         }
     }
 }

@@ -36,6 +36,9 @@ use crate::restart::{
 };
 use crate::{HostMemory, Size};
 
+/// The reason an on-demand instance shows while unloaded.
+pub const UNLOADED: &str = "on demand: its next request loads it";
+
 /// How often a restart waiting for a GPU release looks again.
 pub const GPU_RELEASE_POLL: Duration = Duration::from_millis(250);
 /// How often an instance waiting for memory checks again (also whenever memory is released).
@@ -54,6 +57,8 @@ pub enum State {
     Stopped,
     /// Stopped by the pressure guard; comes back when memory does.
     Shed,
+    /// An on-demand instance with no worker: its next request (or `supervisor load`) loads it.
+    Unloaded,
 }
 
 impl State {
@@ -68,13 +73,17 @@ impl State {
             State::Stopping => "stopping",
             State::Stopped => "stopped",
             State::Shed => "shed",
+            State::Unloaded => "unloaded",
         }
     }
 
-    /// Budget by state: these states hold their ledger allocation; `failed`, `stopped` and
-    /// `shed` do not (docs/operations.md).
+    /// Budget by state: these states hold their ledger allocation; `failed`, `stopped`,
+    /// `shed` and `unloaded` do not (docs/operations.md).
     pub fn holds_allocation(self) -> bool {
-        !matches!(self, State::Failed | State::Stopped | State::Shed)
+        !matches!(
+            self,
+            State::Failed | State::Stopped | State::Shed | State::Unloaded
+        )
     }
 }
 
@@ -141,6 +150,20 @@ pub enum AfterStop {
     Shed,
     /// The GPU guard: start it again with other GPU layers (fallback or restore).
     Relaunch,
+    /// Give its memory back ([swap]): an on-demand instance becomes `unloaded` (its next request
+    /// loads it), an `always` one `stopped` until `supervisor load`.
+    Unload(Unload),
+}
+
+/// Why an instance is unloaded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unload {
+    /// `supervisor unload` (or the HTTP API's).
+    Requested,
+    /// Evicted to make room for another instance (named in [`Input::Evict`]).
+    Evicted,
+    /// `idle_unload` passed with nothing to do.
+    Idle,
 }
 
 /// The instance's keys the lifecycle uses.
@@ -153,6 +176,9 @@ pub struct Settings {
     /// The configured `gpu_layers` (the CPU fallback may run with 0).
     pub gpu_layers: u32,
     pub swap_max: u64,
+    /// `load = "on-demand"`: no worker until a request wants one; `unloaded` rather than
+    /// `stopped` or `shed` when its worker goes.
+    pub on_demand: bool,
 }
 
 /// The instance's admitted memory: the ledger reservation, the estimate and what `memory.low`
@@ -242,6 +268,13 @@ pub enum Input {
     GpuRestore {
         message: String,
     },
+    /// Load an `unloaded` instance now: the daemon made room for its reservation (layer 2 is
+    /// checked again here).
+    Load,
+    /// Unload it to make room for `by`.
+    Evict {
+        by: String,
+    },
 }
 
 /// One lifecycle log entry, with the instance's counters as they were when it was decided.
@@ -304,6 +337,9 @@ pub enum Action {
     CheckRestart,
     /// The instance is gone (removed): drop it.
     Forget,
+    /// An on-demand instance wants to be loaded (`supervisor restart` of one): the daemon makes
+    /// room and answers with [`Input::Load`].
+    WantLoad,
 }
 
 /// One run of the worker: created with the spawn, dropped at its exit.
@@ -328,6 +364,8 @@ pub struct Run {
     pub gpu_alloc_failed: bool,
     /// The cgroup's `oom_kill` counter as last logged.
     pub oom_seen: u64,
+    /// Loaded on demand: its ready is logged as `loaded-on-demand` too.
+    pub on_demand: bool,
 }
 
 impl Run {
@@ -345,6 +383,7 @@ impl Run {
             said: None,
             gpu_alloc_failed: false,
             oom_seen: 0,
+            on_demand: false,
         }
     }
 }
@@ -368,6 +407,11 @@ pub struct Machine {
     pub load_progress: f32,
     /// CPU fallback and GPU allocation failures, kept across runs.
     pub gpu: GpuState,
+    /// Loads on demand, and evictions to make room for another instance.
+    pub loads: u64,
+    pub evictions: u64,
+    /// Who the current eviction makes room for.
+    evicted_by: Option<String>,
     restart_state: RestartState,
     /// When a `backoff` or `waiting-for-memory` instance looks at memory again.
     restart_at: Option<Instant>,
@@ -381,13 +425,19 @@ pub struct Machine {
 impl Machine {
     /// A new instance, not started and holding nothing: send [`Input::Admit`] to start it.
     /// `epoch` is the origin of the restart policy's clock (any instant before the first step).
+    /// An on-demand one starts `unloaded`.
     pub fn new(name: &str, settings: Settings, reservation: Reservation, epoch: Instant) -> Self {
+        let (state, reason) = if settings.on_demand {
+            (State::Unloaded, UNLOADED)
+        } else {
+            (State::Stopped, "waiting to start")
+        };
         Machine {
             name: name.to_owned(),
             settings,
             reservation,
-            state: State::Stopped,
-            reason: "waiting to start".into(),
+            state,
+            reason: reason.into(),
             run: None,
             restarts: 0,
             oom_kills: 0,
@@ -396,6 +446,9 @@ impl Machine {
             last_peak: None,
             load_progress: 0.0,
             gpu: GpuState::default(),
+            loads: 0,
+            evictions: 0,
+            evicted_by: None,
             restart_state: RestartState::default(),
             restart_at: None,
             after_stop: None,
@@ -501,6 +554,13 @@ impl Machine {
                 self.gpu.fallback = Fallback::None;
                 self.log(Event::GpuRestored, message);
                 self.stop(AfterStop::Relaunch, now, ctx);
+            }
+            Input::Load => self.load(now, ctx),
+            Input::Evict { by } => {
+                if self.settings.on_demand && self.state.holds_allocation() {
+                    self.evicted_by = Some(by);
+                    self.stop(AfterStop::Unload(Unload::Evicted), now, ctx);
+                }
             }
         }
         std::mem::take(&mut self.out)
@@ -638,6 +698,7 @@ impl Machine {
         run.load_progress = 1.0;
         run.ready_since = Some(now);
         run.last_heartbeat = Some(now);
+        let on_demand = run.on_demand;
         self.load_progress = 1.0;
         self.out.push(Action::Reply(Reply::Waiters(Ok(format!(
             "{} is ready",
@@ -647,6 +708,12 @@ impl Machine {
             Event::Ready,
             format!("ready (loaded in {load_ms} ms; session of {turns} turns)"),
         );
+        if on_demand {
+            self.log(
+                Event::LoadedOnDemand,
+                format!("loaded on demand in {load_ms} ms"),
+            );
+        }
         if self.state != State::Stopping {
             self.set(
                 State::Ready,
@@ -859,6 +926,9 @@ impl Machine {
     fn apply(&mut self, decision: Decision, ended: &Ended, note: &str, now: Instant) {
         let what = &ended.what;
         match decision {
+            Decision::Stay if self.settings.on_demand => {
+                self.set(State::Unloaded, format!("the worker {what}; {UNLOADED}"));
+            }
             Decision::Stay => self.set(State::Stopped, format!("the worker {what}")),
             Decision::Fail(reason) => {
                 self.set(State::Failed, format!("{what}: {reason}"));
@@ -1029,6 +1099,18 @@ impl Machine {
     fn after_stop(&mut self, after: AfterStop, now: Instant, ctx: &Ctx<'_>) {
         self.restart_at = None;
         match after {
+            AfterStop::Shed if self.settings.on_demand => {
+                // Pressure restore never reloads an on-demand instance: its next request does.
+                self.release();
+                self.set(
+                    State::Unloaded,
+                    "shed under memory pressure (session saved); its next request loads it",
+                );
+                self.log(
+                    Event::Shed,
+                    "shed under memory pressure; its next request loads it".into(),
+                );
+            }
             AfterStop::Shed => {
                 self.release();
                 self.set(
@@ -1068,8 +1150,67 @@ impl Machine {
                 self.gpu.reset();
                 self.restarts += 1;
                 self.out.push(Action::Reply(Reply::StopperWaits));
-                self.admit(now, ctx);
+                if self.settings.on_demand {
+                    // Loaded as a request would load it: the daemon makes room first.
+                    self.release();
+                    self.set(State::Unloaded, "restarting: waiting for room to load");
+                    self.out.push(Action::WantLoad);
+                } else {
+                    self.admit(now, ctx);
+                }
             }
+            AfterStop::Unload(why) => self.unloaded(why),
+        }
+    }
+
+    /// `unloaded` (on demand) or `stopped` (always), its memory given back.
+    fn unloaded(&mut self, why: Unload) {
+        self.release();
+        let by = self.evicted_by.take();
+        let (event, message) = match why {
+            Unload::Requested => (Event::Unloaded, "unloaded on request".to_owned()),
+            Unload::Idle => (
+                Event::IdleUnloaded,
+                "unloaded after idle_unload with nothing to do".to_owned(),
+            ),
+            Unload::Evicted => {
+                self.evictions += 1;
+                let by = by.as_deref().unwrap_or("another instance");
+                (Event::Evicted, format!("evicted to make room for {by}"))
+            }
+        };
+        if self.settings.on_demand {
+            self.set(State::Unloaded, format!("{message}; {UNLOADED}"));
+        } else {
+            self.set(
+                State::Stopped,
+                format!("{message}; `supervisor load {}` starts it again", self.name),
+            );
+        }
+        self.log(event, message);
+        self.out.push(Action::Reply(Reply::Stopper(Ok(format!(
+            "{} unloaded",
+            self.name
+        )))));
+    }
+
+    /// [`Input::Load`]: an unloaded on-demand instance starts, if layer 2 admits it now.
+    fn load(&mut self, now: Instant, ctx: &Ctx<'_>) {
+        if self.state != State::Unloaded || self.run.is_some() || ctx.stopping {
+            return;
+        }
+        let required = self.reservation.required;
+        if let Err(denied) = ctx.ledger.check(&self.name, required) {
+            self.out
+                .push(Action::Warn(format!("cannot load on demand yet: {denied}")));
+            return;
+        }
+        self.loads += 1;
+        self.reserve(required);
+        self.restart_state.record_start(now - self.epoch);
+        self.spawn(now);
+        if let Some(run) = &mut self.run {
+            run.on_demand = true;
         }
     }
 

@@ -127,6 +127,7 @@ impl World {
                 load_stall_timeout: Duration::from_secs(5),
                 gpu_layers: (i as u32) * 10,
                 swap_max: 0,
+                on_demand: false,
             };
             let r = Reservation {
                 required: 100 * MB,

@@ -34,6 +34,7 @@ fn settings() -> Settings {
         load_stall_timeout: S(30),
         gpu_layers: 0,
         swap_max: 0,
+        on_demand: false,
     }
 }
 
