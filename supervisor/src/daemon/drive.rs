@@ -111,7 +111,10 @@ impl Daemon {
             }
             Action::WantLoad => {
                 if let Some(inst) = self.instances.get_mut(name) {
-                    inst.load_wanted.get_or_insert_with(clock);
+                    if inst.load_wanted.is_none() {
+                        inst.load_wanted = Some(self.swap_seq);
+                        self.swap_seq += 1;
+                    }
                     self.swap_again = true;
                 }
             }

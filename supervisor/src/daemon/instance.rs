@@ -80,8 +80,9 @@ pub struct Instance {
     pub queue: belljar_budget::queue::Queue,
     /// When it last took or finished a request (the daemon's monotonic clock).
     pub last_used: Option<std::time::Duration>,
-    /// [swap] An unloaded on-demand instance that a request (or `load`) wants: since when.
-    pub load_wanted: Option<Instant>,
+    /// [swap] An unloaded on-demand instance that a request (or `load`) wants: the order in
+    /// which it was wanted (a sequence number; the paused clock of tests cannot order them).
+    pub load_wanted: Option<u64>,
     /// When a wanted load looks for room again (a victim's `min_loaded` ends, or memory).
     pub load_at: Option<Instant>,
     /// Why a wanted load waits, shown as its reason.

@@ -28,6 +28,8 @@ mod runs;
 mod spawn;
 mod swap;
 #[cfg(test)]
+mod swap_tests;
+#[cfg(test)]
 mod tests;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -207,6 +209,8 @@ struct Daemon {
     /// [swap] `try_loads` is running (a nested call asks for another round instead).
     swapping: bool,
     swap_again: bool,
+    /// Orders wanted loads (first wanted, first considered among equal priorities).
+    swap_seq: u64,
 }
 
 /// Runs the daemon until `shutdown` resolves and every worker has stopped.
@@ -264,6 +268,7 @@ pub async fn serve(
         adding: BTreeMap::new(),
         swapping: false,
         swap_again: false,
+        swap_seq: 0,
         cfg,
     };
     daemon.admit_all();

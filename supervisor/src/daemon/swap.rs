@@ -96,7 +96,8 @@ impl Daemon {
         if inst.state() != State::Unloaded || inst.load_wanted.is_some() {
             return;
         }
-        inst.load_wanted = Some(clock());
+        inst.load_wanted = Some(self.swap_seq);
+        self.swap_seq += 1;
         self.try_loads();
     }
 
@@ -113,7 +114,7 @@ impl Daemon {
             if self.stopping {
                 break;
             }
-            let mut wanted: Vec<(i64, Instant, String)> = self
+            let mut wanted: Vec<(i64, u64, String)> = self
                 .instances
                 .iter()
                 .filter_map(|(n, i)| i.load_wanted.map(|at| (i.spec.priority, at, n.clone())))
@@ -142,35 +143,16 @@ impl Daemon {
             return;
         }
         inst.load_at = None;
+        // Its requests gave up (timed out, or their clients left) and no client waits for a
+        // `load`: nothing wants it any more.
+        if inst.queue.idle() && inst.waiters.is_empty() {
+            inst.load_wanted = None;
+            inst.load_waits = None;
+            return;
+        }
         let need = inst.required();
-        // Victims chosen for it are still stopping: their release wakes it.
-        let leaving: Vec<&str> = self
-            .instances
-            .iter()
-            .filter(|(_, i)| i.evicting_for.as_deref() == Some(name))
-            .map(|(n, _)| n.as_str())
-            .collect();
-        if !leaving.is_empty() {
-            let why = format!(
-                "loading on demand: waiting for {} to unload",
-                leaving.join(", ")
-            );
-            self.waits(name, why, None);
-            return;
-        }
-        if let Some(why) = self.gpu_release_pending(name) {
-            self.waits(
-                name,
-                why,
-                Some(later(now, belljar_budget::lifecycle::GPU_RELEASE_POLL)),
-            );
-            return;
-        }
-        if self.level >= belljar_budget::pressure::Level::Critical {
-            let why =
-                "loading on demand: memory pressure is critical; nothing loads until it eases"
-                    .to_owned();
-            self.waits(name, why, Some(later(now, MEMORY_RECHECK)));
+        if let Some((why, at)) = self.load_blocked(name, now) {
+            self.waits(name, why, at);
             return;
         }
         let ledger_free = self
@@ -195,29 +177,7 @@ impl Daemon {
             }
             Room::Evict(victims) => {
                 let victims: Vec<String> = victims.into_iter().map(str::to_owned).collect();
-                tracing::info!(
-                    instance = %name,
-                    "loading on demand needs {} with {} free: evicting {}",
-                    Size(need),
-                    Size(free),
-                    victims.join(", ")
-                );
-                let why = format!(
-                    "loading on demand: waiting for {} to unload",
-                    victims.join(", ")
-                );
-                self.waits(name, why, None);
-                for v in victims {
-                    if let Some(i) = self.instances.get_mut(&v) {
-                        i.evicting_for = Some(name.to_owned());
-                    }
-                    self.drive(
-                        &v,
-                        Input::Evict {
-                            by: name.to_owned(),
-                        },
-                    );
-                }
+                self.evict_for(name, &victims, need, free);
             }
             Room::Wait { until_ms } => {
                 let at = until_ms.map(|t| later(self.epoch, Duration::from_millis(t)));
@@ -236,6 +196,64 @@ impl Daemon {
                 );
                 self.waits(name, why, Some(later(now, MEMORY_RECHECK)));
             }
+        }
+    }
+
+    /// What holds a wanted load back before room is even looked for: victims still stopping
+    /// for it, a GPU release not yet confirmed, critical pressure. The reason, and when to look
+    /// again (None: an event wakes it).
+    fn load_blocked(&mut self, name: &str, now: Instant) -> Option<(String, Option<Instant>)> {
+        let leaving: Vec<&str> = self
+            .instances
+            .iter()
+            .filter(|(_, i)| i.evicting_for.as_deref() == Some(name))
+            .map(|(n, _)| n.as_str())
+            .collect();
+        if !leaving.is_empty() {
+            // Their release wakes it.
+            let why = format!(
+                "loading on demand: waiting for {} to unload",
+                leaving.join(", ")
+            );
+            return Some((why, None));
+        }
+        if let Some(why) = self.gpu_release_pending(name) {
+            let poll = belljar_budget::lifecycle::GPU_RELEASE_POLL;
+            return Some((why, Some(later(now, poll))));
+        }
+        if self.level >= belljar_budget::pressure::Level::Critical {
+            let why =
+                "loading on demand: memory pressure is critical; nothing loads until it eases"
+                    .to_owned();
+            return Some((why, Some(later(now, MEMORY_RECHECK))));
+        }
+        None
+    }
+
+    /// Stops `victims` to make room for `name`; their release wakes its load.
+    fn evict_for(&mut self, name: &str, victims: &[String], need: u64, free: u64) {
+        let list = victims.join(", ");
+        tracing::info!(
+            instance = %name,
+            "loading on demand needs {} with {} free: evicting {list}",
+            Size(need),
+            Size(free),
+        );
+        self.waits(
+            name,
+            format!("loading on demand: waiting for {list} to unload"),
+            None,
+        );
+        for v in victims {
+            if let Some(i) = self.instances.get_mut(v) {
+                i.evicting_for = Some(name.to_owned());
+            }
+            self.drive(
+                v,
+                Input::Evict {
+                    by: name.to_owned(),
+                },
+            );
         }
     }
 
@@ -375,7 +393,8 @@ impl Daemon {
             self.swap_again = true;
         }
         if inst.state() == State::Unloaded && !inst.queue.idle() && inst.load_wanted.is_none() {
-            inst.load_wanted = Some(clock());
+            inst.load_wanted = Some(self.swap_seq);
+            self.swap_seq += 1;
             self.swap_again = true;
         }
     }

@@ -38,9 +38,9 @@ type Gate = (
 
 /// What the fake host knows: the cgroups, which fake pid lives in which, and where exits go.
 #[derive(Debug, Default)]
-struct World {
-    dirs: BTreeSet<PathBuf>,
-    pids: BTreeMap<PathBuf, u32>,
+pub(super) struct World {
+    pub(super) dirs: BTreeSet<PathBuf>,
+    pub(super) pids: BTreeMap<PathBuf, u32>,
     exits: Option<ExitSink>,
     gate: Option<Gate>,
     /// Every cgroup kill, by cgroup.
@@ -49,7 +49,7 @@ struct World {
 
 impl World {
     /// The process in `dir` ends (as the kernel would report it).
-    fn end(&mut self, dir: &Path, how: Exit) {
+    pub(super) fn end(&mut self, dir: &Path, how: Exit) {
         if let Some(pid) = self.pids.remove(dir) {
             if let Some(exits) = &self.exits {
                 let _ = exits.send((pid, how));
@@ -141,7 +141,7 @@ impl CgroupBackend for TestCgroups {
 }
 
 /// A spawned fake worker: its instance, its pid, and the worker's end of the link.
-type FakeRun = (String, u32, StdStream);
+pub(super) type FakeRun = (String, u32, StdStream);
 
 /// Hands the worker's end of each run's socketpair to the test; a fake process ends when the
 /// test says so or its cgroup is killed.
@@ -188,13 +188,13 @@ impl Spawner for FakeSpawner {
 }
 
 /// A fake worker past its handshake.
-struct FakeWorker {
-    pid: u32,
+pub(super) struct FakeWorker {
+    pub(super) pid: u32,
     link: UnixStream,
 }
 
 impl FakeWorker {
-    async fn greet(name: &str, pid: u32, link: StdStream) -> FakeWorker {
+    pub(super) async fn greet(name: &str, pid: u32, link: StdStream) -> FakeWorker {
         link.set_nonblocking(true).unwrap();
         let mut w = FakeWorker {
             pid,
@@ -209,10 +209,10 @@ impl FakeWorker {
         assert!(matches!(w.receive().await, SupervisorMsg::Welcome(_)));
         w
     }
-    async fn send(&mut self, msg: &WorkerMsg) {
+    pub(super) async fn send(&mut self, msg: &WorkerMsg) {
         write_frame(&mut self.link, msg).await.unwrap();
     }
-    async fn receive(&mut self) -> SupervisorMsg {
+    pub(super) async fn receive(&mut self) -> SupervisorMsg {
         let frame = read_frame(&mut self.link, MAX_FRAME)
             .await
             .unwrap()
@@ -222,7 +222,7 @@ impl FakeWorker {
     async fn loading(&mut self, fraction: f32) {
         self.send(&WorkerMsg::Loading(Loading { fraction })).await;
     }
-    async fn ready(&mut self) {
+    pub(super) async fn ready(&mut self) {
         self.send(&WorkerMsg::Ready(Ready {
             load_ms: 1,
             rss: 0,
@@ -248,7 +248,7 @@ impl FakeWorker {
 }
 
 /// One control command over the socket, and its first response.
-async fn control(socket: &Path, cmd: &Command) -> Response {
+pub(super) async fn control(socket: &Path, cmd: &Command) -> Response {
     let mut s = UnixStream::connect(socket).await.unwrap();
     write_frame(
         &mut s,
@@ -292,17 +292,17 @@ async fn status_until(
         .unwrap_or_else(|_| panic!("timed out waiting for {what}"))
 }
 
-fn instance<'a>(s: &'a StatusReport, name: &str) -> &'a InstanceStatus {
+pub(super) fn instance<'a>(s: &'a StatusReport, name: &str) -> &'a InstanceStatus {
     s.instances.iter().find(|i| i.name == name).unwrap()
 }
 
 /// A daemon on the fake host, with the test's ends of everything.
-struct Harness {
+pub(super) struct Harness {
     _tmp: tempfile::TempDir,
-    socket: PathBuf,
-    parent: PathBuf,
-    world: Shared,
-    runs: mpsc::UnboundedReceiver<FakeRun>,
+    pub(super) socket: PathBuf,
+    pub(super) parent: PathBuf,
+    pub(super) world: Shared,
+    pub(super) runs: mpsc::UnboundedReceiver<FakeRun>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     daemon: tokio::task::JoinHandle<Result<(), super::DaemonError>>,
 }
@@ -310,6 +310,11 @@ struct Harness {
 impl Harness {
     /// `serve` on `toml` (its mode `m`), every instance admitted with 64 MiB.
     fn start(toml: &str) -> Harness {
+        Harness::start_with(toml, 1 << 30)
+    }
+
+    /// `start` with a budget of `usable` bytes.
+    pub(super) fn start_with(toml: &str, usable: u64) -> Harness {
         let tmp = tempfile::tempdir().unwrap();
         let root = tmp.path().join("cgroup");
         let parent = root.join("belljar");
@@ -347,7 +352,7 @@ impl Harness {
             state_dir: tmp.path().join("state"),
             worker_bin: PathBuf::from("/nonexistent/worker"),
             headroom: 0,
-            usable: 1 << 30,
+            usable,
             proc_root: belljar_host::ProcRoot::default(),
             instances,
             config,
@@ -377,7 +382,7 @@ impl Harness {
     }
 
     /// The next run the loop starts (waiting as long as the lifecycle makes it wait).
-    async fn next_run(&mut self) -> FakeRun {
+    pub(super) async fn next_run(&mut self) -> FakeRun {
         tokio::time::timeout(Duration::from_secs(3600), self.runs.recv())
             .await
             .expect("a run within the hour")
@@ -385,7 +390,7 @@ impl Harness {
     }
 
     /// The next run, greeted.
-    async fn next_worker(&mut self) -> (String, FakeWorker) {
+    pub(super) async fn next_worker(&mut self) -> (String, FakeWorker) {
         let (name, pid, link) = self.next_run().await;
         let w = FakeWorker::greet(&name, pid, link).await;
         (name, w)
@@ -393,7 +398,7 @@ impl Harness {
 
     /// Ends a fake worker's process, then lets the loop handle it, its cgroup's removal on the
     /// blocking pool included, without the paused clock moving.
-    async fn exit(&self, w: &FakeWorker, name: &str, how: Exit) {
+    pub(super) async fn exit(&self, w: &FakeWorker, name: &str, how: Exit) {
         let dir = self.parent.join(name);
         {
             let mut world = self.world.lock().unwrap();
@@ -404,7 +409,7 @@ impl Harness {
     }
 
     /// Yields (the clock stays still: the runtime is never idle) until `ok` holds.
-    async fn settle(&self, ok: impl Fn(&World) -> bool) {
+    pub(super) async fn settle(&self, ok: impl Fn(&World) -> bool) {
         for _ in 0..1_000_000 {
             if ok(&self.world.lock().unwrap()) {
                 return;
@@ -414,12 +419,12 @@ impl Harness {
         panic!("the fake host did not settle");
     }
 
-    async fn status(&self) -> StatusReport {
+    pub(super) async fn status(&self) -> StatusReport {
         status(&self.socket).await
     }
 
     /// Shutdown; `workers` are the fake workers still running, which obey the Shutdown.
-    async fn stop(mut self, workers: Vec<(String, FakeWorker)>) {
+    pub(super) async fn stop(mut self, workers: Vec<(String, FakeWorker)>) {
         self.stop.take().unwrap().send(()).unwrap();
         for (name, mut w) in workers {
             while !matches!(w.receive().await, SupervisorMsg::Shutdown(_)) {}
@@ -674,7 +679,7 @@ async fn a_slow_cgroup_destroy_does_not_block_the_loop() {
 }
 
 /// An `ask` over the control socket: every response until the last.
-async fn ask(socket: &Path, name: &str) -> Vec<Response> {
+pub(super) async fn ask(socket: &Path, name: &str) -> Vec<Response> {
     use belljar_protocol::control::AskRequest;
     let mut s = UnixStream::connect(socket).await.unwrap();
     write_frame(

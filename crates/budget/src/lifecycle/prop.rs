@@ -39,6 +39,8 @@ enum In {
     Restore(u64),
     GpuFallback(Option<u64>),
     GpuRestore,
+    Load,
+    Evict,
 }
 
 fn an_input() -> impl Strategy<Value = In> {
@@ -69,11 +71,13 @@ fn an_input() -> impl Strategy<Value = In> {
         Just(In::Timer),
         (0u64..400, any::<bool>(), any::<bool>()).prop_map(|(a, c, g)| In::Check(a, c, g)),
         Just(In::MemoryFreed),
-        (0u8..4).prop_map(In::Stop),
+        (0u8..6).prop_map(In::Stop),
         Just(In::Shutdown),
         (0u64..400).prop_map(In::Restore),
         proptest::option::of(0u64..400).prop_map(In::GpuFallback),
         Just(In::GpuRestore),
+        Just(In::Load),
+        Just(In::Evict),
     ]
 }
 
@@ -127,7 +131,8 @@ impl World {
                 load_stall_timeout: Duration::from_secs(5),
                 gpu_layers: (i as u32) * 10,
                 swap_max: 0,
-                on_demand: false,
+                // "c" loads on demand: the invariants hold for both kinds.
+                on_demand: i == 2,
             };
             let r = Reservation {
                 required: 100 * MB,
@@ -193,7 +198,9 @@ impl World {
                 0 => AfterStop::Remove,
                 1 => AfterStop::Restart,
                 2 => AfterStop::Shed,
-                _ => AfterStop::Relaunch,
+                3 => AfterStop::Relaunch,
+                4 => AfterStop::Unload(Unload::Requested),
+                _ => AfterStop::Unload(Unload::Idle),
             }),
             In::Shutdown => Input::Shutdown,
             In::Restore(a) => Input::Restore { memory: mem(a) },
@@ -204,6 +211,8 @@ impl World {
             In::GpuRestore => Input::GpuRestore {
                 message: "gpu".into(),
             },
+            In::Load => Input::Load,
+            In::Evict => Input::Evict { by: "x".into() },
         })
     }
 

@@ -928,3 +928,164 @@ fn time_arithmetic_never_panics_on_huge_durations() {
     h.step(Input::Stop(AfterStop::Remove));
     assert!(h.m.next_deadline().is_some_and(|d| d > h.now));
 }
+
+// ---- on demand ([swap]) ----
+
+fn on_demand() -> H {
+    let mut s = settings();
+    s.on_demand = true;
+    H::with(s, 1024 * MB)
+}
+
+/// An on-demand instance loaded on demand, greeted and ready.
+fn loaded() -> H {
+    let mut h = on_demand();
+    h.step(Input::Load);
+    h.step(Input::Spawned { pid: 42 });
+    h.step(Input::Hello { valid: true });
+    h.step(Input::Ready {
+        load_ms: 5,
+        turns: 0,
+        restored_from: "none".into(),
+    });
+    h
+}
+
+#[test]
+fn row_45_an_on_demand_instance_starts_unloaded_holding_nothing() {
+    let h = on_demand();
+    assert_eq!(h.m.state, State::Unloaded);
+    assert!(!h.m.state.holds_allocation());
+    assert_eq!(h.m.state.as_str(), "unloaded");
+    assert_eq!(h.m.next_deadline(), None);
+    assert_eq!(h.ledger.get("a"), None);
+}
+
+#[test]
+fn row_46_a_load_reserves_spawns_counts_and_says_loaded_on_demand_when_ready() {
+    let mut h = on_demand();
+    let a = h.step(Input::Load);
+    assert_eq!(a[0], Action::Reserve(100 * MB));
+    assert!(has(&a, |x| matches!(x, Action::Spawn { .. })));
+    assert_eq!((h.m.state, h.m.loads), (State::Starting, 1));
+    h.step(Input::Spawned { pid: 42 });
+    h.step(Input::Hello { valid: true });
+    let a = h.step(Input::Ready {
+        load_ms: 5,
+        turns: 0,
+        restored_from: "none".into(),
+    });
+    assert_eq!(logs(&a), [Event::Ready, Event::LoadedOnDemand]);
+    // A second Load of a loaded instance changes nothing.
+    assert!(h.step(Input::Load).is_empty());
+    assert_eq!(h.m.loads, 1);
+}
+
+#[test]
+fn row_47_a_load_the_ledger_refuses_stays_unloaded() {
+    let mut s = settings();
+    s.on_demand = true;
+    let mut h = H::with(s, 50 * MB);
+    let a = h.step(Input::Load);
+    assert!(matches!(a.as_slice(), [Action::Warn(_)]), "{a:?}");
+    assert_eq!((h.m.state, h.m.loads), (State::Unloaded, 0));
+    // An `always` instance ignores Load (it is admitted instead).
+    let mut h = H::new();
+    assert!(h.step(Input::Load).is_empty());
+}
+
+#[test]
+fn row_48_an_eviction_stops_then_unloads_counting_and_naming_who_needed_the_room() {
+    let mut h = loaded();
+    let a = h.step(Input::Evict { by: "big".into() });
+    assert_eq!(a, [Action::Shutdown]);
+    assert_eq!(h.m.state, State::Stopping);
+    let a = h.exit(Exit::Code(0), 0, None);
+    assert!(a.contains(&Action::Release));
+    assert_eq!(logs(&a), [Event::Exited, Event::Evicted]);
+    let msg = a.iter().find_map(|x| match x {
+        Action::Log(l) if l.event == Event::Evicted => Some(l.message.clone()),
+        _ => None,
+    });
+    assert_eq!(msg.as_deref(), Some("evicted to make room for big"));
+    assert_eq!((h.m.state, h.m.evictions), (State::Unloaded, 1));
+    // The next load is counted again.
+    h.step(Input::Load);
+    assert_eq!(h.m.loads, 2);
+}
+
+#[test]
+fn row_49_only_on_demand_instances_holding_memory_are_evicted() {
+    let mut h = H::new().ready();
+    assert!(h.step(Input::Evict { by: "b".into() }).is_empty());
+    assert_eq!(h.m.state, State::Ready);
+    let mut h = on_demand();
+    assert!(h.step(Input::Evict { by: "b".into() }).is_empty());
+    assert_eq!((h.m.state, h.m.evictions), (State::Unloaded, 0));
+}
+
+#[test]
+fn row_50_idle_and_requested_unloads() {
+    let mut h = loaded();
+    h.step(Input::Stop(AfterStop::Unload(Unload::Idle)));
+    let a = h.exit(Exit::Code(0), 0, None);
+    assert_eq!(logs(&a), [Event::Exited, Event::IdleUnloaded]);
+    assert_eq!((h.m.state, h.m.evictions), (State::Unloaded, 0));
+    // `unload` of an always instance stops it until `load`, and answers the client.
+    let mut h = H::new().ready();
+    h.step(Input::Stop(AfterStop::Unload(Unload::Requested)));
+    let a = h.exit(Exit::Code(0), 0, None);
+    assert_eq!(logs(&a), [Event::Exited, Event::Unloaded]);
+    assert_eq!(h.m.state, State::Stopped);
+    assert!(h.m.reason.contains("supervisor load a"), "{}", h.m.reason);
+    assert!(a.contains(&Action::Reply(Reply::Stopper(Ok("a unloaded".into())))));
+    // An instance with no worker (backing off) unloads at once.
+    let mut h = loaded();
+    h.exit(Exit::Signal(11), 0, None);
+    assert_eq!(h.m.state, State::Backoff);
+    let a = h.step(Input::Stop(AfterStop::Unload(Unload::Requested)));
+    assert!(a.contains(&Action::Release));
+    assert_eq!((h.m.state, h.m.next_deadline()), (State::Unloaded, None));
+}
+
+#[test]
+fn row_51_shedding_an_on_demand_instance_unloads_it_and_restore_leaves_it() {
+    let mut h = loaded();
+    h.step(Input::Stop(AfterStop::Shed));
+    let a = h.exit(Exit::Code(0), 0, None);
+    assert_eq!(logs(&a), [Event::Exited, Event::Shed]);
+    assert_eq!(h.m.state, State::Unloaded);
+    assert!(
+        h.step(Input::Restore {
+            memory: mem(1024 * MB)
+        })
+        .is_empty()
+    );
+    assert_eq!(h.m.state, State::Unloaded);
+}
+
+#[test]
+fn row_52_an_on_demand_worker_that_exits_cleanly_is_unloaded() {
+    let mut h = loaded();
+    h.exit(Exit::Code(0), 0, None);
+    assert_eq!(h.m.state, State::Unloaded);
+    assert_eq!(h.ledger.get("a"), None);
+    // A crash still backs off and restarts: the instance was wanted.
+    let mut h = loaded();
+    h.exit(Exit::Signal(11), 0, None);
+    assert_eq!(h.m.state, State::Backoff);
+    h.advance(S(2));
+    h.restart_now();
+    assert_eq!((h.m.loads, h.m.restarts), (1, 1));
+}
+
+#[test]
+fn row_53_restarting_an_on_demand_instance_wants_a_load() {
+    let mut h = loaded();
+    h.step(Input::Stop(AfterStop::Restart));
+    let a = h.exit(Exit::Code(0), 0, None);
+    assert!(a.contains(&Action::Reply(Reply::StopperWaits)));
+    assert_eq!(a.last(), Some(&Action::WantLoad));
+    assert_eq!(h.m.state, State::Unloaded);
+    assert_eq!(h.ledger.get("a"), None);
+}
