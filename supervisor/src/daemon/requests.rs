@@ -480,6 +480,8 @@ impl Daemon {
                 );
             }
         }
+        // A load that only these requests wanted is wanted no more.
+        self.became_idle();
     }
 }
 
