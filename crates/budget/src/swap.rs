@@ -223,7 +223,7 @@ pub fn idle_due(l: &Loaded<'_>, idle_unload_ms: Option<u64>, now_ms: u64) -> boo
 }
 
 /// Layer 1 for a mode with on-demand instances.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct OnDemandPlan {
     /// The always-loaded instances' reservations together.
     pub always: u64,
