@@ -45,6 +45,7 @@ pub fn estimate(spec: &InstanceSpec, file: &ModelFile, observations: &[Observati
             priority: spec.priority,
             gguf: breakdown.map(|b| b.total),
             learned,
+            load: spec.load,
         },
         facts,
         breakdown,

@@ -545,3 +545,109 @@ fn reservations_adding_up_past_16_eib_fail() {
         .expect_code(1)
         .expect_says(&["FAILED", "more than 16 EiB"]);
 }
+
+// --- on-demand instances ([swap]) ------------------------------------------------------------
+
+/// The matrix's subject always loaded (256 MiB) and three on-demand instances of 350 MiB in a
+/// budget of 1 GiB: any two fit beside subject (768 MiB), never all three. `load` is the word for
+/// x, y and z.
+fn swap_setup(load: &str, extra: &str) -> TestDir {
+    setup(&format!(
+        r#"
+[budget]
+total = "1GiB"
+{extra}
+[instances.x]
+ram_limit = "350MiB"
+load = "{load}"
+
+[instances.y]
+ram_limit = "350MiB"
+load = "{load}"
+
+[instances.z]
+ram_limit = "350MiB"
+load = "{load}"
+
+[modes.swap]
+instances = ["subject", "x", "y", "z"]
+"#
+    ))
+}
+
+#[test]
+fn on_demand_instances_fit_each_beside_the_always_loaded_and_the_report_lists_the_pairs() {
+    let t = swap_setup("on-demand", "");
+    validate(&t, &["--mode", "swap", "--assume-total", "64G"])
+        .expect_code(0)
+        .expect_says(&[
+            "PASSED",
+            "(the always-loaded instances)",
+            "room",
+            "768.0 MiB",
+            "any 2 of the 3 on-demand instances fit together",
+            "x + y",
+            "x + z",
+            "y + z",
+        ]);
+    let r = validate(&t, &["--mode", "swap", "--assume-total", "64G", "--json"]);
+    r.expect_code(0);
+    let m = &json(&r)["modes"][0];
+    assert_eq!(m["total_required"], 256u64 << 20, "only subject starts");
+    assert_eq!(m["instances"][1]["load"], "on-demand");
+    assert_eq!(m["instances"][0]["load"], "always");
+    let od = &m["on_demand"];
+    assert_eq!(od["room"], 768u64 << 20);
+    assert_eq!(od["any"], 2);
+    assert_eq!(
+        od["together"],
+        serde_json::json!([["x", "y"], ["x", "z"], ["y", "z"]])
+    );
+    assert_eq!(od["never_fit"], serde_json::json!([]));
+    // The same instances loaded always do not fit: the sum still counts for them.
+    let t = swap_setup("always", "");
+    let r = validate(&t, &["--mode", "swap", "--assume-total", "64G", "--json"]);
+    r.expect_code(1);
+    assert!(json(&r)["modes"][0].get("on_demand").is_none());
+    validate(&t, &["--mode", "swap", "--assume-total", "64G"])
+        .expect_code(1)
+        .expect_says(&[
+            "the mode requires 1.3 GiB in total",
+            "load some of them on demand",
+        ]);
+}
+
+#[test]
+fn an_on_demand_instance_that_can_never_fit_is_refused_with_the_fix() {
+    let t = setup(
+        r#"
+[budget]
+total = "1GiB"
+per_instance_max = 1.0
+
+[instances.huge]
+ram_limit = "900MiB"
+load = "on-demand"
+
+[modes.swap]
+instances = ["subject", "huge"]
+"#,
+    );
+    let r = validate(&t, &["--mode", "swap", "--assume-total", "64G"]);
+    r.expect_code(1).expect_says(&[
+        "FAILED",
+        "on-demand instance huge requires 900.0 MiB, but only 768.0 MiB of the usable 1.0 GiB is left beside the always-loaded instances (256.0 MiB): it could never be loaded",
+        "lower instances.huge.ram_limit from 900.0 MiB to at most 768.0 MiB",
+        "raise [budget] total to at least 1.1 GiB",
+        "load fewer instances always (load = \"on-demand\" on some of subject)",
+        "never fits: huge",
+    ]);
+    let r = validate(&t, &["--mode", "swap", "--assume-total", "64G", "--json"]);
+    r.expect_code(1);
+    let v = json(&r);
+    assert_eq!(v["passed"], false);
+    assert_eq!(
+        v["modes"][0]["on_demand"]["never_fit"],
+        serde_json::json!(["huge"])
+    );
+}

@@ -12,7 +12,7 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 /// `load =`: whether an instance runs from the start of its mode (`always`) or only while
 /// requests want it (`on-demand`: loaded by its first request, unloaded when idle or evicted to
 /// make room for another).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum LoadMode {
     #[default]
@@ -26,6 +26,34 @@ impl LoadMode {
             LoadMode::Always => "always",
             LoadMode::OnDemand => "on-demand",
         }
+    }
+
+    /// The word of the config and the CLI; the error names the accepted words and what each
+    /// means.
+    pub fn parse(v: &str) -> Result<LoadMode, String> {
+        match v {
+            "always" => Ok(LoadMode::Always),
+            "on-demand" => Ok(LoadMode::OnDemand),
+            other => Err(format!(
+                "{other:?} is not a load mode: use \"always\" (loaded from the start) or \"on-demand\" (loaded by its first request, unloaded when idle)"
+            )),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for LoadMode {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = LoadMode;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("\"always\" or \"on-demand\"")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<LoadMode, E> {
+                LoadMode::parse(v).map_err(E::custom)
+            }
+        }
+        d.deserialize_str(V)
     }
 }
 
@@ -80,7 +108,7 @@ impl<'de> Deserialize<'de> for IdleUnload {
                 })?;
                 if d.0.is_zero() {
                     return Err(E::custom(
-                        "idle_unload \"0s\" would unload it between requests: give a duration above zero, or \"never\"",
+                        "\"0s\" would unload it between requests: give a duration above zero, or \"never\"",
                     ));
                 }
                 Ok(IdleUnload::After(d.0))
@@ -195,7 +223,7 @@ pub fn idle_due(l: &Loaded<'_>, idle_unload_ms: Option<u64>, now_ms: u64) -> boo
 }
 
 /// Layer 1 for a mode with on-demand instances.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct OnDemandPlan {
     /// The always-loaded instances' reservations together.
     pub always: u64,

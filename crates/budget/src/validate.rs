@@ -3,6 +3,11 @@
 //! PASS only if every instance fits the per-instance cap, the sum of reservations fits the
 //! usable memory, and the sum fits what is available right now. A negative margin can never
 //! pass: the predecessor printed "PASSED" with a margin of -3.45 GB.
+//!
+//! With on-demand instances ([swap]) the sums are over the always-loaded instances (what
+//! starts with the mode); each on-demand instance must fit beside them on its own
+//! ([`on_demand_plan`]), and the report says which of them can be loaded at the same time. Their
+//! sum may exceed the budget: the daemon evicts by the ledger to load one.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -12,6 +17,7 @@ use serde::Serialize;
 use crate::estimate::{EstimateRule, Origin, required};
 use crate::grammar::Size;
 use crate::priority::lowest_priority_first;
+use crate::swap::{LoadMode, OnDemandPlan, on_demand_plan};
 
 /// A memory reading, taken by the caller (crates/host) and passed in as a value.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -73,6 +79,8 @@ pub struct PlannedInstance {
     pub gguf: Option<u64>,
     /// p95 of the observed peaks x 1.1, when earlier runs of this model+ctx+mmap were recorded.
     pub learned: Option<u64>,
+    /// `load =`: an on-demand instance does not start with the mode.
+    pub load: LoadMode,
 }
 
 impl PlannedInstance {
@@ -122,6 +130,8 @@ pub struct InstanceRow {
     pub gguf: Option<u64>,
     pub learned: Option<u64>,
     pub estimate_source: Origin,
+    /// `always` (counted in the mode's total) or `on-demand` (each must fit beside them).
+    pub load: LoadMode,
 }
 
 /// Where `usable` came from.
@@ -146,6 +156,8 @@ pub struct ValidationReport {
     pub per_instance_cap: u64,
     pub models: Vec<ModelRow>,
     pub instances: Vec<InstanceRow>,
+    /// The always-loaded instances' reservations together (every instance's without on-demand
+    /// ones).
     pub total_required: u64,
     /// `usable - total_required`; negative means the mode does not fit.
     pub margin: i128,
@@ -155,6 +167,10 @@ pub struct ValidationReport {
     pub recommendations: Vec<String>,
     /// VRAM per GPU for instances with `gpu_layers > 0` ([`ValidationReport::apply_vram`]).
     pub gpus: Vec<crate::gpu::DeviceVerdict>,
+    /// With on-demand instances: the room beside the always-loaded ones, which on-demand
+    /// instances can be loaded at the same time, and those that never fit. Absent without any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub on_demand: Option<OnDemandPlan>,
 }
 
 impl ValidationReport {
@@ -205,8 +221,12 @@ pub fn validate(
     let usable = policy.usable(host.total);
     let cap = policy.per_instance_cap(usable);
     let (instances, models) = rows(policy, planned);
+    let always: Vec<&InstanceRow> = instances
+        .iter()
+        .filter(|i| i.load == LoadMode::Always)
+        .collect();
     // Summed in u128: reservations that add up past u64 fail below, never wrap to a small total.
-    let sum: u128 = instances.iter().map(|i| u128::from(i.required)).sum();
+    let sum: u128 = always.iter().map(|i| u128::from(i.required)).sum();
     let total_required = u64::try_from(sum).unwrap_or(u64::MAX);
     let margin = i128::from(usable) - sum as i128;
     let available_margin = i128::from(host.available) - sum as i128;
@@ -217,13 +237,29 @@ pub fn validate(
         margin,
         available_margin,
     };
-    let (mut issues, recommendations) = findings(policy, host, &instances, &totals);
+    let on_demand = instances
+        .iter()
+        .any(|i| i.load == LoadMode::OnDemand)
+        .then(|| {
+            let pairs = |load: LoadMode| -> Vec<(&str, u64)> {
+                instances
+                    .iter()
+                    .filter(|i| i.load == load)
+                    .map(|i| (i.name.as_str(), i.required))
+                    .collect()
+            };
+            on_demand_plan(&pairs(LoadMode::Always), &pairs(LoadMode::OnDemand), usable)
+        });
+    let (mut issues, mut recommendations) = findings(policy, host, &instances, &totals);
+    if let Some(plan) = on_demand.as_ref().filter(|_| margin >= 0) {
+        never_fit(policy, &instances, plan, &mut issues, &mut recommendations);
+    }
     if sum > u128::from(u64::MAX) {
         issues.insert(
             0,
             format!(
                 "the reservations add up to more than 16 EiB ({sum} bytes), more than any machine has: lower the ram_limit of {}",
-                instances
+                always
                     .iter()
                     .filter(|i| i.required > i.estimate)
                     .map(|i| i.name.as_str())
@@ -258,6 +294,76 @@ pub fn validate(
         issues,
         recommendations,
         gpus: Vec::new(),
+        on_demand,
+    }
+}
+
+/// The on-demand instances that cannot load even beside the always-loaded ones alone: each is
+/// an issue, with the fixes (a smaller reservation, a larger budget, fewer always-loaded
+/// instances).
+fn never_fit(
+    policy: &BudgetPolicy,
+    instances: &[InstanceRow],
+    plan: &OnDemandPlan,
+    issues: &mut Vec<String>,
+    recommendations: &mut Vec<String>,
+) {
+    let always: Vec<&str> = instances
+        .iter()
+        .filter(|i| i.load == LoadMode::Always)
+        .map(|i| i.name.as_str())
+        .collect();
+    for i in instances
+        .iter()
+        .filter(|i| plan.never_fit.contains(&i.name))
+    {
+        let beside = if always.is_empty() {
+            String::new()
+        } else {
+            format!(
+                " beside the always-loaded instances ({})",
+                Size(plan.always)
+            )
+        };
+        issues.push(format!(
+            "on-demand instance {} requires {}, but only {} of the usable {} is left{beside}: it could never be loaded",
+            i.name,
+            Size(i.required),
+            Size(plan.room),
+            Size(plan.always.saturating_add(plan.room)),
+        ));
+        let shrink = if i.estimate <= plan.room {
+            format!(
+                "lower instances.{}.ram_limit from {} to at most {}",
+                i.name,
+                Size(i.required),
+                Size(plan.room)
+            )
+        } else {
+            format!(
+                "lower instances.{}'s ctx or use a smaller model (it needs {}, at most {} fits)",
+                i.name,
+                Size(i.estimate),
+                Size(plan.room)
+            )
+        };
+        let need = plan.always.saturating_add(i.required);
+        let grow = match policy.total {
+            Some(_) => format!("raise [budget] total to at least {}", Size(need)),
+            None => format!(
+                "run on a machine with at least {} of memory",
+                Size((need as f64 / (1.0 - policy.safety_margin)).ceil() as u64)
+            ),
+        };
+        let fewer = if always.is_empty() {
+            String::new()
+        } else {
+            format!(
+                ", or load fewer instances always (load = \"on-demand\" on some of {})",
+                always.join(", ")
+            )
+        };
+        recommendations.push(format!("{shrink}, {grow}{fewer}"));
     }
 }
 
@@ -294,6 +400,7 @@ fn rows(policy: &BudgetPolicy, planned: &[PlannedInstance]) -> (Vec<InstanceRow>
                 gguf: p.gguf,
                 learned: p.learned,
                 estimate_source: source,
+                load: p.load,
             }
         })
         .collect();
@@ -327,9 +434,16 @@ fn findings(
         ));
         recommendations.push(cap_recommendation(i, cap, policy));
     }
+    // Only the always-loaded instances start with the mode and must fit together.
+    let any_on_demand = instances.iter().any(|i| i.load == LoadMode::OnDemand);
+    let the_mode = if any_on_demand {
+        "the always-loaded instances require"
+    } else {
+        "the mode requires"
+    };
     if margin < 0 {
         issues.push(format!(
-            "the mode requires {} in total, over the usable {} by {}",
+            "{the_mode} {} in total, over the usable {} by {}",
             Size(total_required),
             Size(usable),
             Size(clamp64(margin.unsigned_abs()))
@@ -337,7 +451,7 @@ fn findings(
     }
     if available_margin < 0 {
         issues.push(format!(
-            "the mode requires {} but only {} is available now: short by {}",
+            "{the_mode} {} but only {} is available now: short by {}",
             Size(total_required),
             Size(host.available),
             Size(clamp64(available_margin.unsigned_abs()))
@@ -347,6 +461,7 @@ fn findings(
     // cuts below are not asked for twice.
     let capped: Vec<InstanceRow> = instances
         .iter()
+        .filter(|i| i.load == LoadMode::Always)
         .map(|i| InstanceRow {
             required: if i.estimate <= cap {
                 i.required.min(cap)
@@ -359,6 +474,7 @@ fn findings(
     let capped_sum: u128 = capped.iter().map(|i| u128::from(i.required)).sum();
     let freed_by_caps = instances
         .iter()
+        .filter(|i| i.load == LoadMode::Always)
         .map(|i| u128::from(i.required))
         .sum::<u128>()
         - capped_sum;
@@ -385,6 +501,11 @@ fn findings(
                     policy.safety_margin
                 ),
             });
+            if capped.len() > 1 {
+                recommendations.push(
+                    "or load some of them on demand (load = \"on-demand\"): only the always-loaded instances must fit together, each on-demand one beside them".to_owned(),
+                );
+            }
         }
     }
 
@@ -523,7 +644,7 @@ impl ValidationReport {
         for i in &self.instances {
             writeln!(
                 f,
-                "  {:<16} {:>4} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10}  ({})",
+                "  {:<16} {:>4} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10}  ({}{})",
                 i.name,
                 i.priority,
                 opt(i.ram_limit),
@@ -532,7 +653,12 @@ impl ValidationReport {
                 opt(i.learned),
                 s(i.estimate),
                 s(i.required),
-                i.estimate_source
+                i.estimate_source,
+                if i.load == LoadMode::OnDemand {
+                    ", on demand"
+                } else {
+                    ""
+                }
             )?;
         }
         writeln!(f)
@@ -554,7 +680,16 @@ impl ValidationReport {
             s(self.per_instance_cap),
             self.per_instance_max
         )?;
-        writeln!(f, "  total required    {:>12}", s(self.total_required))?;
+        let always = if self.on_demand.is_some() {
+            "  (the always-loaded instances)"
+        } else {
+            ""
+        };
+        writeln!(
+            f,
+            "  total required    {:>12}{always}",
+            s(self.total_required)
+        )?;
         writeln!(
             f,
             "  margin            {:>12}  (usable - required)",
@@ -578,6 +713,49 @@ impl ValidationReport {
         }
         writeln!(f)
     }
+
+    /// Which on-demand instances can be loaded together beside the always-loaded ones.
+    fn fmt_on_demand(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let Some(p) = &self.on_demand else {
+            return Ok(());
+        };
+        let names: Vec<&str> = self
+            .instances
+            .iter()
+            .filter(|i| i.load == LoadMode::OnDemand)
+            .map(|i| i.name.as_str())
+            .collect();
+        writeln!(f, "On demand (loaded by a request, evicted to make room)")?;
+        writeln!(
+            f,
+            "  room              {:>12}  (usable - the always-loaded instances)",
+            size(p.room)
+        )?;
+        if p.any > 0 {
+            writeln!(
+                f,
+                "  any {} of the {} on-demand instances fit together",
+                p.any,
+                names.len()
+            )?;
+        }
+        if names.len() > crate::swap::MAX_LISTED {
+            writeln!(
+                f,
+                "  (the sets that fit together are listed for up to {} on-demand instances)",
+                crate::swap::MAX_LISTED
+            )?;
+        } else if !p.together.is_empty() {
+            writeln!(f, "  loaded at the same time, at most:")?;
+            for set in &p.together {
+                writeln!(f, "    {}", set.join(" + "))?;
+            }
+        }
+        if !p.never_fit.is_empty() {
+            writeln!(f, "  never fits: {}", p.never_fit.join(", "))?;
+        }
+        writeln!(f)
+    }
 }
 
 impl fmt::Display for ValidationReport {
@@ -585,7 +763,13 @@ impl fmt::Display for ValidationReport {
         self.fmt_host_and_models(f)?;
         self.fmt_instances(f)?;
         self.fmt_budget(f)?;
-        if self.passed {
+        self.fmt_on_demand(f)?;
+        if self.passed && self.on_demand.is_some() {
+            writeln!(
+                f,
+                "PASSED: the mode fits (the always-loaded instances together, each on-demand instance beside them)"
+            )?;
+        } else if self.passed {
             writeln!(f, "PASSED: the mode fits")?;
         } else {
             writeln!(f, "FAILED: the mode does not fit")?;
@@ -632,6 +816,7 @@ mod tests {
             priority,
             gguf: None,
             learned: None,
+            load: LoadMode::Always,
         }
     }
 
@@ -856,24 +1041,175 @@ mod tests {
         );
     }
 
+    fn on_demand(name: &str, limit: u64) -> PlannedInstance {
+        PlannedInstance {
+            load: LoadMode::OnDemand,
+            ..inst(name, MIB, Some(limit), 0)
+        }
+    }
+
+    fn one_gib_total() -> BudgetPolicy {
+        BudgetPolicy {
+            total: Some(Size(GIB)),
+            ..policy()
+        }
+    }
+
+    const PLENTY: HostMemory = HostMemory {
+        total: 64 * GIB,
+        available: 64 * GIB,
+    };
+
+    /// Three on-demand instances of which any two fit beside the always-loaded one: the mode
+    /// passes although all of them together exceed the budget, and the report lists the pairs.
+    #[test]
+    fn on_demand_instances_need_only_fit_each_beside_the_always_loaded_ones() {
+        let planned = [
+            inst("a", MIB, Some(200 * MIB), 0),
+            on_demand("x", 350 * MIB),
+            on_demand("y", 350 * MIB),
+            on_demand("z", 350 * MIB),
+        ];
+        let r = validate("m", &one_gib_total(), PLENTY, &planned);
+        assert!(r.passed, "{r}");
+        assert_eq!(r.total_required, 200 * MIB, "only the always-loaded one");
+        assert_eq!(r.margin, i128::from(824 * MIB));
+        let p = r.on_demand.as_ref().unwrap();
+        assert_eq!((p.always, p.room, p.any), (200 * MIB, 824 * MIB, 2));
+        assert!(p.never_fit.is_empty());
+        let pairs: Vec<Vec<&str>> = p
+            .together
+            .iter()
+            .map(|s| s.iter().map(String::as_str).collect())
+            .collect();
+        assert_eq!(pairs, vec![vec!["x", "y"], vec!["x", "z"], vec!["y", "z"]]);
+        let text = r.to_string();
+        for want in [
+            "any 2 of the 3 on-demand instances fit together",
+            "    x + y\n",
+            "    x + z\n",
+            "    y + z\n",
+            "(file, on demand)",
+            "PASSED: the mode fits (the always-loaded instances together",
+        ] {
+            assert!(text.contains(want), "{want:?} in:\n{text}");
+        }
+        let json = serde_json::to_value(&r).unwrap();
+        assert_eq!(json["on_demand"]["any"], 2);
+        assert_eq!(json["on_demand"]["together"][0][1], "y");
+        assert_eq!(json["instances"][1]["load"], "on-demand");
+        // Loaded always, the same four do not fit: the old rule still holds for them.
+        let always: Vec<PlannedInstance> = planned
+            .iter()
+            .map(|p| PlannedInstance {
+                load: LoadMode::Always,
+                ..p.clone()
+            })
+            .collect();
+        let r = validate("m", &one_gib_total(), PLENTY, &always);
+        assert!(!r.passed);
+        assert!(r.on_demand.is_none());
+        assert!(
+            r.recommendations
+                .iter()
+                .any(|r| r.contains("load some of them on demand")),
+            "{:?}",
+            r.recommendations
+        );
+        assert!(serde_json::to_value(&r).unwrap().get("on_demand").is_none());
+    }
+
+    #[test]
+    fn an_on_demand_instance_that_can_never_fit_is_refused_with_the_fixes() {
+        let p = BudgetPolicy {
+            per_instance_max: 1.0,
+            ..one_gib_total()
+        };
+        let r = validate(
+            "m",
+            &p,
+            PLENTY,
+            &[
+                inst("a", MIB, Some(500 * MIB), 0),
+                on_demand("big", 600 * MIB),
+                on_demand("small", 100 * MIB),
+            ],
+        );
+        assert!(!r.passed, "{r}");
+        assert_eq!(r.on_demand.as_ref().unwrap().never_fit, vec!["big"]);
+        assert_eq!(r.issues.len(), 1, "{:?}", r.issues);
+        assert!(
+            r.issues[0].contains("on-demand instance big requires 600.0 MiB")
+                && r.issues[0].contains("only 524.0 MiB")
+                && r.issues[0].contains("could never be loaded"),
+            "{:?}",
+            r.issues
+        );
+        let rec = &r.recommendations[0];
+        for want in [
+            "lower instances.big.ram_limit from 600.0 MiB to at most 524.0 MiB",
+            "raise [budget] total to at least 1.1 GiB",
+            "load fewer instances always (load = \"on-demand\" on some of a)",
+        ] {
+            assert!(rec.contains(want), "{want:?} in {rec}");
+        }
+        let text = r.to_string();
+        assert!(text.contains("never fits: big"), "{text}");
+        assert!(text.contains("FAILED"), "{text}");
+        // A model that alone needs more than the room: a smaller model or ctx, not a limit.
+        let huge = PlannedInstance {
+            load: LoadMode::OnDemand,
+            ..inst("huge", 400 * MIB, None, 0)
+        };
+        let r = validate("m", &p, PLENTY, &[inst("a", MIB, Some(500 * MIB), 0), huge]);
+        assert!(!r.passed);
+        assert!(
+            r.recommendations[0].contains("lower instances.huge's ctx or use a smaller model"),
+            "{:?}",
+            r.recommendations
+        );
+        // With no always-loaded instance there is nobody to load on demand instead.
+        let r = validate("m", &p, PLENTY, &[on_demand("big", 2 * GIB)]);
+        assert!(!r.passed);
+        assert!(
+            !r.issues.iter().any(|i| i.contains("beside")),
+            "{:?}",
+            r.issues
+        );
+        assert!(
+            !r.recommendations.iter().any(|i| i.contains("load fewer")),
+            "{:?}",
+            r.recommendations
+        );
+    }
+
     proptest! {
         /// The verdict is exactly the three conditions, and a negative margin never passes.
         #[test]
         fn verdict_matches_definition(
             total in 1u64..(64 * GIB),
             avail_frac in 0.0f64..1.0,
-            files in proptest::collection::vec((0u64..(4 * GIB), proptest::option::of(1u64..(8 * GIB))), 1..6),
+            files in proptest::collection::vec((0u64..(4 * GIB), proptest::option::of(1u64..(8 * GIB)), any::<bool>()), 1..6),
         ) {
             let host = HostMemory { total, available: (total as f64 * avail_frac) as u64 };
             let planned: Vec<_> = files.iter().enumerate()
-                .map(|(n, (f, l))| inst(&format!("i{n}"), *f, *l, 0)).collect();
+                .map(|(n, (f, l, od))| PlannedInstance {
+                    load: if *od { LoadMode::OnDemand } else { LoadMode::Always },
+                    ..inst(&format!("i{n}"), *f, *l, 0)
+                }).collect();
             let p = policy();
             let r = validate("m", &p, host, &planned);
             let usable = p.usable(total);
             let cap = p.per_instance_cap(usable);
+            let always: u64 = r.instances.iter()
+                .filter(|i| i.load == LoadMode::Always).map(|i| i.required).sum();
+            prop_assert_eq!(r.total_required, always);
             let expected = r.instances.iter().all(|i| i.required <= cap)
-                && r.total_required <= usable
-                && r.total_required <= host.available;
+                && always <= usable
+                && always <= host.available
+                && r.instances.iter()
+                    .filter(|i| i.load == LoadMode::OnDemand)
+                    .all(|i| always + i.required <= usable);
             prop_assert_eq!(r.passed, expected);
             if r.margin < 0 { prop_assert!(!r.passed); }
             prop_assert_eq!(r.passed, r.recommendations.is_empty());

@@ -123,13 +123,16 @@ pub struct InstanceSection {
     #[serde(default, deserialize_with = "opt_chat_template")]
     pub chat_template: Option<String>,
     /// `always` (default) or `on-demand` ([swap]).
+    #[serde(default, deserialize_with = "opt_load")]
     pub load: Option<LoadMode>,
     /// How long an idle on-demand instance stays loaded (`"never"`: until evicted or unloaded).
+    #[serde(default, deserialize_with = "opt_idle_unload")]
     pub idle_unload: Option<IdleUnload>,
     /// Never evicted (nor unloaded when idle) once loaded.
+    #[serde(default, deserialize_with = "opt_pinned")]
     pub pinned: Option<bool>,
     /// No eviction sooner than this after a load.
-    #[serde(default, deserialize_with = "opt_duration")]
+    #[serde(default, deserialize_with = "opt_min_loaded")]
     pub min_loaded: Option<HumanDuration>,
 }
 
@@ -751,6 +754,44 @@ fn opt_nonzero_duration<'de, D: Deserializer<'de>>(
     d: D,
 ) -> Result<Option<HumanDuration>, D::Error> {
     nonzero_duration(d).map(Some)
+}
+
+/// Deserializes a `T` and names `key` in its error (followed by `fix`): for values whose own
+/// errors do not say which key they belong to.
+fn keyed<'de, D: Deserializer<'de>, T: Deserialize<'de>>(
+    d: D,
+    key: &str,
+    fix: &str,
+) -> Result<Option<T>, D::Error> {
+    T::deserialize(d)
+        .map(Some)
+        .map_err(|e| serde::de::Error::custom(format!("{key}: {}{fix}", e.to_string().trim_end())))
+}
+
+fn opt_load<'de, D: Deserializer<'de>>(d: D) -> Result<Option<LoadMode>, D::Error> {
+    keyed(d, "load", "")
+}
+
+fn opt_idle_unload<'de, D: Deserializer<'de>>(d: D) -> Result<Option<IdleUnload>, D::Error> {
+    keyed(d, "idle_unload", "")
+}
+
+fn opt_pinned<'de, D: Deserializer<'de>>(d: D) -> Result<Option<bool>, D::Error> {
+    keyed(
+        d,
+        "pinned",
+        "; write pinned = true or pinned = false (no quotes)",
+    )
+}
+
+fn opt_min_loaded<'de, D: Deserializer<'de>>(d: D) -> Result<Option<HumanDuration>, D::Error> {
+    keyed::<D, HumanDuration>(d, "min_loaded", "")?
+        .map(|v| {
+            rules::duration(&v)
+                .map(|()| v)
+                .map_err(|e| serde::de::Error::custom(format!("min_loaded: {e}")))
+        })
+        .transpose()
 }
 
 fn opt_ctx<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u32>, D::Error> {

@@ -646,3 +646,75 @@ fn shipped_config_and_its_http_example_parse() {
         Some(Path::new("/etc/belljar/api.key"))
     );
 }
+
+#[test]
+fn swap_keys_have_built_in_defaults() {
+    let c = parse("[instances.a]\nmodel = \"m.gguf\"\n[modes.x]\ninstances = [\"a\"]\n").unwrap();
+    let a = &c.mode("x", 2).unwrap()[0];
+    assert_eq!(a.load, LoadMode::Always);
+    assert_eq!(a.idle_unload, IdleUnload::After(Duration::from_secs(600)));
+    assert_eq!(a.idle_unload, IdleUnload::DEFAULT);
+    assert!(!a.pinned);
+    assert_eq!(a.min_loaded.0, Duration::from_secs(30));
+}
+
+#[test]
+fn swap_keys_parse_and_inherit_from_defaults() {
+    let c = parse(
+        "[defaults]\nmodel = \"m.gguf\"\nload = \"on-demand\"\nidle_unload = \"never\"\n\
+         pinned = true\nmin_loaded = \"1s\"\n\
+         [instances.a]\n\
+         [instances.b]\nload = \"always\"\nidle_unload = \"90s\"\npinned = false\nmin_loaded = \"0s\"\n\
+         [modes.x]\ninstances = [\"a\", \"b\"]\n",
+    )
+    .unwrap();
+    let m = c.mode("x", 2).unwrap();
+    let (a, b) = (&m[0], &m[1]);
+    assert_eq!(a.load, LoadMode::OnDemand, "from [defaults]");
+    assert_eq!(a.idle_unload, IdleUnload::Never);
+    assert!(a.pinned);
+    assert_eq!(a.min_loaded.0, Duration::from_secs(1));
+    assert_eq!(b.load, LoadMode::Always, "the instance's own value wins");
+    assert_eq!(b.idle_unload, IdleUnload::After(Duration::from_secs(90)));
+    assert!(!b.pinned);
+    assert_eq!(b.min_loaded.0, Duration::ZERO, "0s: evictable at once");
+}
+
+#[test]
+fn bad_swap_values_are_refused_with_the_key_the_line_and_the_fix() {
+    let cases = [
+        (
+            "load = \"sometimes\"",
+            &["load", "\"always\"", "\"on-demand\""][..],
+        ),
+        ("load = \"on_demand\"", &["load", "\"on-demand\""]),
+        (
+            "idle_unload = \"0s\"",
+            &["idle_unload", "above zero", "\"never\""],
+        ),
+        (
+            "idle_unload = \"soon\"",
+            &["idle_unload", "\"never\"", "e.g. \"500ms\""],
+        ),
+        (
+            "idle_unload = 600",
+            &["idle_unload", "\"never\"", "duration string"],
+        ),
+        ("min_loaded = \"x\"", &["min_loaded", "e.g. \"500ms\""]),
+        ("min_loaded = \"2days\"", &["min_loaded", "at most 1day"]),
+        (
+            "pinned = \"yes\"",
+            &["pinned", "pinned = true or pinned = false"],
+        ),
+    ];
+    for (line, wants) in cases {
+        for section in ["[instances.a]", "[defaults]"] {
+            let text = format!("{section}\nmodel = \"m.gguf\"\n{line}\n");
+            let e = parse(&text).unwrap_err().to_string();
+            assert!(e.contains(":3:"), "{line}: the error has its line: {e}");
+            for want in wants {
+                assert!(e.contains(want), "{line}: wants {want:?} in: {e}");
+            }
+        }
+    }
+}
