@@ -332,7 +332,6 @@ impl Watch {
 /// newcomer's exists. `serial_`: it reads the machine-wide OOM counter (on v1 a kill is counted
 /// only in the killed task's own cgroup, which an eviction removes).
 #[test]
-#[ignore = "bug: layer 1 (`run`) sums every instance's reservation, on-demand ones too, and refuses a mode whose on-demand instances do not all fit together"]
 fn serial_sixty_round_robin_requests_over_three_on_demand_instances_of_which_two_fit() {
     let names = ["a", "b", "c"];
     let s = Swap::start(&[("a", ""), ("b", ""), ("c", "")], 2, DEFAULTS);
@@ -462,7 +461,6 @@ fn serial_sixty_round_robin_requests_over_three_on_demand_instances_of_which_two
 /// A pinned on-demand instance stays loaded while the other two swap, although it is the least
 /// recently used whenever room is made (it was asked first and then only every third time).
 #[test]
-#[ignore = "bug: layer 1 (`run`) sums every instance's reservation, on-demand ones too, and refuses a mode whose on-demand instances do not all fit together"]
 fn a_pinned_instance_is_never_evicted_while_the_others_swap() {
     let names = ["a", "b", "c"];
     let s = Swap::start(&[("a", "pinned = true"), ("b", ""), ("c", "")], 2, DEFAULTS);
@@ -535,7 +533,6 @@ fn completed(evs: &[http::SseEvent]) -> Value {
 /// c waits (unloaded, queued) and is answered once one of them has finished; both long answers
 /// run to their last token and neither is loaded twice.
 #[test]
-#[ignore = "bug: layer 1 (`run`) sums every instance's reservation, on-demand ones too, and refuses a mode whose on-demand instances do not all fit together"]
 fn busy_instances_are_never_evicted_a_request_for_a_third_waits_then_succeeds() {
     const LONG: u32 = 500;
     let s = Swap::start(&[("a", ""), ("b", ""), ("c", "")], 2, DEFAULTS);
@@ -621,7 +618,6 @@ fn concurrent_requests_for_the_same_unloaded_instance_start_one_load() {
 /// And a request that arrives for a victim while it is being evicted waits and is served by its
 /// next load. `min_loaded = "0s"`, so that only the rule itself protects the newcomer.
 #[test]
-#[ignore = "bug: layer 1 (`run`) sums every instance's reservation, on-demand ones too, and refuses a mode whose on-demand instances do not all fit together"]
 fn a_just_loaded_instance_serves_its_request_and_a_request_for_a_victim_is_served_after() {
     let s = Swap::start(
         &[("a", ""), ("b", ""), ("c", "")],
@@ -687,7 +683,6 @@ fn a_just_loaded_instance_serves_its_request_and_a_request_for_a_victim_is_serve
 /// answered, and every load serves at least one request before its instance is evicted (so
 /// there are no more loads than requests).
 #[test]
-#[ignore = "bug: layer 1 (`run`) sums every instance's reservation, on-demand ones too, and refuses a mode whose on-demand instances do not all fit together"]
 fn concurrent_round_robin_clients_with_no_min_loaded_are_all_answered() {
     const CLIENTS: usize = 6;
     const EACH: usize = 4;
@@ -778,7 +773,6 @@ fn an_idle_instance_unloads_after_idle_unload_and_never_keeps_it() {
 /// are at least `min_loaded` apart: loads <= duration / min_loaded + 1, the duration taken from
 /// the first request to the last answer.
 #[test]
-#[ignore = "bug: layer 1 (`run`) sums every instance's reservation, on-demand ones too, and refuses a mode whose on-demand instances do not all fit together"]
 fn two_instances_that_cannot_both_fit_alternate_without_thrashing() {
     const SECONDS: u64 = 8;
     let s = Swap::start(&[("a", ""), ("b", "")], 1, DEFAULTS);
@@ -829,7 +823,6 @@ fn two_instances_that_cannot_both_fit_alternate_without_thrashing() {
 /// leaves its queue (its client went away) before room could be made, nothing is evicted for
 /// it later.
 #[test]
-#[ignore = "bug: a wanted load outlives the requests that wanted it (daemon/swap.rs: load_wanted is never cleared when the queue empties); and layer 1 as above"]
 fn a_load_wanted_only_by_a_request_that_left_is_not_carried_out() {
     const LONG: u32 = 300;
     let s = Swap::start(&[("a", ""), ("b", ""), ("c", "")], 2, DEFAULTS);
