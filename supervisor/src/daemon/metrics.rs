@@ -152,6 +152,32 @@ const INSTANCE_GAUGES: [InstanceGauge; 12] = [
     ),
 ];
 
+/// An instance counter (`_total` is appended): its name, help and value.
+type InstanceCounter = (&'static str, &'static str, fn(&InstanceStatus) -> u64);
+
+const INSTANCE_COUNTERS: [InstanceCounter; 4] = [
+    (
+        "instance_restarts",
+        "Starts of the instance after its first",
+        |i| i.restarts,
+    ),
+    (
+        "instance_oom_kills",
+        "OOM kills in the instance's cgroups",
+        |i| i.oom_kills,
+    ),
+    (
+        "instance_loads",
+        "Loads on demand (by a request or `supervisor load`) since the supervisor started",
+        |i| i.loads,
+    ),
+    (
+        "instance_evictions",
+        "Times the instance was unloaded to make room for another",
+        |i| i.evictions,
+    ),
+];
+
 /// Renders a status report as OpenMetrics text.
 pub fn render(report: &StatusReport) -> Result<String, std::fmt::Error> {
     let mut reg = Registry::with_prefix("belljar");
@@ -194,30 +220,16 @@ fn register_instances(reg: &mut Registry, instances: &[InstanceStatus]) {
         "1, labelled with how the instance's last worker ended (status's last_exit)",
         last_exit.clone(),
     );
-    let restarts = Family::<InstanceLabel, Counter>::default();
-    reg.register(
-        "instance_restarts",
-        "Starts of the instance after its first",
-        restarts.clone(),
-    );
-    let ooms = Family::<InstanceLabel, Counter>::default();
-    reg.register(
-        "instance_oom_kills",
-        "OOM kills in the instance's cgroups",
-        ooms.clone(),
-    );
-    let loads = Family::<InstanceLabel, Counter>::default();
-    reg.register(
-        "instance_loads",
-        "Loads on demand (by a request or `supervisor load`) since the supervisor started",
-        loads.clone(),
-    );
-    let evictions = Family::<InstanceLabel, Counter>::default();
-    reg.register(
-        "instance_evictions",
-        "Times the instance was unloaded to make room for another",
-        evictions.clone(),
-    );
+    for (name, help, value) in INSTANCE_COUNTERS {
+        let f = Family::<InstanceLabel, Counter>::default();
+        reg.register(name, help, f.clone());
+        for i in instances {
+            let l = InstanceLabel {
+                instance: i.name.clone(),
+            };
+            f.get_or_create(&l).inc_by(value(i));
+        }
+    }
     let queued = Family::<InstanceLabel, Gauge>::default();
     reg.register(
         "instance_queued_requests",
@@ -246,10 +258,6 @@ fn register_instances(reg: &mut Registry, instances: &[InstanceStatus]) {
             };
             last_exit.get_or_create(&labels).set(1);
         }
-        restarts.get_or_create(&l).inc_by(i.restarts);
-        ooms.get_or_create(&l).inc_by(i.oom_kills);
-        loads.get_or_create(&l).inc_by(i.loads);
-        evictions.get_or_create(&l).inc_by(i.evictions);
     }
 }
 

@@ -300,7 +300,7 @@ async fn swap_command(
         Ok(Some(Reply::Error(e))) => swap_error(&name, e).into_response(),
         Ok(Some(other)) => ApiError::new(
             500,
-            "internal_error",
+            "internal",
             format!("unexpected answer from the supervisor: {other:?}"),
         )
         .into_response(),
