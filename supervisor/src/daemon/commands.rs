@@ -65,8 +65,9 @@ impl Daemon {
 
     /// VRAM for an instance added with `gpu_layers`: its reservation and those of the instances
     /// on the same GPU that hold their allocation must fit the GPU's usable VRAM (as layer 1 checks
-    /// at start). An on-demand one is checked beside the always-loaded instances only (on-demand
-    /// ones give way to it). Nothing to check without NVML.
+    /// at start). An on-demand one is also checked beside every other on-demand instance on that
+    /// GPU, loaded or not, as layer 1 counts them: eviction makes room in the RAM ledger only, so
+    /// nothing would free VRAM for its load. Nothing to check without NVML.
     fn vram_refusal(&self, name: &str, inst: &Instance) -> Option<String> {
         let on_demand = inst.spec.load == LoadMode::OnDemand;
         if inst.vram == 0 {
@@ -83,10 +84,10 @@ impl Daemon {
             .instances
             .iter()
             .filter(|(_, i)| {
-                i.spec.gpu_device == device
-                    && i.state().holds_allocation()
-                    && i.machine.gpu.layers(i.spec.gpu_layers) > 0
-                    && !(on_demand && i.spec.load == LoadMode::OnDemand)
+                let loaded =
+                    i.state().holds_allocation() && i.machine.gpu.layers(i.spec.gpu_layers) > 0;
+                let may_load = on_demand && i.spec.load == LoadMode::OnDemand && i.vram > 0;
+                i.spec.gpu_device == device && (loaded || may_load)
             })
             .map(|(n, i)| belljar_budget::gpu::VramDemand {
                 name: n.clone(),
@@ -119,7 +120,7 @@ impl Daemon {
                 Size(v.usable.saturating_sub(v.required - inst.vram)),
                 Size(v.usable),
                 if on_demand {
-                    "the always-loaded instances'"
+                    "the loaded and the on-demand instances'"
                 } else {
                     "other instances'"
                 }
