@@ -42,6 +42,8 @@ pub enum Command {
     Add(AddArgs),
     Remove(RemoveArgs),
     Restart(NameArgs),
+    Load(LoadArgs),
+    Unload(UnloadArgs),
     Ask(AskArgs),
     Validate(ValidateArgs),
     Estimate(EstimateArgs),
@@ -67,10 +69,12 @@ pub struct CompletionsArgs {
 #[command(
     after_help = "Examples:\n  supervisor add helper --model models/demo.gguf --ram-limit 256M\n  \
 supervisor add big --model /srv/models/q4.gguf --ctx 8192 --priority 5\n  \
-supervisor add chat --model models/demo.gguf --chat-template ./chat.jinja\n\n\
+supervisor add chat --model models/demo.gguf --chat-template ./chat.jinja\n  \
+supervisor add coder --model /srv/models/coder.gguf --load on-demand\n\n\
 The budget (layer 2) and the free memory (layer 3) are checked first: a refusal names the \
 shortfall, exits 1 and changes nothing. Adding an existing name exits 1 (an identical retry is \
-harmless)."
+harmless). With --load on-demand the instance must fit beside the always-loaded instances; it \
+is added unloaded, and its first request (or `supervisor load`) loads it."
 )]
 pub struct AddArgs {
     /// The new instance's name ([a-z0-9][a-z0-9_-]{0,62}).
@@ -98,6 +102,30 @@ pub struct AddArgs {
     /// model's own, else chatml].
     #[arg(long, value_name = "NAME|PATH")]
     pub chat_template: Option<String>,
+    /// `always`: start it now and keep it loaded; `on-demand`: add it unloaded, loaded by its
+    /// first request and unloaded when idle or to make room [default: from [defaults], else
+    /// always].
+    #[arg(long, value_name = "MODE", value_parser = ["always", "on-demand"])]
+    pub load: Option<String>,
+}
+
+/// Load an instance now (an on-demand one, or one stopped by `unload`), making room by
+/// evicting idle on-demand instances as a request would; returns once it is ready.
+#[derive(Debug, Args)]
+#[command(after_help = "Examples:\n  supervisor load coder\n\n\
+Exits 1 for an unknown instance, or when it cannot be loaded (it waits while busy or recently \
+loaded instances hold the memory it needs; it fails when nothing could ever make room).")]
+pub struct LoadArgs {
+    pub name: String,
+}
+
+/// Unload an instance: stop its worker and give its memory back; returns once it is stopped.
+/// An on-demand instance comes back with its next request; an `always` one stays unloaded until
+/// `supervisor load NAME` or a restart of the supervisor.
+#[derive(Debug, Args)]
+#[command(after_help = "Examples:\n  supervisor unload coder\n\nExits 1 for an unknown instance.")]
+pub struct UnloadArgs {
+    pub name: String,
 }
 
 /// An instance by name.

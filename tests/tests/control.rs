@@ -443,3 +443,125 @@ fn garbage_oversized_and_stalled_clients_do_not_disturb_status() {
     assert!(all_in(&d.status().unwrap(), "ready"));
     assert_eq!(d.terminate().code(), Some(0));
 }
+
+/// [swap] `add --load on-demand`: added unloaded (nothing reserved, no cgroup), persisted at
+/// once, refused when it could never fit beside the always-loaded instances; `load` and
+/// `unload` move it; a restarted supervisor brings it back unloaded.
+#[test]
+fn an_instance_added_on_demand_is_unloaded_until_loaded_and_survives_a_restart() {
+    let t = TestDir::new();
+    let mut d = started(&t, "total = \"300MiB\"\nper_instance_max = 1.0");
+    let b = model(&t, "models/b.gguf");
+    d.cli(&[
+        "add",
+        "od",
+        "--model",
+        &b,
+        "--ram-limit",
+        "96M",
+        "--load",
+        "on-demand",
+    ])
+    .expect_code(0)
+    .expect_says(&["added od (on demand: its first request loads it)"]);
+    let status = d.status().unwrap();
+    let od = instance(&status, "od");
+    assert_eq!(od["state"], "unloaded", "{od}");
+    assert_eq!(od["load"], "on-demand");
+    assert_eq!(od["allocated"], 0);
+    assert_eq!(status["budget"]["allocated"], 64 * MIB, "nothing reserved");
+    assert!(!d.parent().join("od").exists(), "no cgroup");
+    let persisted = std::fs::read_to_string(d.state.join("instances.json")).unwrap();
+    assert!(
+        persisted.contains("\"od\"") && persisted.contains("\"on-demand\""),
+        "persisted at once: {persisted}"
+    );
+    // The same add again changes nothing.
+    d.cli(&[
+        "add",
+        "od",
+        "--model",
+        &b,
+        "--ram-limit",
+        "96M",
+        "--load",
+        "on-demand",
+    ])
+    .expect_code(0)
+    .expect_says(&["already exists with this spec"]);
+
+    // Beside subject (64 MiB) only 236 MiB of the 300 MiB is ever free.
+    d.cli(&[
+        "add", "big", "--model", &b, "--ram-limit", "250M", "--load", "on-demand",
+    ])
+    .expect_code(1)
+    .expect_says(&[
+        "big would need 250.0 MiB but only 236.0 MiB of the budget's 300.0 MiB is left beside the always-loaded instances",
+        "could never be loaded",
+        "lower --ram-limit",
+    ]);
+    d.cli(&["add", "bad", "--model", &b, "--load", "sometimes"])
+        .expect_code(2)
+        .expect_says(&["sometimes", "on-demand"]);
+    let names = |s: &serde_json::Value| -> Vec<String> {
+        s["instances"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|i| i["name"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    assert_eq!(names(&d.status().unwrap()), ["od", "subject"]);
+
+    // An always-loaded add beside it starts as before; od still fits beside the two (96 MiB).
+    d.cli(&["add", "steady", "--model", &b, "--ram-limit", "140M"])
+        .expect_code(0)
+        .expect_says(&["steady is ready"]);
+    d.cli(&["load", "od"]).expect_code(0);
+    let status = d.status().unwrap();
+    let od = instance(&status, "od");
+    assert_eq!(od["state"], "ready", "{od}");
+    assert_eq!(od["allocated"], 96 * MIB);
+    assert_eq!(od["loads"], 1, "{od}");
+    d.cli(&["status"])
+        .expect_code(0)
+        .expect_says(&["[on demand, 1 load, 0 evictions]"]);
+    d.cli(&["unload", "od"]).expect_code(0);
+    let status = d.status().unwrap();
+    assert_eq!(instance(&status, "od")["state"], "unloaded");
+    assert_eq!(
+        status["budget"]["allocated"],
+        (64 + 140) * MIB,
+        "od's 96 MiB back"
+    );
+    d.cli(&["load", "ghost"])
+        .expect_code(1)
+        .expect_says(&["unknown instance ghost"]);
+    d.cli(&["unload", "ghost"])
+        .expect_code(1)
+        .expect_says(&["unknown instance ghost"]);
+    assert_eq!(d.terminate().code(), Some(0), "{}", d.stderr());
+    let parent = d.parent_rel.clone();
+    drop(d);
+
+    let mut d = Daemon::start_with_parent(
+        &t,
+        &std::fs::read_to_string(t.join("budgets.toml")).unwrap(),
+        "single",
+        &[],
+        parent,
+    );
+    let status = d.wait_status("steady back and ready", |s| {
+        s["instances"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|i| i["name"] == "steady" && i["state"] == "ready")
+    });
+    assert_eq!(names(&status), ["od", "steady", "subject"]);
+    let od = instance(&status, "od");
+    assert_eq!(od["state"], "unloaded", "restored, not loaded: {od}");
+    assert_eq!(od["allocated"], 0);
+    assert_eq!(status["budget"]["allocated"], (64 + 140) * MIB);
+    assert_eq!(d.terminate().code(), Some(0), "{}", d.stderr());
+}

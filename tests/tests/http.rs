@@ -1033,3 +1033,127 @@ fn a_header_just_over_64_kib_gets_431() {
     }
     assert_eq!(d.terminate().code(), Some(0), "{}", d.stderr());
 }
+
+/// [swap] An on-demand instance is listed by `/v1/models` while unloaded; `POST
+/// /api/instances/{name}/load` loads it and `unload` unloads it, both behind the same guard
+/// as the rest of the API.
+#[test]
+fn on_demand_instances_are_listed_unloaded_and_load_and_unload_over_http() {
+    let t = TestDir::new();
+    t.model("models/a.gguf", &shape());
+    let key = "k3y-for-the-http-tests-0123456789";
+    let key_path = t.write("api.key", &format!("{key}\n"));
+    std::fs::set_permissions(
+        &key_path,
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )
+    .unwrap();
+    let cfg = r#"
+[budget]
+min_required = "32MiB"
+headroom = "64MiB"
+
+[defaults]
+model = "models/a.gguf"
+ctx = 512
+heartbeat_interval = "100ms"
+stop_timeout = "5s"
+
+[instances.subject]
+
+[instances.coder]
+load = "on-demand"
+
+[modes.single]
+instances = ["subject", "coder"]
+
+[http]
+api_key_file = "api.key"
+"#;
+    let mut d = Daemon::start(&t, cfg, "single", &[]);
+    let state = |s: &Value, name: &str| instance(s, name)["state"].as_str().unwrap().to_owned();
+    d.wait_status("subject ready, coder unloaded", |s| {
+        state(s, "subject") == "ready" && state(s, "coder") == "unloaded"
+    });
+    let addr = d.http_addr();
+    let bearer = format!("Bearer {key}");
+    let get = |path: &str| http::request(&addr, "GET", path, &[("Authorization", &bearer)], b"");
+    let post = |path: &str, auth: bool| {
+        let mut h = vec![("Content-Type", "application/json")];
+        if auth {
+            h.push(("Authorization", bearer.as_str()));
+        }
+        http::request(&addr, "POST", path, &h, b"")
+    };
+    let coder_model = |v: &Value| {
+        v["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["id"] == "coder")
+            .cloned()
+            .unwrap_or_else(|| panic!("coder is listed: {v}"))
+    };
+
+    let r = get("/v1/models");
+    assert_eq!(r.status, 200, "{}", r.text());
+    let m = coder_model(&r.json());
+    assert_eq!(m["object"], "model");
+    assert_eq!(m["belljar"]["state"], "unloaded", "{m}");
+    assert_eq!(m["belljar"]["loaded"], false);
+    assert_eq!(m["belljar"]["load"], "on-demand");
+    assert_eq!(m["belljar"]["reservation"], 0);
+
+    // The guard: no key, no load; a POST without JSON's content type neither.
+    let e = post("/api/instances/coder/load", false).expect_error(401);
+    assert_eq!(e["type"], "authentication_error");
+    http::request(
+        &addr,
+        "POST",
+        "/api/instances/coder/load",
+        &[("Authorization", &bearer)],
+        b"",
+    )
+    .expect_error(415);
+    assert_eq!(state(&d.status().unwrap(), "coder"), "unloaded");
+
+    let r = post("/api/instances/coder/load", true);
+    assert_eq!(r.status, 200, "{}", r.text());
+    let v = r.json();
+    assert_eq!(v["ok"], true, "{v}");
+    assert!(v["message"].is_string(), "{v}");
+    let s = d.status().unwrap();
+    assert_eq!(state(&s, "coder"), "ready", "answered once ready");
+    assert_eq!(instance(&s, "coder")["loads"], 1);
+    assert_eq!(
+        coder_model(&get("/v1/models").json())["belljar"]["loaded"],
+        true
+    );
+    let r = post("/api/instances/coder/load", true);
+    assert_eq!(
+        r.status,
+        200,
+        "loading a loaded one is no error: {}",
+        r.text()
+    );
+
+    let r = post("/api/instances/coder/unload", true);
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["ok"], true);
+    assert_eq!(
+        state(&d.status().unwrap(), "coder"),
+        "unloaded",
+        "answered once stopped"
+    );
+    let m = coder_model(&get("/v1/models").json());
+    assert_eq!(m["belljar"]["state"], "unloaded", "still listed: {m}");
+
+    for verb in ["load", "unload"] {
+        let e = post(&format!("/api/instances/ghost/{verb}"), true).expect_error(404);
+        assert_eq!(e["code"], "instance_not_found", "{verb}: {e}");
+        assert!(e["message"].as_str().unwrap().contains("ghost"), "{e}");
+    }
+    let e = get("/api/instances/coder/load").expect_error(405);
+    assert!(e["message"].is_string());
+    assert_eq!(d.terminate().code(), Some(0), "{}", d.stderr());
+}

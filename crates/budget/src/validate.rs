@@ -457,8 +457,28 @@ fn findings(
             Size(clamp64(available_margin.unsigned_abs()))
         ));
     }
-    // The totals as they would be after the cap recommendations above are applied, so the
-    // cuts below are not asked for twice.
+    recommendations.extend(cuts(policy, host, instances, t));
+    (issues, recommendations)
+}
+
+/// The cuts that make the always-loaded instances fit the budget and the memory available now
+/// (none when they fit).
+fn cuts(
+    policy: &BudgetPolicy,
+    host: HostMemory,
+    instances: &[InstanceRow],
+    t: &Totals,
+) -> Vec<String> {
+    let Totals {
+        cap,
+        total_required,
+        margin,
+        available_margin,
+        ..
+    } = *t;
+    let mut recommendations = Vec::new();
+    // The totals as they would be after the cap recommendations are applied, so the cuts
+    // below are not asked for twice.
     let capped: Vec<InstanceRow> = instances
         .iter()
         .filter(|i| i.load == LoadMode::Always)
@@ -508,8 +528,7 @@ fn findings(
             }
         }
     }
-
-    (issues, recommendations)
+    recommendations
 }
 
 fn cap_recommendation(i: &InstanceRow, cap: u64, policy: &BudgetPolicy) -> String {

@@ -28,7 +28,7 @@ pub fn run(global: &GlobalArgs, args: &AddArgs) -> Result<Exit, CliError> {
         gpu_device: args.gpu_device,
         priority: args.priority,
         chat_template,
-        load: None,
+        load: args.load.clone(),
     };
     super::print_ok(request(global, &Command::Add(req), None)?)
 }

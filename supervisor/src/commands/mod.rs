@@ -4,6 +4,7 @@ pub mod add;
 pub mod ask;
 pub mod completions;
 pub mod estimate;
+pub mod load;
 pub mod remove;
 pub mod restart;
 pub mod run;
@@ -22,6 +23,8 @@ pub fn dispatch(cli: Cli) -> Result<Exit, CliError> {
         Command::Add(args) => add::run(&cli.global, &args),
         Command::Remove(args) => remove::run(&cli.global, &args),
         Command::Restart(args) => restart::run(&cli.global, &args),
+        Command::Load(args) => load::load(&cli.global, &args),
+        Command::Unload(args) => load::unload(&cli.global, &args),
         Command::Ask(args) => ask::run(&cli.global, &args),
         Command::Completions(args) => completions::completions(&args),
         Command::Man => completions::man(),

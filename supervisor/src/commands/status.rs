@@ -106,6 +106,9 @@ fn table(r: &StatusReport, color: bool) -> String {
         if i.queued > 0 {
             reason = format!("[{} queued] {reason}", i.queued);
         }
+        if let Some(tag) = swap_tag(i) {
+            reason = format!("[{tag}] {reason}");
+        }
         let reason: String = reason.chars().take(WIDTH - 4).collect();
         out.push_str(&format!("    {reason}\n"));
     }
@@ -118,12 +121,34 @@ fn table(r: &StatusReport, color: bool) -> String {
     out
 }
 
-/// ANSI colour by state: green serving, yellow on the way, red failed, dim stopped or shed.
+/// The [swap] marker before the reason: `on demand` (with its loads and evictions once it has
+/// any) and `pinned`; nothing for an unpinned always-loaded instance.
+fn swap_tag(i: &belljar_protocol::control::InstanceStatus) -> Option<String> {
+    let plural = |n: u64, one: &str| format!("{n} {one}{}", if n == 1 { "" } else { "s" });
+    let mut parts = Vec::new();
+    if i.load == "on-demand" {
+        parts.push("on demand".to_owned());
+    }
+    if i.pinned {
+        parts.push("pinned".to_owned());
+    }
+    if i.loads > 0 || i.evictions > 0 {
+        parts.push(format!(
+            "{}, {}",
+            plural(i.loads, "load"),
+            plural(i.evictions, "eviction")
+        ));
+    }
+    (!parts.is_empty()).then(|| parts.join(", "))
+}
+
+/// ANSI colour by state: green serving, yellow on the way, red failed, dim stopped, shed or
+/// unloaded.
 fn paint(state: &str, text: &str) -> String {
     let code = match state {
         "ready" => "32",
         "failed" => "31",
-        "stopped" | "shed" => "2",
+        "stopped" | "shed" | "unloaded" => "2",
         _ => "33",
     };
     format!("\x1b[{code}m{text}\x1b[0m")
@@ -221,5 +246,84 @@ mod tests {
         assert_eq!(names, [&"a".repeat(16), "zeta"], "sorted by name");
         assert!(!text.contains('\x1b'), "no colour off a terminal");
         assert!(table(&r, true).contains("\x1b[33m"));
+    }
+
+    #[test]
+    fn on_demand_instances_are_marked_with_their_loads_and_evictions() {
+        let base = InstanceStatus {
+            name: "coder".into(),
+            state: "unloaded".into(),
+            thrashing: false,
+            reason: "loaded by its next request".into(),
+            pid: None,
+            restarts: 0,
+            oom_kills: 0,
+            last_exit: None,
+            load_progress: 0.0,
+            allocated: 0,
+            estimate_source: "gguf".into(),
+            memory: MemoryStatus {
+                current: None,
+                limit: None,
+                reservation: None,
+                peak: None,
+                last_peak: None,
+            },
+            uptime_s: None,
+            gpu_memory: None,
+            cpu_fallback: false,
+            gpu_release: None,
+            queued: 0,
+            aliases: vec![],
+            chat_template: None,
+            last_used_unix: None,
+            load: "on-demand".into(),
+            pinned: false,
+            loads: 0,
+            evictions: 0,
+        };
+        assert_eq!(swap_tag(&base).as_deref(), Some("on demand"));
+        let used = InstanceStatus {
+            loads: 3,
+            evictions: 1,
+            pinned: true,
+            ..base.clone()
+        };
+        assert_eq!(
+            swap_tag(&used).as_deref(),
+            Some("on demand, pinned, 3 loads, 1 eviction")
+        );
+        let always = InstanceStatus {
+            load: "always".into(),
+            ..base.clone()
+        };
+        assert_eq!(swap_tag(&always), None);
+        let r = StatusReport {
+            host: HostStatus {
+                total: 1 << 30,
+                available: 1 << 29,
+                level: "normal".into(),
+                psi_some_avg10: None,
+                source: "meminfo".into(),
+            },
+            budget: BudgetStatus {
+                usable: 1 << 30,
+                allocated: 0,
+            },
+            instances: vec![used],
+            metrics_addr: None,
+            http_addr: None,
+            gpus: vec![],
+            omitted: 0,
+        };
+        let text = table(&r, false);
+        assert!(text.contains("coder            unloaded "), "{text}");
+        assert!(
+            text.contains(
+                "    [on demand, pinned, 3 loads, 1 eviction] loaded by its next request"
+            ),
+            "{text}"
+        );
+        assert!(table(&r, true).contains("\x1b[2munloaded"), "dim");
     }
 }

@@ -2,6 +2,7 @@
 //! Replies that depend on a worker (ready, stopped, answered) are sent when it happens.
 
 use belljar_budget::lifecycle::Input;
+use belljar_budget::swap::LoadMode;
 use belljar_budget::{InstanceName, Size, precheck, required};
 use belljar_config::InstanceSection;
 use belljar_host::{cpu_count, probe_model_file};
@@ -15,6 +16,9 @@ use super::events::{Entry, Event};
 use super::instance::{AfterStop, Instance, ReplyTx, State};
 use super::{Daemon, persist, refused, usage};
 
+/// What a command hears while the supervisor stops (the HTTP API answers it with 503).
+pub(super) const SHUTTING_DOWN: &str = "the supervisor is shutting down";
+
 fn ok(message: String) -> Response {
     Response::Ok(OkReply { message })
 }
@@ -22,7 +26,7 @@ fn ok(message: String) -> Response {
 impl Daemon {
     pub(super) fn on_control(&mut self, cmd: Command, reply: ReplyTx, peer: Peer) {
         if self.stopping && !matches!(cmd, Command::Status(_)) {
-            let _ = reply.send(refused("the supervisor is shutting down".into()));
+            let _ = reply.send(refused(SHUTTING_DOWN.into()));
             return;
         }
         match cmd {
@@ -61,8 +65,11 @@ impl Daemon {
 
     /// VRAM for an instance added with `gpu_layers`: its reservation and those of the instances
     /// on the same GPU that hold their allocation must fit the GPU's usable VRAM (as layer 1 checks
-    /// at start). Nothing to check without NVML.
+    /// at start). An on-demand one is also checked beside every other on-demand instance on that
+    /// GPU, loaded or not, as layer 1 counts them: eviction makes room in the RAM ledger only, so
+    /// nothing would free VRAM for its load. Nothing to check without NVML.
     fn vram_refusal(&self, name: &str, inst: &Instance) -> Option<String> {
+        let on_demand = inst.spec.load == LoadMode::OnDemand;
         if inst.vram == 0 {
             return None;
         }
@@ -77,9 +84,10 @@ impl Daemon {
             .instances
             .iter()
             .filter(|(_, i)| {
-                i.spec.gpu_device == device
-                    && i.state().holds_allocation()
-                    && i.machine.gpu.layers(i.spec.gpu_layers) > 0
+                let loaded =
+                    i.state().holds_allocation() && i.machine.gpu.layers(i.spec.gpu_layers) > 0;
+                let may_load = on_demand && i.spec.load == LoadMode::OnDemand && i.vram > 0;
+                i.spec.gpu_device == device && (loaded || may_load)
             })
             .map(|(n, i)| belljar_budget::gpu::VramDemand {
                 name: n.clone(),
@@ -107,10 +115,15 @@ impl Daemon {
                 "{name} offloads layers to GPU {device}, which does not exist; pass --gpu-device of an existing GPU or --gpu-layers 0"
             ),
             Some(_) => format!(
-                "{name} needs {} of VRAM on GPU {device}, but only {} of its usable {} is free of other instances' reservations; lower --gpu-layers or --ctx",
+                "{name} needs {} of VRAM on GPU {device}, but only {} of its usable {} is free of {} reservations; lower --gpu-layers or --ctx",
                 Size(inst.vram),
                 Size(v.usable.saturating_sub(v.required - inst.vram)),
-                Size(v.usable)
+                Size(v.usable),
+                if on_demand {
+                    "the loaded and the on-demand instances'"
+                } else {
+                    "other instances'"
+                }
             ),
         })
     }
@@ -157,7 +170,7 @@ impl Daemon {
             return;
         };
         if self.stopping {
-            let _ = reply.send(refused("the supervisor is shutting down".into()));
+            let _ = reply.send(refused(SHUTTING_DOWN.into()));
             return;
         }
         let mut inst = match plan {
@@ -168,6 +181,10 @@ impl Daemon {
             }
         };
         let name = req.name.clone();
+        if inst.spec.load == LoadMode::OnDemand {
+            self.add_unloaded(name, inst, &req, reply);
+            return;
+        }
         if let Err(why) = self.admissible(&name, &inst) {
             let _ = reply.send(refused(why));
             return;
@@ -182,6 +199,55 @@ impl Daemon {
         inst.waiters.push(reply);
         self.instances.insert(name.clone(), inst);
         self.drive(&name, Input::Admit);
+    }
+
+    /// An on-demand instance is added unloaded: it must fit beside the always-loaded instances
+    /// (what layer 1 asks of an on-demand instance in a mode); it is persisted at once, as
+    /// nothing has to start, and its first request (or `load`) loads it, making room as any
+    /// load does.
+    fn add_unloaded(&mut self, name: String, inst: Instance, req: &AddRequest, reply: ReplyTx) {
+        if let Err(why) = self.fits_beside_always(&name, &inst) {
+            let _ = reply.send(refused(why));
+            return;
+        }
+        if let Err(e) = self.save_added(Some(req), None) {
+            let _ = reply.send(refused(format!(
+                "cannot persist {name}: {e}; nothing was added"
+            )));
+            return;
+        }
+        Entry::of(Event::Added, &name, &inst).log(format_args!(
+            "added on demand (reservation {}): unloaded until its first request",
+            belljar_budget::Size(inst.required())
+        ));
+        self.instances.insert(name.clone(), inst);
+        let _ = reply.send(ok(format!(
+            "added {name} (on demand: its first request loads it)"
+        )));
+    }
+
+    /// Whether an on-demand instance's reservation (RAM and VRAM) fits beside the always-loaded
+    /// instances' that hold an allocation: otherwise no eviction could ever make room for it.
+    fn fits_beside_always(&self, name: &str, inst: &Instance) -> Result<(), String> {
+        if let Some(why) = self.vram_refusal(name, inst) {
+            return Err(why);
+        }
+        let always: u64 = self
+            .instances
+            .values()
+            .filter(|i| i.spec.load == LoadMode::Always && i.state().holds_allocation())
+            .fold(0u64, |s, i| s.saturating_add(i.required()));
+        let room = self.ledger.capacity().saturating_sub(always);
+        if inst.required() > room {
+            return Err(format!(
+                "{name} would need {} but only {} of the budget's {} is left beside the always-loaded instances ({}), so it could never be loaded; lower --ram-limit or --ctx, use a smaller model, or unload or remove an always-loaded instance",
+                Size(inst.required()),
+                Size(room),
+                Size(self.ledger.capacity()),
+                Size(always)
+            ));
+        }
+        Ok(())
     }
 
     /// VRAM, layer 2, the pressure level and layer 3 for an instance about to be added:
@@ -385,9 +451,13 @@ impl Daemon {
             match plan(&self.plan_input(&req, None)) {
                 Ok(p) => {
                     let inst = self.added_instance(p, &req);
-                    tracing::info!(instance = %req.name, "restoring an instance added at run time");
+                    let on_demand = inst.spec.load == LoadMode::OnDemand;
+                    tracing::info!(instance = %req.name, on_demand, "restoring an instance added at run time");
                     self.instances.insert(req.name.clone(), inst);
-                    self.drive(&req.name, Input::Admit);
+                    // An on-demand one stays unloaded until its first request.
+                    if !on_demand {
+                        self.drive(&req.name, Input::Admit);
+                    }
                 }
                 Err(Response::Error(e)) => {
                     tracing::error!(instance = %req.name, "cannot restore: {}", e.message)
@@ -435,6 +505,11 @@ fn plan(input: &PlanInput) -> Result<Plan, Response> {
         gpu_device: req.gpu_device,
         priority: req.priority,
         chat_template: req.chat_template.clone(),
+        load: req
+            .load
+            .as_deref()
+            .map(|l| load_mode(&name, l))
+            .transpose()?,
         ..InstanceSection::default()
     };
     section
@@ -498,6 +573,11 @@ fn plan(input: &PlanInput) -> Result<Plan, Response> {
         identity: e.identity,
     };
     Ok(Plan { spec, admitted })
+}
+
+/// `--load`: the words of the config's `load` key.
+fn load_mode(name: &InstanceName, value: &str) -> Result<LoadMode, Response> {
+    LoadMode::parse(value).map_err(|e| usage(format!("cannot add {name}: --load {e}")))
 }
 
 /// Checks an added instance's chat template file (a built-in's name was checked with the other

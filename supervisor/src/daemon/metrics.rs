@@ -23,7 +23,7 @@ use super::Event;
 
 /// Every state an instance can be in, so that `belljar_instance_state` has one series per state
 /// (1 for the current one) and `sum by (state)` works without gaps.
-const STATES: [&str; 9] = [
+const STATES: [&str; 10] = [
     "starting",
     "loading",
     "ready",
@@ -33,6 +33,7 @@ const STATES: [&str; 9] = [
     "stopping",
     "stopped",
     "shed",
+    "unloaded",
 ];
 const LEVELS: [&str; 4] = ["normal", "warning", "critical", "emergency"];
 
@@ -88,7 +89,7 @@ type InstanceGauge = (
     fn(&InstanceStatus) -> Option<u64>,
 );
 
-const INSTANCE_GAUGES: [InstanceGauge; 10] = [
+const INSTANCE_GAUGES: [InstanceGauge; 12] = [
     (
         "instance_memory_current_bytes",
         "Memory charged to the instance's cgroup now",
@@ -139,6 +140,42 @@ const INSTANCE_GAUGES: [InstanceGauge; 10] = [
         "When the instance last took or finished a request (Unix time)",
         |i| i.last_used_unix,
     ),
+    (
+        "instance_on_demand",
+        "1 for an on-demand instance (load = \"on-demand\"), 0 for an always-loaded one",
+        |i| Some(u64::from(i.load == "on-demand")),
+    ),
+    (
+        "instance_pinned",
+        "1 for a pinned instance (never evicted nor unloaded when idle)",
+        |i| Some(u64::from(i.pinned)),
+    ),
+];
+
+/// An instance counter (`_total` is appended): its name, help and value.
+type InstanceCounter = (&'static str, &'static str, fn(&InstanceStatus) -> u64);
+
+const INSTANCE_COUNTERS: [InstanceCounter; 4] = [
+    (
+        "instance_restarts",
+        "Starts of the instance after its first",
+        |i| i.restarts,
+    ),
+    (
+        "instance_oom_kills",
+        "OOM kills in the instance's cgroups",
+        |i| i.oom_kills,
+    ),
+    (
+        "instance_loads",
+        "Loads on demand (by a request or `supervisor load`) since the supervisor started",
+        |i| i.loads,
+    ),
+    (
+        "instance_evictions",
+        "Times the instance was unloaded to make room for another",
+        |i| i.evictions,
+    ),
 ];
 
 /// Renders a status report as OpenMetrics text.
@@ -183,18 +220,16 @@ fn register_instances(reg: &mut Registry, instances: &[InstanceStatus]) {
         "1, labelled with how the instance's last worker ended (status's last_exit)",
         last_exit.clone(),
     );
-    let restarts = Family::<InstanceLabel, Counter>::default();
-    reg.register(
-        "instance_restarts",
-        "Starts of the instance after its first",
-        restarts.clone(),
-    );
-    let ooms = Family::<InstanceLabel, Counter>::default();
-    reg.register(
-        "instance_oom_kills",
-        "OOM kills in the instance's cgroups",
-        ooms.clone(),
-    );
+    for (name, help, value) in INSTANCE_COUNTERS {
+        let f = Family::<InstanceLabel, Counter>::default();
+        reg.register(name, help, f.clone());
+        for i in instances {
+            let l = InstanceLabel {
+                instance: i.name.clone(),
+            };
+            f.get_or_create(&l).inc_by(value(i));
+        }
+    }
     let queued = Family::<InstanceLabel, Gauge>::default();
     reg.register(
         "instance_queued_requests",
@@ -223,8 +258,6 @@ fn register_instances(reg: &mut Registry, instances: &[InstanceStatus]) {
             };
             last_exit.get_or_create(&labels).set(1);
         }
-        restarts.get_or_create(&l).inc_by(i.restarts);
-        ooms.get_or_create(&l).inc_by(i.oom_kills);
     }
 }
 
@@ -458,5 +491,114 @@ mod tests {
             assert!(text.contains(line), "{line}\n{text}");
         }
         assert!(text.ends_with("# EOF\n"), "OpenMetrics ends with # EOF");
+    }
+
+    /// Every lifecycle state has its series; the match breaks the build when a state is added
+    /// without being listed here (and then in `STATES`).
+    #[test]
+    fn every_state_has_a_series() {
+        use belljar_budget::lifecycle::State;
+        let listed = |s: State| match s {
+            State::Starting
+            | State::Loading
+            | State::Ready
+            | State::Backoff
+            | State::WaitingForMemory
+            | State::Failed
+            | State::Stopping
+            | State::Stopped
+            | State::Shed
+            | State::Unloaded => s.as_str(),
+        };
+        let all = [
+            State::Starting,
+            State::Loading,
+            State::Ready,
+            State::Backoff,
+            State::WaitingForMemory,
+            State::Failed,
+            State::Stopping,
+            State::Stopped,
+            State::Shed,
+            State::Unloaded,
+        ];
+        let words: Vec<&str> = all.into_iter().map(listed).collect();
+        assert_eq!(words, super::STATES);
+    }
+
+    #[test]
+    fn renders_an_on_demand_instances_state_loads_and_evictions() {
+        let inst =
+            |name: &str, state: &str, load: &str, loads: u64, evictions: u64| InstanceStatus {
+                name: name.into(),
+                state: state.into(),
+                thrashing: false,
+                reason: String::new(),
+                pid: None,
+                restarts: 0,
+                oom_kills: 0,
+                last_exit: None,
+                load_progress: 0.0,
+                allocated: 0,
+                estimate_source: "gguf".into(),
+                memory: MemoryStatus {
+                    current: None,
+                    limit: None,
+                    reservation: None,
+                    peak: None,
+                    last_peak: None,
+                },
+                uptime_s: None,
+                gpu_memory: None,
+                cpu_fallback: false,
+                gpu_release: None,
+                queued: 0,
+                aliases: vec![],
+                chat_template: None,
+                last_used_unix: None,
+                load: load.into(),
+                pinned: name == "p",
+                loads,
+                evictions,
+            };
+        let r = StatusReport {
+            host: HostStatus {
+                total: 100,
+                available: 50,
+                level: "normal".into(),
+                psi_some_avg10: None,
+                source: "host".into(),
+            },
+            budget: BudgetStatus {
+                usable: 90,
+                allocated: 0,
+            },
+            instances: vec![
+                inst("od", "unloaded", "on-demand", 3, 2),
+                inst("p", "ready", "on-demand", 1, 0),
+                inst("al", "ready", "always", 0, 0),
+            ],
+            metrics_addr: None,
+            http_addr: None,
+            gpus: vec![],
+            omitted: 0,
+        };
+        let text = super::render(&r).unwrap();
+        for line in [
+            "belljar_instance_state{instance=\"od\",state=\"unloaded\"} 1",
+            "belljar_instance_state{instance=\"od\",state=\"ready\"} 0",
+            "belljar_instance_state{instance=\"al\",state=\"unloaded\"} 0",
+            "belljar_instance_loads_total{instance=\"od\"} 3",
+            "belljar_instance_evictions_total{instance=\"od\"} 2",
+            "belljar_instance_loads_total{instance=\"al\"} 0",
+            "belljar_instance_evictions_total{instance=\"p\"} 0",
+            "belljar_instance_on_demand{instance=\"od\"} 1",
+            "belljar_instance_on_demand{instance=\"al\"} 0",
+            "belljar_instance_pinned{instance=\"p\"} 1",
+            "belljar_instance_pinned{instance=\"od\"} 0",
+            "# TYPE belljar_instance_loads counter",
+        ] {
+            assert!(text.contains(line), "{line}\n{text}");
+        }
     }
 }

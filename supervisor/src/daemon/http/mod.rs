@@ -5,7 +5,9 @@
 //!
 //! Endpoints: `GET /health`, `GET /v1/models`, `GET /v1/models/{id}`,
 //! `POST /v1/chat/completions`, `POST /v1/completions`, `GET /api/status`,
-//! `POST /api/instances/{name}/ask` (the persistent session, streamed as SSE).
+//! `POST /api/instances/{name}/ask` (the persistent session, streamed as SSE),
+//! `POST /api/instances/{name}/load` and `POST /api/instances/{name}/unload` ([swap]: the
+//! control commands `supervisor load` and `unload` send).
 
 pub mod access;
 pub mod openai;
@@ -43,6 +45,10 @@ const MAX_HEADERS: usize = 64 * 1024;
 const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(5);
 /// The persistent session's default reply length (`/api/instances/{name}/ask`).
 const ASK_MAX_TOKENS: u32 = 256;
+/// How long `/api/instances/{name}/load` and `unload` wait for their outcome: a load may take
+/// as long as a model load (after evictions), an unload a worker's stop. Past it the client
+/// hears 503 and the load or unload goes on (`GET /api/status` shows it).
+const SWAP_TIMEOUT: Duration = Duration::from_secs(600);
 
 /// The bound listener and its settings, from `run`.
 #[derive(Debug)]
@@ -112,6 +118,8 @@ fn router(app: App) -> Router {
         .route("/v1/completions", post(completions))
         .route("/api/status", get(status))
         .route("/api/instances/{name}/ask", post(ask))
+        .route("/api/instances/{name}/load", post(load))
+        .route("/api/instances/{name}/unload", post(unload))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::middleware::from_fn_with_state(app.clone(), guard))
@@ -171,7 +179,7 @@ async fn not_found(req: Request) -> ApiError {
         404,
         "not_found",
         format!(
-            "no endpoint {} {}; belljar serves /v1/models, /v1/chat/completions, /v1/completions, /health, /api/status and /api/instances/NAME/ask",
+            "no endpoint {} {}; belljar serves /v1/models, /v1/chat/completions, /v1/completions, /health, /api/status and /api/instances/NAME/ask, /api/instances/NAME/load and /api/instances/NAME/unload",
             req.method(),
             req.uri().path()
         ),
@@ -224,6 +232,8 @@ fn model_entry(i: &belljar_protocol::control::InstanceStatus) -> Value {
             "reservation": i.allocated,
             "queued": i.queued,
             "aliases": i.aliases,
+            "load": i.load,
+            "pinned": i.pinned,
         },
     })
 }
@@ -250,6 +260,86 @@ async fn model(
                 format!("the model {id:?} does not exist; GET /v1/models lists the models"),
             )
         })
+}
+
+/// `POST /api/instances/{name}/load`: what `supervisor load NAME` does (an unloaded instance
+/// loads, making room by evicting idle on-demand instances); answers once it is ready.
+async fn load(State(app): State<App>, Path(name): Path<String>) -> Response {
+    swap_command(&app, belljar_protocol::control::Command::Load, name).await
+}
+
+/// `POST /api/instances/{name}/unload`: what `supervisor unload NAME` does; answers once its
+/// worker has stopped.
+async fn unload(State(app): State<App>, Path(name): Path<String>) -> Response {
+    swap_command(&app, belljar_protocol::control::Command::Unload, name).await
+}
+
+/// Sends a load or unload to the loop as a control command and waits (at most
+/// [`SWAP_TIMEOUT`]) for its outcome: 200 `{"ok": true, "message"}`, or OpenAI's error shape
+/// (404 for an unknown instance, 409 when its state refuses it, 503 when the supervisor is
+/// stopping or the outcome took too long).
+async fn swap_command(
+    app: &App,
+    command: fn(belljar_protocol::control::NameRequest) -> belljar_protocol::control::Command,
+    name: String,
+) -> Response {
+    use belljar_protocol::control::{NameRequest, Response as Reply};
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let sent = app.events.send(Event::Control(
+        command(NameRequest { name: name.clone() }),
+        tx,
+        super::control::Peer::SUPERVISOR,
+    ));
+    if sent.is_err() {
+        return ApiError::new(503, "unavailable", "the supervisor is stopping").into_response();
+    }
+    match tokio::time::timeout(SWAP_TIMEOUT, rx.recv()).await {
+        Ok(Some(Reply::Ok(ok))) => {
+            axum::Json(json!({"ok": true, "message": ok.message})).into_response()
+        }
+        Ok(Some(Reply::Error(e))) => swap_error(&name, e).into_response(),
+        Ok(Some(other)) => ApiError::new(
+            500,
+            "internal",
+            format!("unexpected answer from the supervisor: {other:?}"),
+        )
+        .into_response(),
+        Ok(None) => ApiError::new(
+            503,
+            "unavailable",
+            format!("the supervisor dropped the request for {name} (it is stopping?); retry"),
+        )
+        .retry_after(1)
+        .into_response(),
+        Err(_) => ApiError::new(
+            503,
+            "timeout",
+            format!(
+                "{name} did not finish within {}s; it goes on: GET /api/status shows its state",
+                SWAP_TIMEOUT.as_secs()
+            ),
+        )
+        .retry_after(5)
+        .into_response(),
+    }
+}
+
+/// A refused load or unload as an HTTP error.
+fn swap_error(name: &str, e: belljar_protocol::control::ControlError) -> ApiError {
+    if e.message == super::commands::unknown_instance(name) {
+        return ApiError::new(
+            404,
+            "instance_not_found",
+            format!("no instance {name:?}; GET /api/status lists the instances"),
+        );
+    }
+    if e.message == super::commands::SHUTTING_DOWN {
+        return ApiError::new(503, "unavailable", e.message);
+    }
+    match e.exit_code {
+        2 => ApiError::new(400, "invalid_request", e.message),
+        _ => ApiError::new(409, "conflict", e.message),
+    }
 }
 
 /// The body, within `max_body` bytes and [`BODY_TIMEOUT`].
