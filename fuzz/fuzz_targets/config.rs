@@ -46,6 +46,7 @@ fuzz_target!(|data: &[u8]| {
                     priority: s.priority,
                     gguf: None,
                     learned: None,
+                    load: s.load,
                 })
                 .collect();
             let report = validate(name, &policy, host, &planned);
