@@ -4,6 +4,7 @@
 
 #![deny(clippy::too_many_lines)]
 
+pub mod adopt;
 pub mod estimate;
 pub mod gpu;
 pub mod grammar;
