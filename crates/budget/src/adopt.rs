@@ -79,9 +79,10 @@ pub struct RunRecord {
     pub start_ticks: u64,
     pub cgroup: PathBuf,
     pub run_id: RunId,
-    /// A digest of what the worker was started with (model identity, ctx, limits, GPU layers,
-    /// template...): a run whose instance's config changed meanwhile is replaced, not adopted.
-    pub spec: String,
+    /// What the worker was started with, key by key (model and its identity, ctx, limits, GPU
+    /// layers, template...: the keys that shape a run): a run whose instance's config changed
+    /// meanwhile is replaced, not adopted, and the reason names what changed.
+    pub spec: BTreeMap<String, String>,
     /// Its ledger allocation, restored exactly on adoption.
     pub allocated: u64,
     pub restarts: u64,
@@ -138,9 +139,14 @@ pub enum Verdict {
     Gone,
 }
 
-/// The verdict on `r` from what was found, `wanted`: the spec digest its instance has in the
+/// The verdict on `r` from what was found, `wanted`: the run keys its instance has in the
 /// current config (None: not in the mode), and the protocol the supervisor speaks.
-pub fn judge(r: &RunRecord, f: &Found, wanted: Option<&str>, protocol: u32) -> Verdict {
+pub fn judge(
+    r: &RunRecord,
+    f: &Found,
+    wanted: Option<&BTreeMap<String, String>>,
+    protocol: u32,
+) -> Verdict {
     if !f.alive {
         return Verdict::Gone;
     }
@@ -169,14 +175,34 @@ pub fn judge(r: &RunRecord, f: &Found, wanted: Option<&str>, protocol: u32) -> V
             r.pid, h.protocol_version
         ));
     }
-    match wanted {
-        None => Verdict::Stop(format!("{} is no longer in the mode", r.instance)),
-        Some(spec) if spec != r.spec => Verdict::Replace(format!(
-            "{}'s config changed while the supervisor was down: restarting it with the new one",
-            r.instance
-        )),
-        Some(_) => Verdict::Adopt,
+    let Some(wanted) = wanted else {
+        return Verdict::Stop(format!("{} is no longer in the mode", r.instance));
+    };
+    let changed = changed_keys(&r.spec, wanted);
+    if changed.is_empty() {
+        Verdict::Adopt
+    } else {
+        Verdict::Replace(format!(
+            "{}'s config changed while the supervisor was down ({}): restarting it with the new one",
+            r.instance,
+            changed.join("; ")
+        ))
     }
+}
+
+/// What differs between the keys a run was started with and the wanted ones, as
+/// `key OLD -> NEW` (`(unset)` for a key one side lacks), sorted by key.
+pub fn changed_keys(was: &BTreeMap<String, String>, now: &BTreeMap<String, String>) -> Vec<String> {
+    let unset = "(unset)".to_owned();
+    let mut keys: Vec<&String> = was.keys().chain(now.keys()).collect();
+    keys.sort();
+    keys.dedup();
+    keys.into_iter()
+        .filter_map(|k| {
+            let (a, b) = (was.get(k).unwrap_or(&unset), now.get(k).unwrap_or(&unset));
+            (a != b).then(|| format!("{k} {a} -> {b}"))
+        })
+        .collect()
 }
 
 /// At most one run per instance: when the records name an instance twice (a crash between two
@@ -213,7 +239,7 @@ mod tests {
             start_ticks: 1000,
             cgroup: "/sys/fs/cgroup/belljar/a".into(),
             run_id: RunId([7; 16]),
-            spec: "s1".into(),
+            spec: spec(2048),
             allocated: 64 << 20,
             restarts: 2,
             oom_kills: 1,
@@ -222,6 +248,13 @@ mod tests {
             evictions: 1,
             last_used_unix_ms: Some(1_764_300_001_000),
         }
+    }
+
+    fn spec(ctx: u32) -> BTreeMap<String, String> {
+        BTreeMap::from([
+            ("ctx".to_owned(), ctx.to_string()),
+            ("model".to_owned(), "/m.gguf".to_owned()),
+        ])
     }
 
     fn found(hello: Option<AdoptHello>) -> Found {
@@ -244,7 +277,7 @@ mod tests {
     fn a_verified_wanted_run_is_adopted() {
         let r = record();
         let f = found(hello("a", r.run_id, 3));
-        assert_eq!(judge(&r, &f, Some("s1"), 3), Verdict::Adopt);
+        assert_eq!(judge(&r, &f, Some(&spec(2048)), 3), Verdict::Adopt);
     }
 
     #[test]
@@ -255,24 +288,24 @@ mod tests {
             in_cgroup: false,
             hello: None,
         };
-        assert_eq!(judge(&r, &gone, Some("s1"), 3), Verdict::Gone);
+        assert_eq!(judge(&r, &gone, Some(&spec(2048)), 3), Verdict::Gone);
         let moved = Found {
             in_cgroup: false,
             ..found(hello("a", r.run_id, 3))
         };
         assert!(
-            matches!(judge(&r, &moved, Some("s1"), 3), Verdict::Kill(m) if m.contains("no longer in"))
+            matches!(judge(&r, &moved, Some(&spec(2048)), 3), Verdict::Kill(m) if m.contains("no longer in"))
         );
         assert!(
-            matches!(judge(&r, &found(None), Some("s1"), 3), Verdict::Kill(m) if m.contains("did not answer"))
+            matches!(judge(&r, &found(None), Some(&spec(2048)), 3), Verdict::Kill(m) if m.contains("did not answer"))
         );
         for h in [hello("b", r.run_id, 3), hello("a", RunId([8; 16]), 3)] {
             assert!(
-                matches!(judge(&r, &found(h), Some("s1"), 3), Verdict::Kill(m) if m.contains("run id"))
+                matches!(judge(&r, &found(h), Some(&spec(2048)), 3), Verdict::Kill(m) if m.contains("run id"))
             );
         }
         assert!(
-            matches!(judge(&r, &found(hello("a", r.run_id, 2)), Some("s1"), 3), Verdict::Kill(m) if m.contains("protocol 2"))
+            matches!(judge(&r, &found(hello("a", r.run_id, 2)), Some(&spec(2048)), 3), Verdict::Kill(m) if m.contains("protocol 2"))
         );
     }
 
@@ -280,8 +313,21 @@ mod tests {
     fn a_changed_or_removed_instance_is_replaced_or_stopped() {
         let r = record();
         let f = found(hello("a", r.run_id, 3));
-        assert!(matches!(judge(&r, &f, Some("s2"), 3), Verdict::Replace(_)));
+        assert_eq!(
+            judge(&r, &f, Some(&spec(4096)), 3),
+            Verdict::Replace(
+                "a's config changed while the supervisor was down (ctx 2048 -> 4096): restarting it with the new one"
+                    .into()
+            )
+        );
         assert!(matches!(judge(&r, &f, None, 3), Verdict::Stop(_)));
+        let mut more = spec(2048);
+        more.insert("gpu_layers".into(), "8".into());
+        more.remove("model");
+        assert_eq!(
+            changed_keys(&spec(2048), &more),
+            ["gpu_layers (unset) -> 8", "model /m.gguf -> (unset)"]
+        );
     }
 
     #[test]

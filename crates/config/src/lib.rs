@@ -101,6 +101,30 @@ pub struct InstanceSpec {
 pub const DEFAULT_WORKER_USER: &str = "belljar-worker";
 
 impl InstanceSpec {
+    /// The keys that shape a run of its worker (its arguments, user and cgroup limits), as text:
+    /// a run started with other values is replaced rather than adopted after a supervisor
+    /// restart ([adopt]). Keys the supervisor applies on its own side (priority, the restart
+    /// policy, timeouts, aliases, the [swap] keys) are not among them.
+    pub fn run_keys(&self) -> BTreeMap<String, String> {
+        let opt = |v: Option<String>| v.unwrap_or_else(|| "(unset)".to_owned());
+        [
+            ("model", self.model.display().to_string()),
+            ("ram_limit", opt(self.ram_limit.map(|s| s.to_string()))),
+            ("ctx", self.ctx.to_string()),
+            ("gpu_layers", self.gpu_layers.to_string()),
+            ("gpu_device", self.gpu_device.to_string()),
+            ("threads", self.threads.to_string()),
+            ("use_mmap", self.use_mmap.to_string()),
+            ("swap_max", self.swap_max.to_string()),
+            ("worker_user", opt(self.worker_user.clone())),
+            ("chat_template", opt(self.chat_template.clone())),
+            ("heartbeat_interval", self.heartbeat_interval.to_string()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect()
+    }
+
     /// The restart policy's keys.
     pub fn restart_config(&self) -> belljar_budget::restart::RestartConfig {
         belljar_budget::restart::RestartConfig {

@@ -718,3 +718,39 @@ fn bad_swap_values_are_refused_with_the_key_the_line_and_the_fix() {
         }
     }
 }
+
+#[test]
+fn run_keys_change_with_what_shapes_a_run_and_not_with_the_supervisor_side() {
+    let keys = |extra: &str| {
+        let c = parse(&format!(
+            "[instances.a]\nmodel = \"/m.gguf\"\n{extra}\n[modes.x]\ninstances = [\"a\"]\n"
+        ))
+        .unwrap();
+        c.mode("x", 2).unwrap()[0].run_keys()
+    };
+    let base = keys("");
+    assert_eq!(base["ctx"], "2048");
+    assert_eq!(base["model"], "/m.gguf");
+    assert_eq!(base["ram_limit"], "(unset)");
+    for changed in [
+        "ctx = 4096",
+        "ram_limit = \"300MiB\"",
+        "gpu_layers = 4",
+        "use_mmap = false",
+        "threads = 1",
+        "chat_template = \"chatml\"",
+        "worker_user = \"root\"",
+    ] {
+        assert_ne!(keys(changed), base, "{changed} shapes a run");
+    }
+    for same in [
+        "priority = 5",
+        "restart = \"always\"",
+        "stop_timeout = \"3s\"",
+        "aliases = [\"x-a\"]",
+        "load = \"on-demand\"",
+        "pinned = true",
+    ] {
+        assert_eq!(keys(same), base, "{same} is the supervisor's side");
+    }
+}
