@@ -16,7 +16,7 @@ pub mod spawn;
 
 pub use meminfo::{MemInfoError, ProcRoot, read_host_memory};
 pub use model_file::{ModelFile, ModelFileError, probe_model_file};
-pub use process::{ProcessReadError, read_rss};
+pub use process::{ProcessReadError, read_rss, start_ticks};
 
 /// The number of CPUs this process may run on (cgroup cpusets and affinity included), at least 1.
 pub fn cpu_count() -> u32 {
