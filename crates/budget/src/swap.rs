@@ -213,13 +213,14 @@ pub fn make_room<'a>(need: u64, free: u64, loaded: &[Loaded<'a>], now_ms: u64) -
     Room::Wait { until_ms }
 }
 
-/// Whether an idle on-demand instance is due to be unloaded (`idle_unload`; `None`: never).
+/// Whether an idle on-demand instance is due to be unloaded (`idle_unload`; `None`: never). A
+/// pinned one stays loaded.
 pub fn idle_due(l: &Loaded<'_>, idle_unload_ms: Option<u64>, now_ms: u64) -> bool {
     let Some(idle) = idle_unload_ms else {
         return false;
     };
     let since = l.last_used_ms.unwrap_or(l.loaded_at_ms).max(l.loaded_at_ms);
-    l.on_demand && !l.busy && now_ms.saturating_sub(since) >= idle
+    l.on_demand && !l.pinned && !l.busy && now_ms.saturating_sub(since) >= idle
 }
 
 /// Layer 1 for a mode with on-demand instances.
@@ -430,6 +431,11 @@ mod tests {
             ..inst("a", 100, None)
         };
         assert!(!idle_due(&always, Some(1), 900_000));
+        let pinned = Loaded {
+            pinned: true,
+            ..inst("p", 100, None)
+        };
+        assert!(!idle_due(&pinned, Some(1), 900_000));
     }
 
     use proptest::prelude::*;

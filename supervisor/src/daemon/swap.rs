@@ -155,10 +155,7 @@ impl Daemon {
             self.waits(name, why, at);
             return;
         }
-        let ledger_free = self
-            .ledger
-            .capacity()
-            .saturating_sub(self.ledger.allocated());
+        let ledger_free = self.ledger.free();
         let host_free = self
             .effective_memory()
             .ok()
